@@ -1,0 +1,25 @@
+"""ntk-pipeline: empirical neural tangent kernels of PyTorch models, tiled over Ray into Zarr.
+
+    import pipeline
+    K = pipeline.empirical_ntk(model, x1, x2, mode="trace")      # in memory, (n1, n2)
+    pipeline.run("configs/quickstart.yaml")                       # tiled, into a Zarr store
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import ConfigError, DataError, ModelError, PipelineError, StoreError
+from pipeline.methods import empirical_ntk
+from pipeline.run import RunSummary, run
+
+try:
+    __version__ = version("ntk-pipeline")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "ConfigError", "DataError", "ModelError", "PipelineError", "RunConfig", "RunSummary", "StoreError",
+    "__version__", "empirical_ntk", "load_config", "run",
+]

@@ -1,0 +1,99 @@
+"""The ``ntk-pipeline`` command. The only place errors become exit codes.
+
+    ntk-pipeline run configs/quickstart.yaml
+    ntk-pipeline plan configs/cluster_trace.yaml
+
+A PipelineError prints one line ``Error: <key>: <what is wrong>`` and exits 1; bad flags exit 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from pipeline.errors import PipelineError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fails_cleanly(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as err:
+            click.echo(f"Error: {err}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _size(n: float, unit: str = "B") -> str:
+    for prefix in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1024 or prefix == "P":
+            return f"{n:.1f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _flops(n: float) -> str:
+    for prefix in ("", "K", "M", "G", "T", "P", "E"):
+        if abs(n) < 1000 or prefix == "E":
+            return f"{n:.3g} {prefix}FLOP"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ntk-pipeline")
+def main() -> None:
+    """Empirical neural tangent kernels of PyTorch models, tiled over Ray into a Zarr store."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output store.")
+@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
+              help="ray: one Ray task per block; local: every block in this process (for debugging).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@_fails_cleanly
+def run(config: str, overwrite: bool | None, executor: str, progress: bool) -> None:
+    """Compute the NTK that CONFIG describes into its Zarr store."""
+    from pipeline.run import run as run_pipeline
+
+    s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress)
+    click.echo(f"done: {s.blocks} blocks in {s.seconds:.2f} s, {s.entries:,} kernel entries "
+               f"({s.entries_per_second:,.0f}/s), method {s.method}")
+    click.echo(f"output: {s.path}")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_fails_cleanly
+def plan(config: str, as_json: bool) -> None:
+    """Show the blocks, kernel size, task memory and FLOPs of CONFIG, computing nothing."""
+    from pipeline.run import describe_plan
+
+    d = describe_plan(config)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(f"kernel     {d['n1']} x {d['n2']} ({d['mode']}, o={d['o']}, {d['dtype']}), "
+               f"{_size(d['kernel_bytes'])}{', symmetric' if d['symmetric'] else ''}")
+    click.echo(f"model      {d['p']:,} trainable parameters, {_flops(d['forward_flops_per_sample'])} per forward "
+               "sample")
+    click.echo(f"blocks     {d['blocks']} tasks of {d['block'][0]} x {d['block'][1]} (grid "
+               f"{d['grid'][0]} x {d['grid'][1]})")
+    chosen = d["method"] + (" (auto: " + d["auto"]["reason"] + ")" if d["auto"] else "")
+    click.echo(f"method     {chosen}")
+    click.echo(f"{'':11}{'total FLOPs':>16}  {'task memory':>12}")
+    for name, m in d["methods"].items():
+        mark = "*" if name == d["method"] else " "
+        click.echo(f"{mark} {name:<21}{_flops(m['flops']):>14}  {_size(m['task_memory_bytes']):>12}")
+    click.echo(f"output     {d['output']}")

@@ -1,0 +1,233 @@
+"""YAML config -> frozen, validated config objects. The only place YAML is read.
+
+    cfg = load_config("configs/quickstart.yaml")
+    cfg.ntk.mode  # 'trace'
+
+Unknown keys and wrong types are errors; relative paths are taken relative to the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.errors import ConfigError
+
+Method = Literal["auto", "jacobian_contraction", "ntk_vector_products"]
+Mode = Literal["full", "trace", "diagonal"]
+DType = Literal["float32", "float64"]
+
+
+def is_url(path: str) -> bool:
+    """True for fsspec URLs such as ``s3://bucket/key`` (not for Windows drive letters)."""
+    return "://" in path
+
+
+def _resolve(value: str | None, info: ValidationInfo, must_exist: bool) -> str | None:
+    """Resolve a path against the config file's folder; optionally require that it exists."""
+    if value is None or is_url(value):
+        return value
+    base = (info.context or {}).get("base")
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    if must_exist and not path.exists():
+        raise ValueError(f"no such file: {path}")
+    return os.path.normpath(path)
+
+
+class _Spec(BaseModel):
+    # strict: "256" is not an int and "yes" is not a bool; YAML already gives real types.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ModelSpec(_Spec):
+    builtin: Literal["cnn", "mlp"] | None = None
+    target: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    seed: int = 0
+
+    @field_validator("target")
+    @classmethod
+    def _target_form(cls, v: str | None) -> str | None:
+        if v is not None and (v.count(":") != 1 or not all(v.split(":"))):
+            raise ValueError(f"expected 'module:attribute', got {v!r}")
+        return v
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_path(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _resolve(v, info, must_exist=True)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.builtin is None) == (self.target is None):
+            raise ValueError("give exactly one of 'builtin' (cnn, mlp) or 'target' ('module:attribute')")
+        return self
+
+
+class Synthetic(_Spec):
+    n: PositiveInt
+    shape: list[PositiveInt]
+    seed: int = 0
+
+
+class InputSpec(_Spec):
+    path: str | None = None
+    array: str | None = None
+    synthetic: Synthetic | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _input_path(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _resolve(v, info, must_exist=True)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputSpec:
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of 'path' (.npy, .pt, .zarr) or 'synthetic' ({n, shape, seed})")
+        if self.array is not None and self.path is None:
+            raise ValueError("'array' names an array inside a Zarr 'path'; there is no path")
+        return self
+
+
+class DataSpec(_Spec):
+    x1: InputSpec
+    x2: InputSpec | None = None  # None: K(x1, x1), symmetric
+
+
+class NtkSpec(_Spec):
+    method: Method = "auto"
+    mode: Mode = "full"
+    dtype: DType = "float32"
+
+
+class TilingSpec(_Spec):
+    # 256 x 256 blocks: large enough that per-task overhead is small, small enough that a
+    # CNN-sized model's Jacobians for 512 samples fit a worker's memory.
+    block: PositiveInt | list[PositiveInt] = 256
+
+    @field_validator("block", mode="before")
+    @classmethod
+    def _block_form(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) != 2:
+            raise ValueError(f"expected an int or [rows, cols], got {v!r}")
+        if not isinstance(v, int | list) or isinstance(v, bool):
+            raise ValueError(f"expected an int or [rows, cols], got {v!r}")
+        return v
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        b = self.block
+        return (b, b) if isinstance(b, int) else (b[0], b[1])
+
+
+class OutputSpec(_Spec):
+    path: str
+    overwrite: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _output_path(cls, v: str, info: ValidationInfo) -> str:
+        return typing.cast(str, _resolve(v, info, must_exist=False))
+
+
+class RaySpec(_Spec):
+    address: str | None = None  # None: a local Ray instance for this run; "auto" or ray://host:10001
+    gpus_per_task: NonNegativeFloat = 0
+    cpus_per_task: PositiveFloat = 1
+    max_in_flight: PositiveInt | None = None  # None: twice the tasks the cluster can run at once
+
+
+class RunConfig(_Spec):
+    model: ModelSpec
+    data: DataSpec
+    ntk: NtkSpec = Field(default_factory=NtkSpec)
+    tiling: TilingSpec = Field(default_factory=TilingSpec)
+    output: OutputSpec
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.data.x2 is None
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys a mapping at ``loc`` may hold, by walking the spec classes (best effort)."""
+    model: Any = RunConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        nxt = [a for a in typing.get_args(field.annotation) or (field.annotation,)
+               if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nxt:
+            return []
+        model = nxt[0]
+    return list(model.model_fields)
+
+
+def _one_line(err: ValidationError) -> ConfigError:
+    """The first validation error as ``key: what is wrong (got value)``."""
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in {"int", "list[int]"}))
+    key = ".".join(str(p) for p in loc)
+    if e["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        hint = f" (expected one of: {', '.join(allowed)})" if allowed else ""
+        return ConfigError(key, f"unknown key{hint}")
+    if e["type"] == "missing":
+        return ConfigError(key, "required key is missing")
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"].endswith("_type") or e["type"] in {"literal_error", "greater_than", "greater_than_equal"}:
+        msg = f"{msg}, got {e['input']!r}"
+    return ConfigError(key or "config", msg)
+
+
+def parse_config(raw: Any, base: str | os.PathLike[str] | None = None) -> RunConfig:
+    """Validate a config mapping. ``base`` is the folder that relative paths are relative to."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config", f"expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw, context={"base": base})
+    except ValidationError as err:
+        raise _one_line(err) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> RunConfig:
+    """Read and validate a YAML config file.
+
+    Args:
+      path: the config file; relative paths inside it are relative to its folder.
+
+    Returns:
+      The frozen ``RunConfig``.
+
+    Raises:
+      ConfigError: naming the key and the bad value.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(path), "no such config file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), f"not valid YAML: {' '.join(str(err).split())}") from None
+    return parse_config(raw, base=p.resolve().parent)

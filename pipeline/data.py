@@ -1,0 +1,174 @@
+"""Data spec -> lazily sliced inputs: ``source.read(i0, i1)`` reads only rows i0..i1.
+
+    x1 = open_source(spec.data.x1, "data.x1")
+    x1.n, x1.sample_shape      # 500, (3, 32, 32)
+    x1.read(0, 64)             # torch.Tensor (64, 3, 32, 32)
+
+Sources are picklable (they hold paths, not arrays), so each Ray worker opens its own view.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import InputSpec, Synthetic
+from pipeline.errors import DataError
+
+# Synthetic rows are drawn in fixed groups, each from its own seeded generator, so that any
+# slice is reproducible without drawing the rows before it.
+SYNTHETIC_GROUP = 1024
+# Inputs up to this size are hashed whole; larger ones by shape plus an even sample of rows.
+FULL_HASH_BYTES = 1 << 30
+
+
+class Source:
+    """Rows of one input. Subclasses set ``n``, ``sample_shape``, ``dtype`` and implement ``_rows``."""
+
+    key: str
+    n: int
+    sample_shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    def read(self, i0: int, i1: int) -> torch.Tensor:
+        """Rows ``i0:i1`` as a tensor of shape (i1 - i0, *sample_shape)."""
+        return torch.as_tensor(np.ascontiguousarray(self._rows(i0, i1)))
+
+    def _rows(self, i0: int, i1: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 of shape, dtype and values (an even sample of rows for inputs over 1 GiB)."""
+        h = hashlib.sha256(f"{self.n}|{self.sample_shape}|{self.dtype}|".encode())
+        row_bytes = int(np.prod(self.sample_shape)) * self.dtype.itemsize
+        step = max(1, (1 << 20) // max(row_bytes, 1))  # read about 1 MiB at a time
+        if self.n * row_bytes <= FULL_HASH_BYTES:
+            starts = range(0, self.n, step)
+            kind = "sha256"
+        else:
+            starts = range(0, self.n, max(step, self.n // 1024))
+            kind = "sha256-sampled"
+        for i0 in starts:
+            h.update(np.ascontiguousarray(self._rows(i0, min(i0 + step, self.n))).tobytes())
+        return f"{kind}:{h.hexdigest()}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"n": self.n, "sample_shape": list(self.sample_shape), "dtype": str(self.dtype)}
+
+
+def _check_array(key: str, shape: tuple[int, ...], dtype: Any, where: str) -> None:
+    if len(shape) < 1 or shape[0] == 0:
+        raise DataError(key, f"{where} has shape {shape}; expected (n, ...) with n > 0 samples")
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise DataError(key, f"{where} has dtype {dtype}; expected a numeric array")
+
+
+class NpySource(Source):
+    """A .npy file, memory-mapped: a block reads only its own rows."""
+
+    def __init__(self, key: str, path: str) -> None:
+        self.key, self.path = key, path
+        arr = self._array()
+        _check_array(key, arr.shape, arr.dtype, path)
+        self.n, self.sample_shape, self.dtype = arr.shape[0], tuple(arr.shape[1:]), arr.dtype
+
+    def _array(self) -> np.ndarray:
+        try:
+            return np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except Exception as err:
+            raise DataError(f"{self.key}.path", f"cannot read {self.path} as .npy: {err}") from None
+
+    def _rows(self, i0: int, i1: int) -> np.ndarray:
+        return self._array()[i0:i1]
+
+
+@lru_cache(maxsize=4)
+def _load_pt(path: str) -> torch.Tensor:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class PtSource(Source):
+    """A tensor saved with torch.save; loaded whole (once per process), then sliced."""
+
+    def __init__(self, key: str, path: str) -> None:
+        self.key, self.path = key, path
+        try:
+            t = _load_pt(path)
+        except Exception as err:
+            raise DataError(f"{key}.path", f"cannot read {path} as a torch tensor: {err}") from None
+        if not isinstance(t, torch.Tensor):
+            raise DataError(f"{key}.path", f"{path} holds a {type(t).__name__}, expected a tensor")
+        npdtype = t.numpy().dtype if t.dtype != torch.bfloat16 else np.dtype("float32")
+        _check_array(key, tuple(t.shape), npdtype, path)
+        self.n, self.sample_shape, self.dtype = t.shape[0], tuple(t.shape[1:]), npdtype
+
+    def _rows(self, i0: int, i1: int) -> np.ndarray:
+        rows = _load_pt(self.path)[i0:i1]
+        return (rows.float() if rows.dtype == torch.bfloat16 else rows).numpy()
+
+
+class ZarrSource(Source):
+    """An array in a Zarr store (``{path, array}``); reads only the chunks a block needs."""
+
+    def __init__(self, key: str, path: str, array: str | None) -> None:
+        self.key, self.path, self.array = key, path, array
+        arr = self._open()
+        _check_array(key, arr.shape, arr.dtype, f"{path}" + (f"/{array}" if array else ""))
+        self.n, self.sample_shape, self.dtype = arr.shape[0], tuple(arr.shape[1:]), np.dtype(arr.dtype)
+
+    def _open(self) -> Any:
+        import zarr
+
+        try:
+            node = zarr.open(self.path, mode="r", path=self.array) if self.array else zarr.open(self.path, mode="r")
+        except Exception as err:
+            what = f"no array {self.array!r} in {self.path}" if self.array else f"cannot open {self.path} as Zarr"
+            raise DataError(f"{self.key}.array" if self.array else f"{self.key}.path", f"{what}: {err}") from None
+        if not isinstance(node, zarr.Array):
+            raise DataError(f"{self.key}.array", f"{self.path} is a Zarr group; name the array with 'array'")
+        return node
+
+    def _rows(self, i0: int, i1: int) -> np.ndarray:
+        return np.asarray(self._open()[i0:i1])
+
+
+class SyntheticSource(Source):
+    """Seeded standard-normal samples, as in the tutorial's ``torch.randn(n, 3, 32, 32)``."""
+
+    def __init__(self, key: str, spec: Synthetic) -> None:
+        self.key, self.seed = key, spec.seed
+        self.n, self.sample_shape, self.dtype = spec.n, tuple(spec.shape), np.dtype("float32")
+
+    def _group(self, g: int) -> torch.Tensor:
+        rows = min(SYNTHETIC_GROUP, self.n - g * SYNTHETIC_GROUP)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + g)
+        return torch.randn(rows, *self.sample_shape, generator=gen)
+
+    def _rows(self, i0: int, i1: int) -> np.ndarray:
+        g0, g1 = i0 // SYNTHETIC_GROUP, (max(i1, i0 + 1) - 1) // SYNTHETIC_GROUP
+        rows = torch.cat([self._group(g) for g in range(g0, g1 + 1)])
+        off = g0 * SYNTHETIC_GROUP
+        return rows[i0 - off : i1 - off].numpy()
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"synthetic-v1|{self.n}|{self.sample_shape}|{self.seed}".encode())
+        return f"spec:{h.hexdigest()}"
+
+
+def open_source(spec: InputSpec, key: str) -> Source:
+    """Open the input a spec names. ``key`` ("data.x1") goes into error messages."""
+    if spec.synthetic is not None:
+        return SyntheticSource(key, spec.synthetic)
+    assert spec.path is not None  # guaranteed by InputSpec's validator
+    path = spec.path
+    if spec.array is not None or path.rstrip("/").endswith(".zarr"):
+        return ZarrSource(key, path, spec.array)
+    if path.endswith(".npy"):
+        return NpySource(key, path)
+    if path.endswith((".pt", ".pth")):
+        return PtSource(key, path)
+    raise DataError(f"{key}.path", f"expected a .npy, .pt or .zarr path, got {path!r}")

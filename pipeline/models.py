@@ -1,0 +1,181 @@
+"""Model spec -> nn.Module in eval mode, split into trainable parameters and fixed state.
+
+    fm = FunctionalModel(build_model(spec))
+    fm(fm.params, x)  # (n, o): the model's outputs, flattened per sample
+
+The NTK is taken over trainable parameters (``requires_grad=True``) only; frozen parameters and
+buffers (BatchNorm running statistics) are held fixed, and the model runs in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from pipeline.config import ModelSpec
+from pipeline.errors import ModelError
+
+
+def cnn(num_classes: int = 10) -> nn.Module:
+    """The CNN of PyTorch's "Neural Tangent Kernels" tutorial; input (3, 32, 32)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, (3, 3)),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, (3, 3)),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, (3, 3)),
+        nn.Flatten(),
+        nn.Linear(21632, num_classes),  # 32 channels x 26 x 26
+    )
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "erf": nn.GELU, "sigmoid": nn.Sigmoid}
+
+
+def mlp(
+    in_features: int = 784,
+    hidden: list[int] | tuple[int, ...] = (512, 512),
+    out_features: int = 10,
+    activation: str = "relu",
+    bias: bool = True,
+) -> nn.Module:
+    """A fully connected net; the input is flattened first, so images work as they are."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    widths = [in_features, *hidden]
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(a, b, bias=bias), _ACTIVATIONS[activation]()]
+    layers.append(nn.Linear(widths[-1], out_features, bias=bias))
+    return nn.Sequential(*layers)
+
+
+BUILTINS = {"cnn": cnn, "mlp": mlp}
+
+
+def _import_target(target: str, search_path: str | None) -> Any:
+    module_name, attr = target.split(":")
+    if search_path and search_path not in sys.path:
+        sys.path.insert(0, search_path)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or any error raised while the user's module runs
+        raise ModelError("model.target", f"cannot import {module_name!r}: {err}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ModelError("model.target", f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def build_model(spec: ModelSpec, search_path: str | None = None) -> nn.Module:
+    """Build the model a spec names, load its checkpoint, and put it in eval mode.
+
+    Args:
+      spec: the ``model`` section of a config.
+      search_path: a folder put on ``sys.path`` for ``target`` (the config file's folder).
+
+    Returns:
+      The module, on the CPU, in eval mode.
+    """
+    if spec.builtin is not None:
+        factory: Any = BUILTINS[spec.builtin]
+        where = f"builtin {spec.builtin!r}"
+    else:
+        assert spec.target is not None  # guaranteed by ModelSpec's validator
+        factory = _import_target(spec.target, search_path)
+        where = repr(spec.target)
+        if not callable(factory):
+            raise ModelError("model.target", f"{where} is a {type(factory).__name__}, not an nn.Module class or factory")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        try:
+            model = factory(**spec.kwargs)
+        except Exception as err:
+            raise ModelError("model.kwargs", f"{where} failed with kwargs {spec.kwargs!r}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError("model.target", f"{where} returned a {type(model).__name__}, not an nn.Module")
+    if spec.checkpoint is not None:
+        load_checkpoint(model, spec.checkpoint)
+    return model.eval()
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a state_dict file into ``model`` (weights_only, strict)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelError("model.checkpoint", f"cannot load {path}: {' '.join(str(err).split())[:300]}") from None
+    if not isinstance(state, dict):
+        raise ModelError("model.checkpoint", f"{path} holds a {type(state).__name__}, expected a state_dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelError("model.checkpoint", f"{path} does not fit the model: {' '.join(str(err).split())}") from None
+
+
+class FunctionalModel:
+    """A module seen as a function of its trainable parameters: ``f(params, x) -> (n, o)``.
+
+    Frozen parameters and buffers are closed over as constants. Picklable, so Ray can ship it.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.params = {k: v.detach() for k, v in module.named_parameters() if v.requires_grad}
+        frozen = {k: v.detach() for k, v in module.named_parameters() if not v.requires_grad}
+        self.fixed = {**frozen, **{k: v.detach() for k, v in module.named_buffers()}}
+
+    @property
+    def p(self) -> int:
+        """Number of trainable parameters."""
+        return sum(v.numel() for v in self.params.values())
+
+    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        out = functional_call(self.module, (params, self.fixed), (x,))
+        return out.reshape(x.shape[0], -1)  # (n, o)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> FunctionalModel:
+        """A copy on ``device`` in ``dtype`` (floating tensors only)."""
+        return FunctionalModel(copy.deepcopy(self.module).to(device=device, dtype=dtype))
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the duration, then the caller's training flags back."""
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in flags.items():
+            m.training = training
+
+
+def fingerprint_module(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer: names, shapes, dtypes, trainable flags, values."""
+    h = hashlib.sha256()
+    state = [(k, v, v.requires_grad) for k, v in module.named_parameters()]
+    state += [(k, v, False) for k, v in module.named_buffers()]
+    for name, tensor, trainable in sorted(state, key=lambda t: t[0]):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{trainable}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def forward_flops(fm: FunctionalModel, x: torch.Tensor) -> int:
+    """FLOPs of one forward pass on one sample (matmuls and convolutions, as torch counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fm(fm.params, x[:1])
+    return max(int(counter.get_total_flops()), 1)
