@@ -36,7 +36,9 @@ class Source:
 
     def read(self, i0: int, i1: int) -> torch.Tensor:
         """Rows ``i0:i1`` as a tensor of shape (i1 - i0, *sample_shape)."""
-        return torch.as_tensor(np.ascontiguousarray(self._rows(i0, i1)))
+        rows = self._rows(i0, i1)
+        # A memory-mapped or read-only view is copied: torch tensors must own writable memory.
+        return torch.from_numpy(np.array(rows, copy=not (rows.flags.writeable and rows.flags.c_contiguous)))
 
     def _rows(self, i0: int, i1: int) -> np.ndarray:
         raise NotImplementedError

@@ -24,7 +24,7 @@ from pipeline.errors import BlockError, ConfigError, PipelineError
 from pipeline.methods import compute_block
 from pipeline.models import FunctionalModel
 from pipeline.plan import Block
-from pipeline.store import BlockWriter
+from pipeline.store import BlockWriter, transpose
 
 
 @dataclass
@@ -70,6 +70,9 @@ def run_block(task: BlockTask, block: Block) -> BlockResult:
     else:
         x2 = (task.x2 or task.x1).read(block.j0, block.j1).to(device=device, dtype=dtype)
     values = compute_block(fm, x1, x2, task.method, task.mode).cpu().numpy()
+    if x2 is None:
+        # J J^T is symmetric only up to rounding; make the stored matrix exactly symmetric.
+        values = 0.5 * (values + transpose(values))
     seconds = time.perf_counter() - t0
     if not np.isfinite(values).all():
         bad = int((~np.isfinite(values)).sum())

@@ -78,6 +78,11 @@ def update_attrs(path: str, attrs: dict[str, Any]) -> None:
     zarr.open_group(path, mode="r+").attrs.update(attrs)
 
 
+def transpose(values: np.ndarray) -> np.ndarray:
+    """K(x2, x1) from K(x1, x2): K(x_j, x_i)[b, a] = K(x_i, x_j)[a, b]; swaps sample and output axes."""
+    return values.transpose(1, 0, *reversed(range(2, values.ndim)))
+
+
 class BlockWriter:
     """Writes blocks and their markers; picklable (holds the path), opens the arrays lazily."""
 
@@ -101,8 +106,7 @@ class BlockWriter:
             kernel[block.i0 : block.i1, block.j0 : block.j1] = values
             if block.mirrored:
                 # K(x_j, x_i)[b, a] = K(x_i, x_j)[a, b]: swap the sample axes and the output axes.
-                axes = (1, 0, *reversed(range(2, values.ndim)))
-                kernel[block.j0 : block.j1, block.i0 : block.i1] = values.transpose(axes)
+                kernel[block.j0 : block.j1, block.i0 : block.i1] = transpose(values)
             # Markers only after all of the block's data is written.
             done[block.row, block.col] = 1
             if block.mirrored:
