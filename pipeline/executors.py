@@ -57,7 +57,8 @@ def run_block(task: BlockTask, block: Block) -> BlockResult:
     device = torch.device("cuda") if task.gpu else torch.device("cpu")
     dtype = getattr(torch, task.dtype)
     if task.gpu and not torch.cuda.is_available():
-        raise BlockError(f"block {block.index}", f"ray.gpus_per_task > 0 but this worker ({socket.gethostname()}) sees no CUDA device")
+        raise BlockError(f"block {block.index}",
+                         f"ray.gpus_per_task > 0 but this worker ({socket.gethostname()}) sees no CUDA device")
     fm = _DEVICE_MODELS.get(task.token)
     if fm is None:
         fm = task.fm if device.type == "cpu" else task.fm.to(device, dtype)

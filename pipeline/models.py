@@ -94,7 +94,8 @@ def build_model(spec: ModelSpec, search_path: str | None = None) -> nn.Module:
         factory = _import_target(spec.target, search_path)
         where = repr(spec.target)
         if not callable(factory):
-            raise ModelError("model.target", f"{where} is a {type(factory).__name__}, not an nn.Module class or factory")
+            raise ModelError("model.target",
+                             f"{where} is a {type(factory).__name__}, not an nn.Module class or factory")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         try:

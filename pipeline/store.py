@@ -42,7 +42,8 @@ def check_output(path: str, overwrite: bool) -> None:
         if exists and os.path.isdir(path) and not os.listdir(path):
             return  # an empty folder holds nothing to lose
     if exists and not overwrite:
-        raise StoreError("output.path", f"{path} already exists; set output.overwrite: true (or --overwrite) to replace it")
+        raise StoreError("output.path",
+                         f"{path} already exists; set output.overwrite: true (or --overwrite) to replace it")
     if exists and not is_zarr:
         raise StoreError("output.path", f"{path} exists and is not a Zarr store; refusing to overwrite it")
 

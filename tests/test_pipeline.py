@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import TOLERANCES
 
 import pipeline
-from conftest import TOLERANCES
 from pipeline.models import mlp
 
 MLP_KWARGS = {"in_features": 5, "hidden": [7], "out_features": 3}

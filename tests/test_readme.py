@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import TOLERANCES
 
 import pipeline
-from conftest import TOLERANCES
 from pipeline.config import load_config
 from pipeline.data import open_source
 from pipeline.models import build_model
