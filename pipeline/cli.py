@@ -97,3 +97,7 @@ def plan(config: str, as_json: bool) -> None:
         mark = "*" if name == d["method"] else " "
         click.echo(f"{mark} {name:<21}{_flops(m['flops']):>14}  {_size(m['task_memory_bytes']):>12}")
     click.echo(f"output     {d['output']}")
+
+
+if __name__ == "__main__":
+    main()
