@@ -7,6 +7,7 @@ Both call ``run_block``, so they give the same kernel. The only module that impo
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -130,7 +131,7 @@ class RayExecutor:
             runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}} if paths else None
             try:
                 ray.init(address=self.spec.address, include_dashboard=False, runtime_env=runtime_env,
-                         logging_level="WARNING", log_to_driver=True)
+                         logging_level=logging.WARNING, log_to_driver=True)
             except ConnectionError as err:
                 raise ConfigError("ray.address", f"cannot connect to {self.spec.address!r}: {err}") from None
             self._started = True

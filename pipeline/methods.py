@@ -9,6 +9,7 @@ Modes: full (n1, n2, o, o); trace (n1, n2), the sum over a = b; diagonal (n1, n2
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -34,6 +35,15 @@ def _jacobians(fm: FunctionalModel, x: torch.Tensor) -> list[torch.Tensor]:
     return [j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()]
 
 
+def _sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of per-parameter terms, accumulated in place (one block's worth of memory)."""
+    it = iter(terms)
+    acc = next(it)  # a fresh product, safe to add into
+    for t in it:
+        acc += t
+    return acc
+
+
 def jacobian_contraction(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: str) -> torch.Tensor:
     """Form per-sample Jacobians with vmap(jacrev), then contract them over the parameters.
 
@@ -45,10 +55,10 @@ def jacobian_contraction(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor
     n1, o = j1[0].shape[:2]
     n2 = j2[0].shape[0]
     if mode == "full":
-        acc = sum(a.reshape(n1 * o, -1) @ b.reshape(n2 * o, -1).T for a, b in zip(j1, j2, strict=True))
+        acc = _sum(a.reshape(n1 * o, -1) @ b.reshape(n2 * o, -1).T for a, b in zip(j1, j2, strict=True))
         return acc.reshape(n1, o, n2, o).permute(0, 2, 1, 3).contiguous()  # (n1, n2, o, o)
     # (o, n1, p_k) @ (o, p_k, n2) -> (o, n1, n2): one matmul per output a, over a = b only.
-    diag = sum(a.transpose(0, 1) @ b.permute(1, 2, 0) for a, b in zip(j1, j2, strict=True))
+    diag = _sum(a.transpose(0, 1) @ b.permute(1, 2, 0) for a, b in zip(j1, j2, strict=True))
     if mode == "trace":
         return diag.sum(0)  # (n1, n2)
     return diag.permute(1, 2, 0).contiguous()  # (n1, n2, o)
@@ -64,10 +74,10 @@ def ntk_vector_products(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor 
     params = fm.params
 
     def pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out, vjp_fn = vjp(lambda p: _single(fm, p, a), params)
+        out, vjp_fn = vjp(lambda p: _single(fm, p, a), params)[:2]
 
         def one(vec: torch.Tensor) -> torch.Tensor:
-            (cotangent,) = vjp_fn(vec)
+            cotangent = vjp_fn(vec)[0]
             return jvp(lambda p: _single(fm, p, b), (params,), (cotangent,))[1]
 
         basis = torch.eye(out.numel(), dtype=out.dtype, device=out.device)

@@ -164,7 +164,7 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 def fingerprint_module(module: nn.Module) -> str:
     """sha256 over every parameter and buffer: names, shapes, dtypes, trainable flags, values."""
     h = hashlib.sha256()
-    state = [(k, v, v.requires_grad) for k, v in module.named_parameters()]
+    state: list[tuple[str, torch.Tensor, bool]] = [(k, v, v.requires_grad) for k, v in module.named_parameters()]
     state += [(k, v, False) for k, v in module.named_buffers()]
     for name, tensor, trainable in sorted(state, key=lambda t: t[0]):
         t = tensor.detach().cpu().contiguous()

@@ -78,7 +78,7 @@ def tile(n1: int, n2: int, block: tuple[int, int], symmetric: bool) -> Plan:
     rows, cols = min(block[0], n1), min(block[1], n2)
     if symmetric and rows != cols:
         raise ValueError(f"a symmetric kernel needs square blocks, got {block[0]} x {block[1]}")
-    blocks = []
+    blocks: list[Block] = []
     for r in range(math.ceil(n1 / rows)):
         for c in range(math.ceil(n2 / cols)):
             if symmetric and c < r:
