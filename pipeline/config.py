@@ -47,9 +47,10 @@ def _resolve(value: str | None, info: ValidationInfo, must_exist: bool) -> str |
     path = Path(value).expanduser()
     if not path.is_absolute() and base is not None:
         path = Path(base) / path
-    if must_exist and not path.exists():
-        raise ValueError(f"no such file: {path}")
-    return os.path.normpath(path)
+    resolved = os.path.normpath(path)
+    if must_exist and not os.path.exists(resolved):
+        raise ValueError(f"no such file: {resolved}")
+    return resolved
 
 
 class _Spec(BaseModel):
@@ -79,7 +80,8 @@ class ModelSpec(_Spec):
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if (self.builtin is None) == (self.target is None):
-            raise ValueError("give exactly one of 'builtin' (cnn, mlp) or 'target' ('module:attribute')")
+            raise ValueError("give exactly one of 'builtin' (cnn, mlp) or 'target' ('module:attribute'), "
+                             f"got builtin={self.builtin!r}, target={self.target!r}")
         return self
 
 
@@ -122,15 +124,15 @@ class NtkSpec(_Spec):
 class TilingSpec(_Spec):
     # 256 x 256 blocks: large enough that per-task overhead is small, small enough that a
     # CNN-sized model's Jacobians for 512 samples fit a worker's memory.
-    block: PositiveInt | list[PositiveInt] = 256
+    block: int | list[int] = 256
 
     @field_validator("block", mode="before")
     @classmethod
     def _block_form(cls, v: Any) -> Any:
-        if isinstance(v, list) and len(v) != 2:
-            raise ValueError(f"expected an int or [rows, cols], got {v!r}")
-        if not isinstance(v, int | list) or isinstance(v, bool):
-            raise ValueError(f"expected an int or [rows, cols], got {v!r}")
+        parts = v if isinstance(v, list) else [v]
+        ok = len(parts) == 2 if isinstance(v, list) else True
+        if not ok or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in parts):
+            raise ValueError(f"expected a positive int or [rows, cols] of positive ints, got {v!r}")
         return v
 
     @property
@@ -187,7 +189,8 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 def _one_line(err: ValidationError) -> ConfigError:
     """The first validation error as ``key: what is wrong (got value)``."""
     e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in {"int", "list[int]"}))
+    # Drop the tags pydantic puts in a union's location ("int", "list[constrained-int]", ...).
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p in {"int", "str"} or "[" in p or "-" in p)))
     key = ".".join(str(p) for p in loc)
     if e["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
@@ -229,5 +232,5 @@ def load_config(path: str | os.PathLike[str]) -> RunConfig:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(str(path), f"not valid YAML: {' '.join(str(err).split())}") from None
+        raise ConfigError(str(path), f"not valid YAML: {err}") from None
     return parse_config(raw, base=p.resolve().parent)

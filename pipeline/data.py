@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.config import InputSpec, Synthetic
-from pipeline.errors import DataError
+from pipeline.errors import DataError, brief
 
 # Synthetic rows are drawn in fixed groups, each from its own seeded generator, so that any
 # slice is reproducible without drawing the rows before it.
@@ -82,7 +82,7 @@ class NpySource(Source):
         try:
             return np.load(self.path, mmap_mode="r", allow_pickle=False)
         except Exception as err:
-            raise DataError(f"{self.key}.path", f"cannot read {self.path} as .npy: {err}") from None
+            raise DataError(f"{self.key}.path", f"cannot read {self.path} as .npy: {brief(err)}") from None
 
     def _rows(self, i0: int, i1: int) -> np.ndarray:
         return self._array()[i0:i1]
@@ -101,7 +101,7 @@ class PtSource(Source):
         try:
             t = _load_pt(path)
         except Exception as err:
-            raise DataError(f"{key}.path", f"cannot read {path} as a torch tensor: {err}") from None
+            raise DataError(f"{key}.path", f"cannot read {path} as a torch tensor: {brief(err)}") from None
         if not isinstance(t, torch.Tensor):
             raise DataError(f"{key}.path", f"{path} holds a {type(t).__name__}, expected a tensor")
         npdtype = t.numpy().dtype if t.dtype != torch.bfloat16 else np.dtype("float32")
@@ -129,7 +129,8 @@ class ZarrSource(Source):
             node = zarr.open(self.path, mode="r", path=self.array) if self.array else zarr.open(self.path, mode="r")
         except Exception as err:
             what = f"no array {self.array!r} in {self.path}" if self.array else f"cannot open {self.path} as Zarr"
-            raise DataError(f"{self.key}.array" if self.array else f"{self.key}.path", f"{what}: {err}") from None
+            key = f"{self.key}.array" if self.array else f"{self.key}.path"
+            raise DataError(key, f"{what}: {brief(err)}") from None
         if not isinstance(node, zarr.Array):
             raise DataError(f"{self.key}.array", f"{self.path} is a Zarr group; name the array with 'array'")
         return node

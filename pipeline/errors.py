@@ -9,10 +9,19 @@ themselves.
 from __future__ import annotations
 
 
+def brief(err: BaseException, limit: int = 200) -> str:
+    """An exception as ``Type: first line``, cut to ``limit`` characters, for one-line messages."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class PipelineError(Exception):
     """Base class of every error the pipeline raises on purpose."""
 
     def __init__(self, key: str, message: str) -> None:
+        # One line, whatever the cause said: messages quote exceptions that may span lines.
+        message = " ".join(str(message).split())
         super().__init__(key, message)
         self.key = key
         self.message = message

@@ -21,7 +21,7 @@ import torch
 
 from pipeline.config import RaySpec
 from pipeline.data import Source
-from pipeline.errors import BlockError, ConfigError, PipelineError
+from pipeline.errors import BlockError, ConfigError, PipelineError, brief
 from pipeline.methods import compute_block
 from pipeline.models import FunctionalModel
 from pipeline.plan import Block
@@ -189,9 +189,9 @@ class RayExecutor:
                         cause = getattr(err, "cause", None)
                         if isinstance(cause, PipelineError):
                             raise cause from None
-                        raise BlockError(f"block {block.index}", f"{type(cause).__name__}: {cause}") from None
+                        raise BlockError(f"block {block.index}", brief(cause, limit=500)) from None
                     except RayError as err:  # the worker or its node died for good, after retries
-                        raise BlockError(f"block {block.index}", f"{type(err).__name__}: {err}") from None
+                        raise BlockError(f"block {block.index}", brief(err, limit=500)) from None
         finally:
             for ref in pending:
                 ray.cancel(ref)

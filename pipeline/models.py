@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from pipeline.config import ModelSpec
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, brief
 
 
 def cnn(num_classes: int = 10) -> nn.Module:
@@ -69,7 +69,7 @@ def _import_target(target: str, search_path: str | None) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # ImportError, or any error raised while the user's module runs
-        raise ModelError("model.target", f"cannot import {module_name!r}: {err}") from None
+        raise ModelError("model.target", f"cannot import {module_name!r}: {brief(err)}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -101,7 +101,7 @@ def build_model(spec: ModelSpec, search_path: str | None = None) -> nn.Module:
         try:
             model = factory(**spec.kwargs)
         except Exception as err:
-            raise ModelError("model.kwargs", f"{where} failed with kwargs {spec.kwargs!r}: {err}") from None
+            raise ModelError("model.kwargs", f"{where} failed with kwargs {spec.kwargs!r}: {brief(err)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError("model.target", f"{where} returned a {type(model).__name__}, not an nn.Module")
     if spec.checkpoint is not None:
@@ -114,13 +114,13 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ModelError("model.checkpoint", f"cannot load {path}: {' '.join(str(err).split())[:300]}") from None
+        raise ModelError("model.checkpoint", f"cannot load {path}: {brief(err)}") from None
     if not isinstance(state, dict):
         raise ModelError("model.checkpoint", f"{path} holds a {type(state).__name__}, expected a state_dict")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ModelError("model.checkpoint", f"{path} does not fit the model: {' '.join(str(err).split())}") from None
+        raise ModelError("model.checkpoint", f"{path} does not fit the model: {err}") from None
 
 
 class FunctionalModel:

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from pipeline.config import RunConfig, load_config
+from pipeline.config import RunConfig, is_url, load_config
 from pipeline.data import Source, open_source
-from pipeline.errors import ConfigError, DataError, PipelineError
+from pipeline.errors import ConfigError, DataError, PipelineError, StoreError, brief
 from pipeline.executors import BlockResult, BlockTask, InProcessExecutor, RayExecutor
 from pipeline.methods import VPS_CHUNK_BYTES, choose_method
 from pipeline.models import FunctionalModel, build_model, fingerprint_module, forward_flops
@@ -72,8 +72,7 @@ def _check_runs(fm: FunctionalModel, source: Source, key: str, dtype: torch.dtyp
         with torch.no_grad():
             out = fm(fm.params, x)
     except Exception as err:
-        msg = " ".join(str(err).split())[:300]
-        raise DataError(key, f"the model rejects samples of shape {tuple(source.sample_shape)}: {msg}") from None
+        raise DataError(key, f"the model rejects samples of shape {tuple(source.sample_shape)}: {brief(err)}") from None
     if out.shape[1] == 0:
         raise DataError(key, "the model gives no outputs for these samples")
     return int(out.shape[1])
@@ -112,6 +111,22 @@ def prepare(config: RunConfig, search_path: str | None = None) -> Prepared:
                              diagonal=first.diagonal and plan.symmetric)
         method = auto["method"]
     return Prepared(config, fm, module, x1, x2, o, fp, plan, method, auto, search_path)
+
+
+def _check_not_an_input(cfg: RunConfig) -> None:
+    """Refuse an output path that is, or holds, one of the run's own input files."""
+    if is_url(cfg.output.path):
+        return
+    out = os.path.realpath(cfg.output.path)
+    inputs = {"data.x1": cfg.data.x1.path, "data.x2": cfg.data.x2.path if cfg.data.x2 else None,
+              "model.checkpoint": cfg.model.checkpoint}
+    for key, path in inputs.items():
+        if path is None or is_url(path):
+            continue
+        real = os.path.realpath(path)
+        if real == out or real.startswith(out + os.sep) or out.startswith(real + os.sep):
+            raise StoreError("output.path", f"{cfg.output.path} overlaps the input {key} ({path}); "
+                             "choose another output path")
 
 
 def _versions() -> dict[str, str]:
@@ -178,6 +193,7 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
         raise ConfigError("executor", f"expected one of {', '.join(EXECUTORS)}, got {executor!r}")
     p = prepare(cfg, search_path)
     path = cfg.output.path
+    _check_not_an_input(cfg)
     check_output(path, cfg.output.overwrite)
     ex = RayExecutor(cfg.ray, search_path) if executor == "ray" else InProcessExecutor()
     ex.start()  # a missing GPU or an unreachable cluster is refused before the output is written
