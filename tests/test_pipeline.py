@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import TOLERANCES
 
 import pipeline
 from pipeline.models import mlp
+
+from conftest import TOLERANCES
 
 MLP_KWARGS = {"in_features": 5, "hidden": [7], "out_features": 3}
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 import yaml
 import zarr
-from conftest import TOLERANCES
 
 import pipeline
+
+from conftest import TOLERANCES
 
 
 def _cfg(**ray) -> dict:

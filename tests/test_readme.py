@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import TOLERANCES
 
 import pipeline
 from pipeline.config import load_config
 from pipeline.data import open_source
 from pipeline.models import build_model
+
+from conftest import TOLERANCES
 
 ROOT = Path(__file__).resolve().parents[1]
 
