@@ -186,7 +186,7 @@ class RayExecutor:
                     try:
                         on_done(ray.get(ref))
                     except RayTaskError as err:
-                        cause = getattr(err, "cause", None)
+                        cause: BaseException = getattr(err, "cause", None) or err
                         if isinstance(cause, PipelineError):
                             raise cause from None
                         raise BlockError(f"block {block.index}", brief(cause, limit=500)) from None
