@@ -75,6 +75,8 @@ def tile(n1: int, n2: int, block: tuple[int, int], symmetric: bool) -> Plan:
         raise ValueError(f"expected n1, n2 >= 1, got {n1}, {n2}")
     if symmetric and n1 != n2:
         raise ValueError(f"a symmetric plan needs n1 == n2, got {n1}, {n2}")
+    if block[0] < 1 or block[1] < 1:
+        raise ValueError(f"expected a block of at least 1 x 1, got {block[0]} x {block[1]}")
     rows, cols = min(block[0], n1), min(block[1], n2)
     if symmetric and rows != cols:
         raise ValueError(f"a symmetric kernel needs square blocks, got {block[0]} x {block[1]}")
