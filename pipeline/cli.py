@@ -33,10 +33,10 @@ def _fails_cleanly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _size(n: float, unit: str = "B") -> str:
-    for prefix in ("", "K", "M", "G", "T", "P"):
-        if abs(n) < 1024 or prefix == "P":
-            return f"{n:.1f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
+def _size(n: float) -> str:
+    for prefix in ("", "Ki", "Mi", "Gi", "Ti", "Pi"):
+        if abs(n) < 1024 or prefix == "Pi":
+            return f"{n:.1f} {prefix}B" if prefix else f"{n:.0f} B"
         n /= 1024
     raise AssertionError("unreachable")
 

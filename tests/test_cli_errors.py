@@ -614,7 +614,7 @@ def test_plan_prints_kernel_size_and_both_methods(write_config, tmp_path, tmp):
     result = invoke("plan", str(write_config(base())))
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert re.search(r"^kernel +6 x 6 \(full, o=3, float32\), 1\.3 KB, symmetric$", out, re.M), out
+    assert re.search(r"^kernel +6 x 6 \(full, o=3, float32\), 1\.3 KiB, symmetric$", out, re.M), out
     assert re.search(r"^model +83 trainable parameters", out, re.M), out
     assert re.search(r"^blocks +3 tasks of 3 x 3 \(grid 2 x 2\)$", out, re.M), out
     assert re.search(r"^[* ] jacobian_contraction ", out, re.M), out
