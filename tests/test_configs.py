@@ -12,11 +12,12 @@ import zarr
 from click.testing import CliRunner
 
 import pipeline
-from conftest import TOLERANCES
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data import open_source
 from pipeline.models import build_model
+
+from conftest import TOLERANCES
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
