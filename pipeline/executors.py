@@ -103,10 +103,6 @@ class InProcessExecutor:
             on_done(run_block(task, block))
 
 
-def _ray_block(task: BlockTask, block: Block) -> BlockResult:
-    return run_block(task, block)
-
-
 class RayExecutor:
     """One Ray task per block, at most ``max_in_flight`` submitted at once.
 
@@ -165,7 +161,7 @@ class RayExecutor:
         import ray
         from ray.exceptions import RayError, RayTaskError
 
-        remote: Any = ray.remote(_ray_block).options(
+        remote: Any = ray.remote(run_block).options(
             num_cpus=self.spec.cpus_per_task, num_gpus=self.spec.gpus_per_task, max_retries=3,
         )
         task_ref = ray.put(task)  # the model's parameters go to the object store once

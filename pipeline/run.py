@@ -9,6 +9,7 @@ Everything a user can get wrong is checked before the output path is touched.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.config import RunConfig, is_url, load_config
 from pipeline.data import Source, open_source
@@ -205,8 +207,6 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
                          gpu=cfg.ray.gpus_per_task > 0 and executor == "ray")
         results: list[BlockResult] = []
         t0 = time.perf_counter()
-        from tqdm.auto import tqdm
-
         with tqdm(total=len(p.plan.blocks), unit="block", desc="ntk", disable=not progress) as bar:
             def on_done(result: BlockResult) -> None:
                 results.append(result)
@@ -235,7 +235,7 @@ def describe_plan(config: RunConfig | str | os.PathLike[str]) -> dict[str, Any]:
     p = prepare(cfg, search_path)
     mode, item, plan = cfg.ntk.mode, p.itemsize, p.plan
     b1, b2 = plan.chunks
-    sample = int(torch.tensor(p.x1.sample_shape).prod().item()) if p.x1.sample_shape else 1
+    sample = math.prod(p.x1.sample_shape)
     per_method = {}
     for m in METHODS:
         total = sum(block_flops(m, b.i1 - b.i0, b.j1 - b.j0, p.o, p.fm.p, p.fp, mode, b.diagonal and plan.symmetric)
