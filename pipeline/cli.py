@@ -99,5 +99,41 @@ def plan(config: str, as_json: bool) -> None:
     click.echo(f"output     {d['output']}")
 
 
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per method.")
+@click.option("--method", "methods", multiple=True,
+              type=click.Choice(["structured", "jacobian_contraction", "ntk_vector_products"]),
+              help="Time only these methods (repeatable); all by default.")
+@click.option("--in-process", is_flag=True, help="Time in this process (faster; peak memory is then shared).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@_fails_cleanly
+def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool, as_json: bool) -> None:
+    """Time each method on the first block of CONFIG (after a warm-up) and show what auto takes."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from pipeline.bench import bench_config
+    from pipeline.config import load_config
+    from pipeline.plan import METHODS
+
+    cfg = load_config(config)
+    r = bench_config(cfg, str(Path(config).resolve().parent), repeats=repeats, methods=methods or METHODS,
+                     isolate=not in_process)
+    if as_json:
+        click.echo(json.dumps({**r, "rows": [asdict(row) for row in r["rows"]]}, indent=2, default=str))
+        return
+    click.echo(f"block {r['n1']} x {r['n2']} ({r['mode']}), {r['entries']:,} kernel entries, on {r['device']} "
+               f"({r['threads']} threads); median of {repeats} runs after a warm-up")
+    click.echo(f"{'method':<22}{'seconds':>10}{'entries/s':>14}{'peak memory':>14}{'est. FLOPs':>14}")
+    for row in r["rows"]:
+        mem = row.peak_gpu_bytes if row.peak_gpu_bytes is not None else row.peak_rss_bytes
+        click.echo(f"{row.method:<22}{row.seconds:>10.4f}{row.entries_per_second:>14,.0f}{_size(mem):>14}"
+                   f"{_flops(row.estimated_flops):>14}")
+    auto = r["auto"]
+    timed = ", ".join(f"{m} {t:.4f} s" for m, t in auto["timings"].items()) or "no timing needed"
+    click.echo(f"auto takes: {auto['method']} ({auto['reason']}; probe: {timed})")
+
+
 if __name__ == "__main__":
     main()

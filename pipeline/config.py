@@ -29,8 +29,8 @@ from pydantic import (
 
 from pipeline.errors import ConfigError
 
-Method = Literal["auto", "jacobian_contraction", "ntk_vector_products"]
-Mode = Literal["full", "trace", "diagonal"]
+Method = Literal["auto", "structured", "jacobian_contraction", "ntk_vector_products"]
+Mode = Literal["full", "trace", "diagonal", "pntk"]
 DType = Literal["float32", "float64"]
 
 

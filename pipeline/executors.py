@@ -23,7 +23,7 @@ from pipeline.config import RaySpec
 from pipeline.data import Source
 from pipeline.errors import BlockError, ConfigError, PipelineError, brief
 from pipeline.methods import compute_block
-from pipeline.models import FunctionalModel
+from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import Block
 from pipeline.store import BlockWriter, transpose
 
@@ -66,11 +66,11 @@ def run_block(task: BlockTask, block: Block) -> BlockResult:
         _DEVICE_MODELS.clear()
         _DEVICE_MODELS[task.token] = fm
     t0 = time.perf_counter()
-    x1 = task.x1.read(block.i0, block.i1).to(device=device, dtype=dtype)
+    x1 = cast_input(task.x1.read(block.i0, block.i1), dtype, device)
     if task.x2 is None and block.diagonal:
         x2 = None  # one Jacobian serves both sides
     else:
-        x2 = (task.x2 or task.x1).read(block.j0, block.j1).to(device=device, dtype=dtype)
+        x2 = cast_input((task.x2 or task.x1).read(block.j0, block.j1), dtype, device)
     values = compute_block(fm, x1, x2, task.method, task.mode).cpu().numpy()
     if x2 is None:
         # J J^T is symmetric only up to rounding; make the stored matrix exactly symmetric.

@@ -1,47 +1,42 @@
-"""The NTK math: the tutorial's two methods, the three modes, and the ``auto`` choice.
+"""The NTK math: three methods behind one dispatch, four modes, and the ``auto`` choice.
 
-    K = empirical_ntk(model, x1, x2, method="jacobian_contraction", mode="full")  # (n1, n2, o, o)
-    K == empirical_ntk(model, x1, x2, method="ntk_vector_products", mode="full")  # to float tolerance
+    K = empirical_ntk(model, x1, x2, method="structured", mode="full")            # (n1, n2, o, o)
+    K == empirical_ntk(model, x1, x2, method="jacobian_contraction", mode="full")  # to float tolerance
 
 K[i, j, a, b] = <d f_a(x1_i) / d theta, d f_b(x2_j) / d theta>, theta = the trainable parameters.
-Modes: full (n1, n2, o, o); trace (n1, n2), the sum over a = b; diagonal (n1, n2, o), the a = b entries.
+Modes: full (n1, n2, o, o); trace (n1, n2), the sum over a = b; diagonal (n1, n2, o), the a = b
+entries; pntk (n1, n2), the NTK of sum_a f_a / sqrt(o) (Mohamadi, Bae, Sutherland, ICML 2023), at the
+cost of an o = 1 kernel.
+
+Methods, and when each wins:
+- structured (the default choice where it wins): per-layer rules from the layers' inputs and output
+  cotangents (see pipeline.structured); never forms per-sample Jacobians of Linear, Conv, norm or
+  Embedding layers. Fastest whenever most parameters sit in such layers.
+- jacobian_contraction: per-sample Jacobians by vmap(jacrev), contracted: N·O·[FP] + N²·O²·P.
+  Wins for small P with costly forward passes and layers without a rule.
+- ntk_vector_products: per pair, a vjp and O jvps: N²·O·[FP], no Jacobians in memory. Wins when
+  O·P is huge next to a forward pass, or when nothing else fits in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import jacrev, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
-from pipeline.models import FunctionalModel, eval_mode, forward_flops
+from pipeline.jacobians import contract, jacobians, single
+from pipeline.models import FunctionalModel, cast_input, eval_mode, forward_flops
 from pipeline.plan import METHODS, MODES, block_flops
+from pipeline.structured import structured, structured_flops
 
 # Bytes of parameter-sized cotangents that ntk_vector_products holds at once (it vmaps over
 # pairs in chunks of this size); and of Jacobians above which ``auto`` avoids the contraction.
 VPS_CHUNK_BYTES = 1 << 30
 JACOBIAN_BUDGET_BYTES = 4 << 30
-
-
-def _single(fm: FunctionalModel, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return fm(params, x.unsqueeze(0)).reshape(-1)  # (o,)
-
-
-def _jacobians(fm: FunctionalModel, x: torch.Tensor) -> list[torch.Tensor]:
-    """Per-sample Jacobians, one (n, o, p_k) tensor per trainable parameter tensor."""
-    jac = vmap(jacrev(lambda p, xi: _single(fm, p, xi)), (None, 0))(fm.params, x)
-    return [j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()]
-
-
-def _sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Sum of per-parameter terms, accumulated in place (one block's worth of memory)."""
-    it = iter(terms)
-    acc = next(it)  # a fresh product, safe to add into
-    for t in it:
-        acc += t
-    return acc
 
 
 def jacobian_contraction(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: str) -> torch.Tensor:
@@ -50,18 +45,8 @@ def jacobian_contraction(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor
     Cost: N·O·[FP] for the Jacobians plus N²·O²·P (full) or N²·O·P (trace, diagonal) for the
     contraction; memory (n1 + n2)·O·P. With ``x2=None`` one set of Jacobians serves both sides.
     """
-    j1 = _jacobians(fm, x1)
-    j2 = j1 if x2 is None else _jacobians(fm, x2)
-    n1, o = j1[0].shape[:2]
-    n2 = j2[0].shape[0]
-    if mode == "full":
-        acc = _sum(a.reshape(n1 * o, -1) @ b.reshape(n2 * o, -1).T for a, b in zip(j1, j2, strict=True))
-        return acc.reshape(n1, o, n2, o).permute(0, 2, 1, 3).contiguous()  # (n1, n2, o, o)
-    # (o, n1, p_k) @ (o, p_k, n2) -> (o, n1, n2): one matmul per output a, over a = b only.
-    diag = _sum(a.transpose(0, 1) @ b.permute(1, 2, 0) for a, b in zip(j1, j2, strict=True))
-    if mode == "trace":
-        return diag.sum(0)  # (n1, n2)
-    return diag.permute(1, 2, 0).contiguous()  # (n1, n2, o)
+    j1 = jacobians(fm, x1)
+    return contract(j1, j1 if x2 is None else jacobians(fm, x2), mode)
 
 
 def ntk_vector_products(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: str) -> torch.Tensor:
@@ -74,17 +59,17 @@ def ntk_vector_products(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor 
     params = fm.params
 
     def pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out, vjp_fn = vjp(lambda p: _single(fm, p, a), params)[:2]
+        out, vjp_fn = vjp(lambda p: single(fm, p, a), params)[:2]
 
         def one(vec: torch.Tensor) -> torch.Tensor:
             cotangent = vjp_fn(vec)[0]
-            return jvp(lambda p: _single(fm, p, b), (params,), (cotangent,))[1]
+            return jvp(lambda p: single(fm, p, b), (params,), (cotangent,))[1]
 
         basis = torch.eye(out.numel(), dtype=out.dtype, device=out.device)
         return vmap(one)(basis)  # (o, o): [a, b] = <J_a(x1_i), J_b(x2_j)>
 
     itemsize = x1.element_size()
-    o = _single(fm, params, x1[0]).numel()
+    o = single(fm, params, x1[0]).numel()
     chunk = max(1, VPS_CHUNK_BYTES // (3 * o * max(fm.p, 1) * itemsize))
     row = vmap(pair, (None, 0), chunk_size=chunk)
     k = torch.stack([row(x1[i], x2) for i in range(x1.shape[0])])  # (n1, n2, o, o)
@@ -94,39 +79,109 @@ def ntk_vector_products(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor 
     return d.sum(-1) if mode == "trace" else d.contiguous()
 
 
-_METHODS = {"jacobian_contraction": jacobian_contraction, "ntk_vector_products": ntk_vector_products}
+_METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "structured": structured,
+    "jacobian_contraction": jacobian_contraction,
+    "ntk_vector_products": ntk_vector_products,
+}
 
 
 def compute_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, method: str,
                   mode: str) -> torch.Tensor:
-    """One block of the kernel; ``x2=None`` means K(x1, x1). Used by empirical_ntk and the workers."""
+    """One block of the kernel; ``x2=None`` means K(x1, x1). Used by empirical_ntk and the workers.
+
+    Returns:
+      (n1, n2, o, o) for full, (n1, n2) for trace and pntk, (n1, n2, o) for diagonal.
+    """
     if method not in _METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
-    with torch.no_grad():  # torch.func transforms track their own gradients
-        return _METHODS[method](fm, x1, x2, mode)
+    if mode == "pntk":  # the NTK of sum_a f_a / sqrt(o): an o = 1 kernel
+        fm, mode = fm.sum_of_logits(), "trace"
+    with torch.no_grad():  # the methods switch gradients on where they need them
+        return _METHODS[method](fm, x1, x2, mode).contiguous()
 
 
-def choose_method(b1: int, b2: int, o: int, p: int, fp: int, mode: str, itemsize: int,
-                  diagonal: bool = False) -> dict[str, Any]:
-    """The ``auto`` choice for blocks of b1 x b2, by the cost models in ``plan.block_flops``.
+def estimate_flops(fm: FunctionalModel, x: torch.Tensor, b1: int, b2: int, mode: str,
+                   diagonal: bool = False) -> dict[str, float]:
+    """Estimated FLOPs of one b1 x b2 block for each method (``plan.block_flops``, per-layer for structured)."""
+    if mode == "pntk":
+        fm, mode = fm.sum_of_logits(), "trace"
+    o = single(fm, fm.params, x[0]).numel()
+    fp = forward_flops(fm, x)
+    flops = {m: block_flops(m, b1, b2, o, fm.p, fp, mode, diagonal) for m in METHODS if m != "structured"}
+    flops["structured"] = structured_flops(fm, x, b1, b2, mode, diagonal)
+    return {m: flops[m] for m in METHODS}
 
-    Jacobian contraction is taken when its estimated FLOPs are lower and its Jacobians,
-    (b1 + b2)·o·P values, fit JACOBIAN_BUDGET_BYTES; otherwise NTK-vector products.
+
+def jacobian_bytes(fm: FunctionalModel, x: torch.Tensor, b1: int, b2: int, mode: str, diagonal: bool) -> int:
+    o = 1 if mode == "pntk" else single(fm, fm.params, x[0]).numel()
+    return (b1 if diagonal else b1 + b2) * o * fm.p * x.element_size()
+
+
+def choose_method(flops: dict[str, float], jacobian_bytes: int,
+                  timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """The ``auto`` choice, a pure function of the cost estimates and (optionally) measured timings.
+
+    Jacobian contraction is ruled out when a block's Jacobians exceed JACOBIAN_BUDGET_BYTES. With
+    timings (seconds of each method on the same probe block), the fastest timed method wins;
+    without, the fewest estimated FLOPs. Ties go to the order of ``plan.METHODS``.
 
     Returns:
-      ``{"method": ..., "reason": ..., "flops": {method: estimate}}``, recorded in the output.
+      ``{"method", "reason", "flops", "timings"}``, recorded in the output.
     """
-    flops = {m: block_flops(m, b1, b2, o, p, fp, mode, diagonal) for m in METHODS}
-    jac_bytes = (b1 if diagonal else b1 + b2) * o * p * itemsize
-    if jac_bytes > JACOBIAN_BUDGET_BYTES:
-        method = "ntk_vector_products"
-        reason = f"Jacobians of a block ({jac_bytes / 2**30:.1f} GiB) exceed {JACOBIAN_BUDGET_BYTES / 2**30:.0f} GiB"
+    allowed = [m for m in METHODS if m in flops]
+    reason = "fewest estimated FLOPs per block"
+    if jacobian_bytes > JACOBIAN_BUDGET_BYTES and "jacobian_contraction" in allowed:
+        allowed.remove("jacobian_contraction")
+        reason += (f" (jacobian_contraction ruled out: a block's Jacobians take {jacobian_bytes / 2**30:.1f} GiB,"
+                   f" over {JACOBIAN_BUDGET_BYTES / 2**30:.0f} GiB)")
+    timed = [m for m in allowed if timings and m in timings]
+    if timed:
+        method = min(timed, key=lambda m: (timings[m], allowed.index(m)))  # type: ignore[index]
+        reason = "fastest on a probe of the first block" + reason.removeprefix("fewest estimated FLOPs per block")
     else:
-        method = min(METHODS, key=lambda m: flops[m])
-        reason = "fewest estimated FLOPs per block"
-    return {"method": method, "reason": reason, "flops": flops, "block": [b1, b2]}
+        method = min(allowed, key=lambda m: (flops[m], allowed.index(m)))
+    return {"method": method, "reason": reason, "flops": flops, "timings": timings or {}}
+
+
+# Methods whose estimate is more than this many times the cheapest are not timed.
+PROBE_SPREAD = 10.0
+PROBE_ROWS = 8
+
+
+def time_methods(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
+                 methods: list[str], repeats: int = 2) -> dict[str, float]:
+    """Median-free quick timing: the best of ``repeats`` runs of each method after one warm-up."""
+    out = {}
+    for m in methods:
+        compute_block(fm, x1, x2, m, mode)  # warm-up: first-call costs, caches, the layout check
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            compute_block(fm, x1, x2, m, mode)
+            best = min(best, time.perf_counter() - t0)
+        out[m] = best
+    return out
+
+
+def auto_method(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
+                measure: bool = True) -> dict[str, Any]:
+    """Cost model on the block's shape, confirmed by timing the plausible methods on a probe of it."""
+    n2 = x1.shape[0] if x2 is None else x2.shape[0]
+    flops = estimate_flops(fm, x1, x1.shape[0], n2, mode, diagonal=x2 is None)
+    jac = jacobian_bytes(fm, x1, x1.shape[0], n2, mode, diagonal=x2 is None)
+    timings = None
+    if measure:
+        best = min(flops.values())
+        candidates = [m for m in METHODS if flops[m] <= PROBE_SPREAD * best
+                      and not (m == "jacobian_contraction" and jac > JACOBIAN_BUDGET_BYTES)]
+        if len(candidates) > 1:
+            p1 = x1[:PROBE_ROWS]
+            p2 = None if x2 is None else x2[:PROBE_ROWS]
+            timings = time_methods(fm, p1, p2, mode, candidates)
+    return choose_method(flops, jac, timings)
 
 
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *, method: str = "auto",
@@ -141,20 +196,20 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
       model: any nn.Module mapping a batch (n, ...) to outputs (n, ...), flattened to (n, o).
       x1: (n1, ...) inputs.
       x2: (n2, ...) inputs, or None for K(x1, x1).
-      method: "auto", "jacobian_contraction" or "ntk_vector_products".
-      mode: "full", "trace" or "diagonal".
+      method: "auto" (by the cost model alone, no timing), "structured", "jacobian_contraction" or
+        "ntk_vector_products".
+      mode: "full", "trace", "diagonal" or "pntk".
 
     Returns:
-      (n1, n2, o, o) for full, (n1, n2) for trace, (n1, n2, o) for diagonal.
+      (n1, n2, o, o) for full, (n1, n2) for trace and pntk, (n1, n2, o) for diagonal.
     """
     with eval_mode(model):
         fm = FunctionalModel(model)
         ref = next(iter(fm.params.values()), x1)
-        x1 = x1.to(device=ref.device, dtype=ref.dtype)
-        x2 = None if x2 is None else x2.to(device=ref.device, dtype=ref.dtype)
+        x1 = cast_input(x1, ref.dtype, ref.device)
+        x2 = None if x2 is None else cast_input(x2, ref.dtype, ref.device)
         if method == "auto":
-            o = _single(fm, fm.params, x1[0]).numel()
-            n2 = x1.shape[0] if x2 is None else x2.shape[0]
-            method = choose_method(x1.shape[0], n2, o, fm.p, forward_flops(fm, x1), mode,
-                                   x1.element_size(), diagonal=x2 is None)["method"]
+            if mode not in MODES:
+                raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+            method = auto_method(fm, x1, x2, mode, measure=False)["method"]
         return compute_block(fm, x1, x2, method, mode)

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import hashlib
 import importlib
+import math
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -134,6 +135,7 @@ class FunctionalModel:
         self.params = {k: v.detach() for k, v in module.named_parameters() if v.requires_grad}
         frozen = {k: v.detach() for k, v in module.named_parameters() if not v.requires_grad}
         self.fixed = {**frozen, **{k: v.detach() for k, v in module.named_buffers()}}
+        self.summed = False  # True: f(x) = sum_a f_a(x) / sqrt(o), whose NTK is the pNTK
 
     @property
     def p(self) -> int:
@@ -141,12 +143,27 @@ class FunctionalModel:
         return sum(v.numel() for v in self.params.values())
 
     def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.module, (params, self.fixed), (x,))
-        return out.reshape(x.shape[0], -1)  # (n, o)
+        out = functional_call(self.module, (params, self.fixed), (x,)).reshape(x.shape[0], -1)  # (n, o)
+        if self.summed:
+            return out.sum(1, keepdim=True) / math.sqrt(out.shape[1])  # (n, 1)
+        return out
+
+    def sum_of_logits(self) -> FunctionalModel:
+        """The model x -> sum_a f_a(x) / sqrt(o): its NTK is the pNTK (Mohamadi et al., ICML 2023)."""
+        new = copy.copy(self)
+        new.summed = True
+        return new
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> FunctionalModel:
         """A copy on ``device`` in ``dtype`` (floating tensors only)."""
-        return FunctionalModel(copy.deepcopy(self.module).to(device=device, dtype=dtype))
+        moved = FunctionalModel(copy.deepcopy(self.module).to(device=device, dtype=dtype))
+        moved.summed = self.summed
+        return moved
+
+
+def cast_input(x: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inputs in the compute dtype; integer inputs (token ids for an Embedding) stay integers."""
+    return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device=device)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-MODES = ("full", "trace", "diagonal")
-METHODS = ("jacobian_contraction", "ntk_vector_products")
+MODES = ("full", "trace", "diagonal", "pntk")
+METHODS = ("structured", "jacobian_contraction", "ntk_vector_products")  # ties in ``auto`` go in this order
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def tile(n1: int, n2: int, block: tuple[int, int], symmetric: bool) -> Plan:
 
 
 def trailing_shape(mode: str, o: int) -> tuple[int, ...]:
-    """Axes after (x1, x2): (o, o) for full, () for trace, (o,) for diagonal."""
-    return {"full": (o, o), "trace": (), "diagonal": (o,)}[mode]
+    """Axes after (x1, x2): (o, o) for full, () for trace and pntk, (o,) for diagonal."""
+    return {"full": (o, o), "trace": (), "diagonal": (o,), "pntk": ()}[mode]
 
 
 def kernel_bytes(n1: int, n2: int, o: int, mode: str, itemsize: int) -> int:

@@ -12,6 +12,7 @@ import datetime as dt
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -24,10 +25,11 @@ from pipeline.config import RunConfig, is_url, load_config
 from pipeline.data import Source, open_source
 from pipeline.errors import ConfigError, DataError, PipelineError, StoreError, brief
 from pipeline.executors import BlockResult, BlockTask, InProcessExecutor, RayExecutor
-from pipeline.methods import VPS_CHUNK_BYTES, choose_method
-from pipeline.models import FunctionalModel, build_model, fingerprint_module, forward_flops
-from pipeline.plan import METHODS, Plan, block_flops, kernel_bytes, kernel_entries, task_memory, tile
+from pipeline.methods import VPS_CHUNK_BYTES, auto_method, estimate_flops
+from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
+from pipeline.plan import METHODS, Plan, kernel_bytes, kernel_entries, task_memory, tile
 from pipeline.store import BlockWriter, check_output, create, update_attrs
+from pipeline.structured import structured_memory
 
 EXECUTORS = ("ray", "local")
 
@@ -69,7 +71,7 @@ class RunSummary:
 
 def _check_runs(fm: FunctionalModel, source: Source, key: str, dtype: torch.dtype) -> int:
     """Run the model on one sample of ``source``; returns o, the outputs per sample."""
-    x = source.read(0, 1).to(dtype)
+    x = cast_input(source.read(0, 1), dtype)
     try:
         with torch.no_grad():
             out = fm(fm.params, x)
@@ -80,7 +82,7 @@ def _check_runs(fm: FunctionalModel, source: Source, key: str, dtype: torch.dtyp
     return int(out.shape[1])
 
 
-def prepare(config: RunConfig, search_path: str | None = None) -> Prepared:
+def prepare(config: RunConfig, search_path: str | None = None, measure: bool = False) -> Prepared:
     """Build and check everything a run needs, without touching the output.
 
     Raises:
@@ -103,14 +105,16 @@ def prepare(config: RunConfig, search_path: str | None = None) -> Prepared:
         plan = tile(x1.n, n2, config.tiling.shape, symmetric=x2 is None)
     except ValueError as err:
         raise ConfigError("tiling.block", str(err)) from None
-    fp = forward_flops(fm, x1.read(0, 1).to(dtype))
-    first = plan.blocks[0]
+    fp = forward_flops(fm, cast_input(x1.read(0, 1), dtype))
     auto = None
     method = config.ntk.method
     if method == "auto":
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        auto = choose_method(first.i1 - first.i0, first.j1 - first.j0, o, fm.p, fp, config.ntk.mode, itemsize,
-                             diagonal=first.diagonal and plan.symmetric)
+        # The cost model on the first block's shape, confirmed by timing the plausible methods on a
+        # probe of its rows when ``measure`` (a run); ``plan`` computes nothing and takes the model alone.
+        first = plan.blocks[0]
+        b1 = cast_input(x1.read(first.i0, first.i1), dtype)
+        b2 = None if plan.symmetric and first.diagonal else cast_input((x2 or x1).read(first.j0, first.j1), dtype)
+        auto = auto_method(fm, b1, b2, config.ntk.mode, measure=measure)
         method = auto["method"]
     return Prepared(config, fm, module, x1, x2, o, fp, plan, method, auto, search_path)
 
@@ -193,7 +197,7 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"overwrite": overwrite})})
     if executor not in EXECUTORS:
         raise ConfigError("executor", f"expected one of {', '.join(EXECUTORS)}, got {executor!r}")
-    p = prepare(cfg, search_path)
+    p = prepare(cfg, search_path, measure=True)
     path = cfg.output.path
     _check_not_an_input(cfg)
     check_output(path, cfg.output.overwrite)
@@ -236,12 +240,18 @@ def describe_plan(config: RunConfig | str | os.PathLike[str]) -> dict[str, Any]:
     mode, item, plan = cfg.ntk.mode, p.itemsize, p.plan
     b1, b2 = plan.chunks
     sample = math.prod(p.x1.sample_shape)
-    per_method = {}
-    for m in METHODS:
-        total = sum(block_flops(m, b.i1 - b.i0, b.j1 - b.j0, p.o, p.fm.p, p.fp, mode, b.diagonal and plan.symmetric)
-                    for b in plan.blocks)
-        per_method[m] = {"flops": total, "task_memory_bytes": task_memory(m, b1, b2, p.o, p.fm.p, sample, mode, item,
-                                                                          VPS_CHUNK_BYTES)}
+    shapes = Counter((b.i1 - b.i0, b.j1 - b.j0, b.diagonal and plan.symmetric) for b in plan.blocks)
+    x = cast_input(p.x1.read(0, min(2, p.x1.n)), getattr(torch, cfg.ntk.dtype))
+    total = dict.fromkeys(METHODS, 0.0)
+    for (r, c, diagonal), count in shapes.items():  # a few distinct block shapes: full, ragged, diagonal
+        for m, f in estimate_flops(p.fm, x, r, c, mode, diagonal).items():
+            total[m] += count * f
+    o = 1 if mode == "pntk" else p.o
+    per_method = {m: {"flops": total[m], "task_memory_bytes": task_memory(m, b1, b2, o, p.fm.p, sample, mode, item,
+                                                                          VPS_CHUNK_BYTES)} for m in METHODS}
+    fm = p.fm.sum_of_logits() if mode == "pntk" else p.fm
+    per_method["structured"]["task_memory_bytes"] = (structured_memory(fm, x, b1, b2, mode)
+                                                     + 2 * kernel_bytes(b1, b2, o, mode, item))
     return {
         "n1": plan.n1, "n2": plan.n2, "o": p.o, "p": p.fm.p, "mode": mode, "dtype": cfg.ntk.dtype,
         "symmetric": plan.symmetric, "block": [b1, b2], "grid": list(plan.grid), "blocks": len(plan.blocks),

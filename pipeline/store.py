@@ -19,11 +19,13 @@ from zarr.codecs import Crc32cCodec
 
 from pipeline.config import is_url
 from pipeline.errors import StoreError
-from pipeline.plan import Block, Plan
+from pipeline.plan import Block, Plan, trailing_shape
 
 KERNEL = "kernel"
 DONE = "done"
-DIMENSIONS = {"full": ("x1", "x2", "o1", "o2"), "trace": ("x1", "x2"), "diagonal": ("x1", "x2", "o")}
+DIMENSIONS = {
+    "full": ("x1", "x2", "o1", "o2"), "trace": ("x1", "x2"), "diagonal": ("x1", "x2", "o"), "pntk": ("x1", "x2"),
+}
 
 
 def check_output(path: str, overwrite: bool) -> None:
@@ -52,7 +54,7 @@ def create(path: str, plan: Plan, mode: str, o: int, dtype: str, attrs: dict[str
     """Create the group, the kernel and the markers (replacing an old store; check_output first)."""
     try:
         group = zarr.open_group(path, mode="w", zarr_format=3, attributes=attrs)
-        trailing = {"full": (o, o), "trace": (), "diagonal": (o,)}[mode]
+        trailing = trailing_shape(mode, o)
         group.create_array(
             KERNEL,
             shape=(plan.n1, plan.n2, *trailing),

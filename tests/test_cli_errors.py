@@ -632,6 +632,6 @@ def test_plan_json(write_config, tmp_path):
     d = json.loads(result.stdout)
     assert (d["n1"], d["n2"], d["o"], d["p"], d["mode"]) == (6, 6, 3, 83, "trace")
     assert d["method"] == "ntk_vector_products" and d["auto"] is None
-    assert set(d["methods"]) == {"jacobian_contraction", "ntk_vector_products"}
+    assert set(d["methods"]) == {"structured", "jacobian_contraction", "ntk_vector_products"}
     assert d["kernel_bytes"] == 6 * 6 * 4
     assert not (tmp_path / "out.zarr").exists()

@@ -1,0 +1,173 @@
+"""The tutorial's two NTK methods, exactly as PyTorch's "Neural Tangent Kernels" tutorial writes them,
+side by side with pipeline.empirical_ntk's three methods, in one process and one run.
+
+    python benchmarks/bench_methods.py            # both cases (about 3 minutes on 2 cores, ~16 GB peak)
+    python benchmarks/bench_methods.py --quick    # the CNN case only
+
+Prints medians and ratios to the tutorial's Jacobian contraction, this machine's float32 matmul
+rate, and how close the contraction runs to it. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import statistics
+import time
+
+import torch
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+import pipeline
+from pipeline.bench import _measure
+from pipeline.jacobians import contract, jacobians
+from pipeline.models import FunctionalModel, cnn, mlp
+
+
+# ---- the tutorial, verbatim (pytorch.org/tutorials/intermediate/neural_tangent_kernels.html) ----
+def empirical_ntk_jacobian_contraction(fnet_single, params, x1, x2):
+    # Compute J(x1)
+    jac1 = vmap(jacrev(fnet_single), (None, 0))(params, x1)
+    jac1 = jac1.values()
+    jac1 = [j.flatten(2) for j in jac1]
+
+    # Compute J(x2)
+    jac2 = vmap(jacrev(fnet_single), (None, 0))(params, x2)
+    jac2 = jac2.values()
+    jac2 = [j.flatten(2) for j in jac2]
+
+    # Compute J(x1) @ J(x2).T
+    result = torch.stack([torch.einsum('Naf,Mbf->NMab', j1, j2) for j1, j2 in zip(jac1, jac2)])
+    result = result.sum(0)
+    return result
+
+
+def empirical_ntk_ntk_vps(func, params, x1, x2, compute='full'):
+    def get_ntk(x1, x2):
+        def func_x1(params):
+            return func(params, x1)
+
+        def func_x2(params):
+            return func(params, x2)
+
+        output, vjp_fn = vjp(func_x1, params)
+
+        def get_ntk_slice(vec):
+            # This computes ``vec @ J(x2).T``
+            # `vec` is some unit vector (a single slice of the Identity matrix)
+            vjps = vjp_fn(vec)
+            # This computes ``J(X1) @ vjps``
+            _, jvps = jvp(func_x2, (params,), vjps)
+            return jvps
+
+        # Here's our identity matrix
+        basis = torch.eye(output.numel(), dtype=output.dtype, device=output.device).view(output.numel(), -1)
+        return vmap(get_ntk_slice)(basis)
+
+    # ``get_ntk(x1, x2)`` computes the NTK for a single data point x1, x2
+    # Since the x1, x2 inputs to ``empirical_ntk_ntk_vps`` are batched,
+    # we actually wish to compute the NTK between every pair of data points
+    # between {x1} and {x2}. That's what the ``vmaps`` here do.
+    result = vmap(vmap(get_ntk, (None, 0)), (0, None))(x1, x2)
+
+    if compute == 'full':
+        return result
+    if compute == 'trace':
+        return torch.einsum('NMKK->NM', result)
+    if compute == 'diagonal':
+        return torch.einsum('NMKK->NMK', result)
+# ---- end of the tutorial's code ----
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs), runs, out
+
+
+def matmul_rate(n=2048, repeats=5):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    med, _, _ = timed(lambda: a @ b, repeats)
+    return 2 * n**3 / med
+
+
+def case(name, net, x1, x2, repeats, slow_repeats, skip):
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def fnet_single(params, x):
+        return functional_call(net, params, (x.unsqueeze(0),)).squeeze(0)
+
+    rows = {}
+    tutorial = {
+        "tutorial jacobian_contraction": lambda: empirical_ntk_jacobian_contraction(fnet_single, params, x1, x2),
+        "tutorial ntk_vector_products": lambda: empirical_ntk_ntk_vps(fnet_single, params, x1, x2),
+    }
+    ours = {f"pipeline {m}": (lambda m=m: pipeline.empirical_ntk(net, x1, x2, method=m, mode="full"))
+            for m in ("auto", "structured", "jacobian_contraction", "ntk_vector_products")}
+    ref = None
+    for label, fn in {**tutorial, **ours}.items():
+        if any(s in label for s in skip):
+            rows[label] = None
+            continue
+        reps = slow_repeats if "tutorial" in label or "jacobian_contraction" in label else repeats
+        med, runs, out = timed(fn, reps)
+        if ref is None:
+            ref = out.double()
+        err = float((out.double() - ref).abs().max() / ref.abs().max())
+        rows[label] = (med, runs, err)
+        print(f"  {label:<34} {med:9.4f} s  (runs {', '.join(f'{r:.3f}' for r in runs)}; max rel. diff {err:.1e})",
+              flush=True)
+    base = rows["tutorial jacobian_contraction"][0]
+    print(f"\n  {name}: ratio = tutorial jacobian_contraction time / method time")
+    for label, row in rows.items():
+        print(f"  {label:<34} " + ("skipped (too slow here)" if row is None else f"{base / row[0]:8.1f}x"))
+    return rows
+
+
+def contraction_efficiency(net, x1, x2, rate, repeats=5):
+    fm = FunctionalModel(net.eval())
+    j1, j2 = jacobians(fm, x1), jacobians(fm, x2)
+    n1, o = j1[0].shape[:2]
+    n2 = j2[0].shape[0]
+    flops = sum(2 * n1 * o * n2 * o * j.shape[2] for j in j1)
+    med, _, _ = timed(lambda: contract(j1, j2, "full"), repeats)
+    return flops / med, flops / med / rate
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="the CNN case only")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, float32")
+    rate = matmul_rate()
+    print(f"float32 matmul rate (2048^3): {rate / 1e9:.1f} GFLOP/s\n")
+
+    print("case 1: tutorial CNN, x1 20 x x2 5, full")
+    net = cnn().eval()
+    x1, x2 = torch.randn(20, 3, 32, 32), torch.randn(5, 3, 32, 32)
+    case("CNN", net, x1, x2, repeats=7, slow_repeats=5, skip=())
+    achieved, frac = contraction_efficiency(net, x1, x2, rate)
+    print(f"  contraction of the CNN's Jacobians: {achieved / 1e9:.1f} GFLOP/s = {100 * frac:.0f}% of the matmul rate")
+
+    if not args.quick:
+        print("\ncase 2: MLP 784-1024-1024-1024-10 (ReLU), 64 x 64, full")
+        net = mlp(784, [1024, 1024, 1024], 10).eval()
+        x1, x2 = torch.randn(64, 784), torch.randn(64, 784)
+        case("MLP", net, x1, x2, repeats=7, slow_repeats=1, skip=("ntk_vector_products", "pipeline jacobian"))
+        fm = FunctionalModel(net)
+        with mp.get_context("spawn").Pool(1) as pool:  # peak memory of structured alone, in a fresh process
+            runs, peak, _ = pool.apply(_measure, (fm, x1, x2, "structured", "full", 3, 2))
+        print(f"  structured, in a fresh process: median {statistics.median(runs):.4f} s, "
+              f"peak RSS {peak / 2**20:.0f} MiB (torch itself included)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""``ntk-pipeline bench``: each method timed on one block of the user's own config.
+
+Each method runs in a fresh process (so that its peak memory is its own): one warm-up, then
+``repeats`` timed runs; the table gives the median. No timed tests anywhere: this is the tool.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.methods import auto_method, compute_block, estimate_flops
+from pipeline.models import FunctionalModel, cast_input
+from pipeline.plan import METHODS, kernel_entries
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    method: str
+    seconds: float  # median of the timed runs
+    runs: list[float]
+    entries_per_second: float
+    peak_rss_bytes: int  # the measuring process's peak resident memory
+    peak_gpu_bytes: int | None
+    estimated_flops: float
+
+
+def _measure(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, method: str, mode: str,
+             repeats: int, threads: int | None) -> tuple[list[float], int, int | None]:
+    if threads:
+        torch.set_num_threads(threads)
+    gpu = x1.is_cuda
+    compute_block(fm, x1, x2, method, mode)  # warm-up
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        compute_block(fm, x1, x2, method, mode)
+        if gpu:
+            torch.cuda.synchronize()
+        runs.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return runs, peak, torch.cuda.max_memory_allocated() if gpu else None
+
+
+def bench_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: str, *,
+                methods: tuple[str, ...] = METHODS, repeats: int = 3, isolate: bool = True,
+                threads: int | None = None) -> dict[str, Any]:
+    """Time each method on one block; returns the rows and the ``auto`` decision for that block.
+
+    Args:
+      x2: None for a diagonal block of K(x1, x1).
+      isolate: run each method in its own spawned process (peak memory per method).
+    """
+    n2 = x1.shape[0] if x2 is None else x2.shape[0]
+    flops = estimate_flops(fm, x1, x1.shape[0], n2, mode, diagonal=x2 is None)
+    o = 1 if mode == "pntk" else fm(fm.params, x1[:1]).shape[1]
+    entries = kernel_entries(x1.shape[0], n2, o, mode)
+    rows = []
+    for m in methods:
+        args = (fm, x1, x2, m, mode, repeats, threads)
+        if isolate:
+            with mp.get_context("spawn").Pool(1) as pool:
+                runs, peak, gpu = pool.apply(_measure, args)
+        else:
+            runs, peak, gpu = _measure(*args)
+        med = statistics.median(runs)
+        rows.append(BenchRow(m, med, runs, entries / med, peak, gpu, flops[m]))
+    auto = auto_method(fm, x1, x2, mode, measure=True)
+    return {"rows": rows, "auto": auto, "entries": entries, "n1": x1.shape[0], "n2": n2, "mode": mode}
+
+
+def bench_config(config: Any, search_path: str | None, *, repeats: int = 3, methods: tuple[str, ...] = METHODS,
+                 isolate: bool = True) -> dict[str, Any]:
+    """bench_block on the first block of a config's plan (a diagonal one for K(x1, x1))."""
+    from pipeline.run import prepare
+
+    p = prepare(config, search_path, measure=False)
+    dtype = getattr(torch, config.ntk.dtype)
+    device = "cuda" if config.ray.gpus_per_task > 0 and torch.cuda.is_available() else "cpu"
+    fm = p.fm if device == "cpu" else p.fm.to(device, dtype)
+    block = p.plan.blocks[0]
+    x1 = cast_input(p.x1.read(block.i0, block.i1), dtype, device)
+    x2 = None if p.plan.symmetric and block.diagonal else cast_input((p.x2 or p.x1).read(block.j0, block.j1),
+                                                                     dtype, device)
+    out = bench_block(fm, x1, x2, config.ntk.mode, methods=methods, repeats=repeats, isolate=isolate)
+    out.update(device=device, threads=torch.get_num_threads(), cpus=os.cpu_count())
+    return out
