@@ -27,16 +27,42 @@ class BenchRow:
     seconds: float  # median of the timed runs
     runs: list[float]
     entries_per_second: float
-    peak_rss_bytes: int  # the measuring process's peak resident memory
+    peak_rss_bytes: int  # the measuring process's peak resident memory (torch itself and the inputs included)
+    base_rss_bytes: int  # its resident memory before the method first ran
     peak_gpu_bytes: int | None
     estimated_flops: float
 
 
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; 0 where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak() -> None:
+    """Reset the peak-RSS mark (VmHWM) to the current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _measure(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, method: str, mode: str,
-             repeats: int, threads: int | None) -> tuple[list[float], int, int | None]:
+             repeats: int, threads: int | None) -> tuple[list[float], int, int, int | None]:
+    """Runs in the measuring process: (run times, peak RSS, RSS before, peak GPU bytes)."""
     if threads:
         torch.set_num_threads(threads)
     gpu = x1.is_cuda
+    # VmHWM, not ru_maxrss: a spawned process inherits its parent's ru_maxrss through fork and exec.
+    base = _status_bytes("VmRSS")
+    _reset_peak()
     compute_block(fm, x1, x2, method, mode)  # warm-up
     if gpu:
         torch.cuda.synchronize()
@@ -48,8 +74,8 @@ def _measure(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, met
         if gpu:
             torch.cuda.synchronize()
         runs.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return runs, peak, torch.cuda.max_memory_allocated() if gpu else None
+    peak = _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return runs, peak, base, torch.cuda.max_memory_allocated() if gpu else None
 
 
 def bench_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: str, *,
@@ -70,11 +96,11 @@ def bench_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, 
         args = (fm, x1, x2, m, mode, repeats, threads)
         if isolate:
             with mp.get_context("spawn").Pool(1) as pool:
-                runs, peak, gpu = pool.apply(_measure, args)
+                runs, peak, base, gpu = pool.apply(_measure, args)
         else:
-            runs, peak, gpu = _measure(*args)
+            runs, peak, base, gpu = _measure(*args)
         med = statistics.median(runs)
-        rows.append(BenchRow(m, med, runs, entries / med, peak, gpu, flops[m]))
+        rows.append(BenchRow(m, med, runs, entries / med, peak, base, gpu, flops[m]))
     auto = auto_method(fm, x1, x2, mode, measure=True)
     return {"rows": rows, "auto": auto, "entries": entries, "n1": x1.shape[0], "n2": n2, "mode": mode}
 

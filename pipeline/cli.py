@@ -126,6 +126,7 @@ def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool,
     click.echo(f"block {r['n1']} x {r['n2']} ({r['mode']}), {r['entries']:,} kernel entries, on {r['device']} "
                f"({r['threads']} threads); median of {repeats} runs after a warm-up")
     click.echo(f"{'method':<22}{'seconds':>10}{'entries/s':>14}{'peak memory':>14}{'est. FLOPs':>14}")
+    # peak memory: GPU bytes allocated on a GPU; else the peak RSS of the process that timed it
     for row in r["rows"]:
         mem = row.peak_gpu_bytes if row.peak_gpu_bytes is not None else row.peak_rss_bytes
         click.echo(f"{row.method:<22}{row.seconds:>10.4f}{row.entries_per_second:>14,.0f}{_size(mem):>14}"

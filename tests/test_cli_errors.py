@@ -635,3 +635,22 @@ def test_plan_json(write_config, tmp_path):
     assert set(d["methods"]) == {"structured", "jacobian_contraction", "ntk_vector_products"}
     assert d["kernel_bytes"] == 6 * 6 * 4
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_bench_prints_a_row_per_method_and_the_auto_choice(write_config):
+    cfg = base()
+    result = CliRunner().invoke(main, ["bench", str(write_config(cfg)), "--in-process", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    for method in ("structured", "jacobian_contraction", "ntk_vector_products"):
+        assert re.search(rf"^{method} +\d+\.\d+ +[\d,]+ +[\d.]+ \w*B +[\d.]+ \w*FLOP$", result.stdout, re.M), \
+            result.stdout
+    assert re.search(r"^auto takes: (structured|jacobian_contraction|ntk_vector_products) \(", result.stdout, re.M)
+
+
+def test_bench_json_and_one_method(write_config):
+    result = CliRunner().invoke(main, ["bench", str(write_config(base())), "--in-process", "--repeats", "2",
+                                       "--method", "structured", "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert [r["method"] for r in d["rows"]] == ["structured"]
+    assert len(d["rows"][0]["runs"]) == 2 and d["rows"][0]["seconds"] > 0

@@ -54,11 +54,12 @@ def executor(request):
     return request.param
 
 
-@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal", "pntk"])
 @pytest.mark.parametrize("x2", [False, True], ids=["symmetric", "x1-x2"])
 def test_tiled_run_equals_one_block(tmp_path, write_config, executor, mode, x2):
     block = 4 if not x2 else [4, 3]  # ragged: 11 = 4 + 4 + 3, 7 = 3 + 3 + 1
-    cfg = write_config(_config(tmp_path, x2=x2, mode=mode, block=block))
+    method = "structured" if mode in ("full", "pntk") else "jacobian_contraction"
+    cfg = write_config(_config(tmp_path, x2=x2, mode=mode, block=block, method=method))
     summary = pipeline.run(cfg, executor=executor, progress=False)
     grid = (3, 3) if x2 else (3, 3)
     expected_blocks = 9 if x2 else 6  # symmetric: the upper triangle of a 3 x 3 grid
@@ -170,3 +171,24 @@ def test_non_finite_block_is_not_marked_done(tmp_path, write_config):
     g = zarr.open_group(tmp_path / "out.zarr", mode="r")
     assert g.attrs["ntk_pipeline"]["status"] == "failed"
     assert g["done"][2, 2] == 0
+
+
+def test_auto_records_its_choice_estimates_and_timings(tmp_path, write_config):
+    cfg = write_config(_config(tmp_path, x2=True, mode="full", block=[4, 3], method="auto"))
+    summary = pipeline.run(cfg, executor="local", progress=False)
+    meta = zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["ntk_pipeline"]
+    auto = meta["auto"]
+    assert meta["method"] == auto["method"] == summary.method
+    assert set(auto["flops"]) == {"structured", "jacobian_contraction", "ntk_vector_products"}
+    assert auto["timings"], "the plausible methods are timed on a probe of the first block"
+    assert auto["method"] in auto["timings"]
+    assert auto["method"] == min(auto["timings"], key=auto["timings"].get)
+
+
+def test_pntk_store_has_two_dimensions(tmp_path, write_config):
+    cfg = write_config(_config(tmp_path, x2=True, mode="pntk", block=[4, 3], method="structured"))
+    pipeline.run(cfg, executor="local", progress=False)
+    k = zarr.open_group(tmp_path / "out.zarr", mode="r")["kernel"]
+    assert k.shape == (11, 7) and tuple(k.metadata.dimension_names) == ("x1", "x2")
+    full = _reference(tmp_path, x2=True, mode="full")
+    np.testing.assert_allclose(k[...], full.sum((2, 3)) / full.shape[2], **TOLERANCES[torch.float64])
