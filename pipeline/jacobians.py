@@ -39,7 +39,7 @@ def jacobians(fm: FunctionalModel, x: torch.Tensor, names: Sequence[str] | None 
         return single(fm, {**rest, **p}, xi)
 
     o = single(fm, fm.params, x[0]).numel()
-    row_bytes = sum(v.numel() for v in sub.values()) * x.element_size()
+    row_bytes = sum(v.numel() for v in sub.values()) * fm.itemsize
     chunk = None if o * row_bytes <= JACREV_CHUNK_BYTES else max(1, JACREV_CHUNK_BYTES // max(row_bytes, 1))
     jac = vmap(jacrev(f, chunk_size=chunk), (None, 0))(sub, x)
     return [j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()]

@@ -57,26 +57,38 @@ def ntk_vector_products(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor 
     """
     x2 = x1 if x2 is None else x2
     params = fm.params
+    # nn.Embedding's backward gives its padding row no gradient, its forward mode does: where a
+    # model has one, J t is taken by transposing the backward pass, so both sides agree with jacrev.
+    backward_only = any(isinstance(m, nn.Embedding) and m.padding_idx is not None for m in fm.module.modules())
 
     def pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out, vjp_fn = vjp(lambda p: single(fm, p, a), params)[:2]
 
         def one(vec: torch.Tensor) -> torch.Tensor:
             cotangent = vjp_fn(vec)[0]
+            if backward_only:
+                return _jvp_by_double_vjp(lambda p: single(fm, p, b), params, cotangent)
             return jvp(lambda p: single(fm, p, b), (params,), (cotangent,))[1]
 
         basis = torch.eye(out.numel(), dtype=out.dtype, device=out.device)
         return vmap(one)(basis)  # (o, o): [a, b] = <J_a(x1_i), J_b(x2_j)>
 
-    itemsize = x1.element_size()
     o = single(fm, params, x1[0]).numel()
-    chunk = max(1, VPS_CHUNK_BYTES // (3 * o * max(fm.p, 1) * itemsize))
+    chunk = max(1, VPS_CHUNK_BYTES // (3 * o * max(fm.p, 1) * fm.itemsize))
     row = vmap(pair, (None, 0), chunk_size=chunk)
     k = torch.stack([row(x1[i], x2) for i in range(x1.shape[0])])  # (n1, n2, o, o)
     if mode == "full":
         return k
     d = torch.diagonal(k, dim1=2, dim2=3)  # (n1, n2, o)
     return d.sum(-1) if mode == "trace" else d.contiguous()
+
+
+def _jvp_by_double_vjp(f: Callable[[Any], torch.Tensor], params: dict[str, torch.Tensor],
+                       tangent: dict[str, torch.Tensor]) -> torch.Tensor:
+    """J t through the backward pass: u -> J^T u is linear, and its own vjp with cotangent t is J t."""
+    out, vjp_fn = vjp(f, params)[:2]
+    transpose = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(out))[1]
+    return transpose(tangent)[0]
 
 
 _METHODS: dict[str, Callable[..., torch.Tensor]] = {
@@ -117,7 +129,7 @@ def estimate_flops(fm: FunctionalModel, x: torch.Tensor, b1: int, b2: int, mode:
 
 def jacobian_bytes(fm: FunctionalModel, x: torch.Tensor, b1: int, b2: int, mode: str, diagonal: bool) -> int:
     o = 1 if mode == "pntk" else single(fm, fm.params, x[0]).numel()
-    return (b1 if diagonal else b1 + b2) * o * fm.p * x.element_size()
+    return (b1 if diagonal else b1 + b2) * o * fm.p * fm.itemsize
 
 
 def choose_method(flops: dict[str, float], jacobian_bytes: int,

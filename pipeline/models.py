@@ -138,6 +138,11 @@ class FunctionalModel:
         self.summed = False  # True: f(x) = sum_a f_a(x) / sqrt(o), whose NTK is the pNTK
 
     @property
+    def itemsize(self) -> int:
+        """Bytes per value of the parameters (and so of Jacobians and kernels): not the inputs', which may be ids."""
+        return next(iter(self.params.values())).element_size() if self.params else 4
+
+    @property
     def p(self) -> int:
         """Number of trainable parameters."""
         return sum(v.numel() for v in self.params.values())

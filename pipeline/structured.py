@@ -421,7 +421,7 @@ def structured_memory(fm: FunctionalModel, x: torch.Tensor, b1: int, b2: int, mo
     lay = layout(fm, x)
     probe = x[:1]
     inputs, gs, o = _tangents(fm, lay.sites, probe)
-    item = next(iter(fm.params.values())).element_size()
+    item = fm.itemsize
     per_sample = sum(a.numel() + g.numel() for a, g in zip(inputs, gs, strict=True))
     if lay.fallback:
         per_sample += o * sum(fm.params[k].numel() for k in lay.fallback)

@@ -35,3 +35,96 @@ def not_a_module() -> int:
 
 
 NOT_CALLABLE = 42
+
+
+# ---------------------------------------------------------------------------------------------
+# Models for the structured method's rules and its fallback (tests/test_methods.py)
+
+VOCAB, SEQ, PAD = 11, 4, 0
+
+
+class EmbedLN(nn.Module):
+    """Token ids (n, SEQ) -> Embedding (with a padding row) -> LayerNorm -> Linear per position -> Linear."""
+
+    def __init__(self, vocab: int = VOCAB, seq: int = SEQ, d: int = 5, o: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=PAD)
+        self.ln = nn.LayerNorm(d)
+        self.mix = nn.Linear(d, d)  # over (n, SEQ, d): a Linear at SEQ positions
+        self.head = nn.Linear(seq * d, o)
+        with torch.no_grad():  # a non-trivial elementwise affine
+            self.ln.weight.uniform_(0.5, 1.5)
+            self.ln.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(self.ln(self.emb(x))))
+        return self.head(h.flatten(1))
+
+
+class SinScale(nn.Module):
+    """A module without a structured rule: its own parameters, used as x * scale + sin(x @ w)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(d))
+        self.w = nn.Parameter(torch.randn(d, d) / d**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + torch.sin(x @ self.w)
+
+
+class CustomMLP(nn.Module):
+    """Linear -> SinScale -> Linear: two rule sites around a fallback module."""
+
+    def __init__(self, d_in: int = 6, width: int = 5, o: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d_in, width)
+        self.custom = SinScale(width)
+        self.head = nn.Linear(width, o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.custom(self.inp(x))))
+
+
+class ConvGN(nn.Module):
+    """(n, 2, 8) -> Conv1d (padded, strided) -> GroupNorm -> Linear."""
+
+    def __init__(self, channels: int = 2, length: int = 8, o: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(channels, 4, 3, padding=1, stride=2)
+        self.gn = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(4 * ((length - 1) // 2 + 1), o)
+        with torch.no_grad():
+            self.gn.weight.uniform_(0.5, 1.5)
+            self.gn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.gn(self.conv(x))).flatten(1))
+
+
+class TiedEmbedding(nn.Module):
+    """Token ids (n, SEQ) -> Embedding -> mean over positions -> Linear whose weight IS the embedding's."""
+
+    def __init__(self, vocab: int = 6, d: int = 4, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=padding_idx)
+        self.ln = nn.LayerNorm(d)
+        self.out = nn.Linear(d, vocab)
+        self.out.weight = self.emb.weight  # tied: one parameter, used by two modules
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.ln(self.emb(x)).mean(1)))
+
+
+class LinearTwice(nn.Module):
+    """The same nn.Linear called twice per forward."""
+
+    def __init__(self, d_in: int = 6, width: int = 5, o: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d_in, width)
+        self.shared = nn.Linear(width, width)
+        self.head = nn.Linear(width, o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.shared(torch.tanh(self.inp(x))))
+        return self.head(torch.tanh(self.shared(h)))

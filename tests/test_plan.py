@@ -18,6 +18,8 @@ from pipeline.plan import METHODS, MODES, block_flops, kernel_bytes, kernel_entr
 sizes = st.integers(min_value=1, max_value=60)
 block_sizes = st.integers(min_value=1, max_value=70)  # beyond n too: clipped
 PROPERTY = settings(max_examples=50, deadline=None)
+# block_flops models these two; structured's cost is per layer (pipeline.structured.structured_flops)
+BLOCK_FLOPS_METHODS = ("jacobian_contraction", "ntk_vector_products")
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -140,7 +142,7 @@ def test_a_small_example_by_hand():
 @given(n1=st.integers(1, 12), n2=st.integers(1, 12), o=st.integers(1, 12), mode=st.sampled_from(MODES),
        dtype=st.sampled_from([np.float16, np.float32, np.float64]))
 def test_kernel_size_arithmetic(n1, n2, o, mode, dtype):
-    trailing = {"full": (o, o), "trace": (), "diagonal": (o,)}[mode]
+    trailing = {"full": (o, o), "trace": (), "diagonal": (o,), "pntk": ()}[mode]
     assert trailing_shape(mode, o) == trailing
     kernel = np.zeros((n1, n2, *trailing), dtype=dtype)
     assert kernel_entries(n1, n2, o, mode) == kernel.size
@@ -151,7 +153,15 @@ def test_kernel_size_by_hand():
     assert kernel_entries(10, 20, 3, "full") == 1800
     assert kernel_entries(10, 20, 3, "trace") == 200
     assert kernel_entries(10, 20, 3, "diagonal") == 600
+    assert kernel_entries(10, 20, 3, "pntk") == 200
     assert kernel_bytes(10, 20, 3, "full", 4) == 7200
+    assert kernel_bytes(10, 20, 3, "pntk", 8) == 1600
+
+
+def test_modes_and_methods():
+    assert MODES == ("full", "trace", "diagonal", "pntk")
+    assert METHODS == ("structured", "jacobian_contraction", "ntk_vector_products")
+    assert trailing_shape("pntk", 7) == trailing_shape("trace", 7) == ()
 
 
 @PROPERTY
@@ -168,7 +178,7 @@ def test_a_diagonal_block_is_cheaper_for_the_contraction_only(b, o, p, fp, mode)
 
 @PROPERTY
 @given(b1=st.integers(1, 64), b2=st.integers(1, 64), o=st.integers(2, 50), p=st.integers(1, 10**6),
-       fp=st.integers(1, 10**6), method=st.sampled_from(METHODS))
+       fp=st.integers(1, 10**6), method=st.sampled_from(BLOCK_FLOPS_METHODS))
 def test_block_flops_grow_with_the_block_and_full_costs_most(b1, b2, o, p, fp, method):
     flops = {mode: block_flops(method, b1, b2, o, p, fp, mode, False) for mode in MODES}
     assert all(isinstance(f, float) and f > 0 for f in flops.values())
@@ -184,7 +194,7 @@ def test_block_flops_by_hand():
     assert block_flops("ntk_vector_products", 4, 4, 3, 83, 144, "diagonal", False) == 16 * 144 * 16
 
 
-@pytest.mark.parametrize("method", ["bogus", "auto", ""])
+@pytest.mark.parametrize("method", ["bogus", "auto", "", "structured"])  # structured's cost is per layer
 def test_block_flops_rejects_an_unknown_method(method):
     with pytest.raises(ValueError, match=rf"unknown method '{method}'"):
         block_flops(method, 2, 2, 3, 10, 10, "full", False)
