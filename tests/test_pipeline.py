@@ -126,7 +126,7 @@ def test_output_readable_by_plain_zarr(tmp_path, write_config):
     assert d["nan"] is False and d["done"] == 9
     meta = d["meta"]
     assert meta["status"] == "complete"
-    assert meta["method"] in ("jacobian_contraction", "ntk_vector_products")
+    assert meta["method"] in ("structured", "jacobian_contraction", "ntk_vector_products")
     assert meta["auto"]["method"] == meta["method"]
     assert meta["mode"] == "diagonal" and meta["n1"] == 11 and meta["n2"] == 7 and meta["o"] == 3
     assert meta["config"]["data"]["x1"]["path"] == str(tmp_path / "x1.npy")  # resolved against the config
