@@ -110,7 +110,7 @@ def bench_config(config: Any, search_path: str | None, *, repeats: int = 3, meth
     """bench_block on the first block of a config's plan (a diagonal one for K(x1, x1))."""
     from pipeline.run import prepare
 
-    p = prepare(config, search_path, measure=False)
+    p = prepare(config, search_path, measure=False, fingerprint=False)
     dtype = getattr(torch, config.ntk.dtype)
     device = "cuda" if config.ray.gpus_per_task > 0 and torch.cuda.is_available() else "cpu"
     fm = p.fm if device == "cpu" else p.fm.to(device, dtype)

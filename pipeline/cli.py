@@ -67,8 +67,12 @@ def run(config: str, overwrite: bool | None, executor: str, progress: bool) -> N
     from pipeline.run import run as run_pipeline
 
     s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress)
-    click.echo(f"done: {s.blocks} blocks in {s.seconds:.2f} s, {s.entries:,} kernel entries "
-               f"({s.entries_per_second:,.0f}/s), method {s.method}")
+    if s.blocks == 0 and s.skipped:
+        click.echo(f"nothing to do: all {s.skipped} blocks are done already (method {s.method})")
+    else:
+        resumed = f" ({s.skipped} done by an earlier run)" if s.skipped else ""
+        click.echo(f"done: {s.blocks} blocks{resumed} in {s.seconds:.2f} s, {s.entries:,} kernel entries "
+                   f"({s.entries_per_second:,.0f}/s), method {s.method}")
     click.echo(f"output: {s.path}")
 
 

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -144,6 +145,9 @@ class TilingSpec(_Spec):
 class OutputSpec(_Spec):
     path: str
     overwrite: bool = False
+    # A run renews its lease on the output every lease_seconds / 4; a run that died stops binding
+    # the output lease_seconds after its last heartbeat (at once on the same host).
+    lease_seconds: PositiveFloat = 60.0
 
     @field_validator("path")
     @classmethod
@@ -156,6 +160,7 @@ class RaySpec(_Spec):
     gpus_per_task: NonNegativeFloat = 0
     cpus_per_task: PositiveFloat = 1
     max_in_flight: PositiveInt | None = None  # None: twice the tasks the cluster can run at once
+    max_retries: NonNegativeInt = 3  # re-runs of a block whose worker process or node died
 
 
 class RunConfig(_Spec):

@@ -162,7 +162,7 @@ class RayExecutor:
         from ray.exceptions import RayError, RayTaskError
 
         remote: Any = ray.remote(run_block).options(
-            num_cpus=self.spec.cpus_per_task, num_gpus=self.spec.gpus_per_task, max_retries=3,
+            num_cpus=self.spec.cpus_per_task, num_gpus=self.spec.gpus_per_task, max_retries=self.spec.max_retries,
         )
         task_ref = ray.put(task)  # the model's parameters go to the object store once
         todo = iter(blocks)

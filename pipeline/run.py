@@ -8,6 +8,7 @@ Everything a user can get wrong is checked before the output path is touched.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import os
@@ -28,7 +29,19 @@ from pipeline.executors import BlockResult, BlockTask, InProcessExecutor, RayExe
 from pipeline.methods import VPS_CHUNK_BYTES, auto_method, estimate_flops
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
 from pipeline.plan import METHODS, Plan, kernel_bytes, kernel_entries, task_memory, tile
-from pipeline.store import BlockWriter, check_output, create, update_attrs
+from pipeline.store import (
+    BlockWriter,
+    Lease,
+    check_output,
+    create,
+    describe_lease,
+    done_mask,
+    existing,
+    lease_alive,
+    lease_holder,
+    read_meta,
+    update_meta,
+)
 from pipeline.structured import structured_memory
 
 EXECUTORS = ("ray", "local")
@@ -49,6 +62,7 @@ class Prepared:
     method: str
     auto: dict[str, Any] | None
     search_path: str | None
+    fingerprints: dict[str, str | None]
 
     @property
     def itemsize(self) -> int:
@@ -63,6 +77,7 @@ class RunSummary:
     seconds: float
     entries: int
     block_seconds: float  # sum of the blocks' compute times
+    skipped: int = 0  # blocks already done by an earlier run of the same config
 
     @property
     def entries_per_second(self) -> float:
@@ -82,7 +97,8 @@ def _check_runs(fm: FunctionalModel, source: Source, key: str, dtype: torch.dtyp
     return int(out.shape[1])
 
 
-def prepare(config: RunConfig, search_path: str | None = None, measure: bool = False) -> Prepared:
+def prepare(config: RunConfig, search_path: str | None = None, measure: bool = False,
+            fingerprint: bool = True) -> Prepared:
     """Build and check everything a run needs, without touching the output.
 
     Raises:
@@ -116,7 +132,12 @@ def prepare(config: RunConfig, search_path: str | None = None, measure: bool = F
         b2 = None if plan.symmetric and first.diagonal else cast_input((x2 or x1).read(first.j0, first.j1), dtype)
         auto = auto_method(fm, b1, b2, config.ntk.mode, measure=measure)
         method = auto["method"]
-    return Prepared(config, fm, module, x1, x2, o, fp, plan, method, auto, search_path)
+    # Reads every input row once: refuses NaN or Inf before anything is written.
+    fingerprints: dict[str, str | None] = {}
+    if fingerprint:
+        fingerprints = {"parameters": fingerprint_module(module), "x1": x1.fingerprint(),
+                        "x2": None if x2 is None else x2.fingerprint()}
+    return Prepared(config, fm, module, x1, x2, o, fp, plan, method, auto, search_path, fingerprints)
 
 
 def _check_not_an_input(cfg: RunConfig) -> None:
@@ -145,32 +166,61 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _attrs(p: Prepared) -> dict[str, Any]:
+def _meta(p: Prepared) -> dict[str, Any]:
+    """The provenance attributes of a new output (resolved config, method, versions, fingerprints)."""
     return {
-        "ntk_pipeline": {
-            "config": p.config.model_dump(mode="json"),
-            "method": p.method,
-            "auto": p.auto,
-            "mode": p.config.ntk.mode,
-            "dtype": p.config.ntk.dtype,
-            "n1": p.plan.n1,
-            "n2": p.plan.n2,
-            "o": p.o,
-            "p": p.fm.p,
-            "symmetric": p.plan.symmetric,
-            "block": list(p.plan.chunks),
-            "grid": list(p.plan.grid),
-            "blocks_total": len(p.plan.blocks),
-            "versions": _versions(),
-            "fingerprints": {
-                "parameters": fingerprint_module(p.module),
-                "x1": p.x1.fingerprint(),
-                "x2": None if p.x2 is None else p.x2.fingerprint(),
-            },
-            "status": "running",
-            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        }
+        "config": p.config.model_dump(mode="json"),
+        "method": p.method,
+        "auto": p.auto,
+        "mode": p.config.ntk.mode,
+        "dtype": p.config.ntk.dtype,
+        "n1": p.plan.n1,
+        "n2": p.plan.n2,
+        "o": p.o,
+        "p": p.fm.p,
+        "symmetric": p.plan.symmetric,
+        "block": list(p.plan.chunks),
+        "grid": list(p.plan.grid),
+        "blocks_total": len(p.plan.blocks),
+        "versions": _versions(),
+        "fingerprints": p.fingerprints,
+        "status": "running",
+        "started": _now(),
+        "blocks_done": 0,
     }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+# What a resume must find unchanged: everything that decides the kernel's values and layout.
+_RESUME_SECTIONS = ("model", "data", "ntk", "tiling")
+_FINGERPRINTS = {"parameters": "model parameters", "x1": "data.x1 values", "x2": "data.x2 values"}
+
+
+def _first_difference(recorded: Any, now: Any, key: str) -> str | None:
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        for k in sorted(set(recorded) | set(now)):
+            found = _first_difference(recorded.get(k), now.get(k), f"{key}.{k}")
+            if found:
+                return found
+        return None
+    return None if recorded == now else f"{key} differs (recorded {recorded!r}, now {now!r})"
+
+
+def resume_mismatch(meta: dict[str, Any], p: Prepared) -> str | None:
+    """What differs between a store's recorded run and this one, or None."""
+    now = p.config.model_dump(mode="json")
+    for section in _RESUME_SECTIONS:
+        found = _first_difference(meta["config"].get(section), now[section], section)
+        if found:
+            return found
+    for key, what in _FINGERPRINTS.items():
+        if meta["fingerprints"].get(key) != p.fingerprints[key]:
+            return (f"the {what} differ from those recorded (fingerprint {meta['fingerprints'].get(key)}, "
+                    f"now {p.fingerprints[key]})")
+    return None
 
 
 def _resolve(config: RunConfig | str | os.PathLike[str]) -> tuple[RunConfig, str | None]:
@@ -179,64 +229,101 @@ def _resolve(config: RunConfig | str | os.PathLike[str]) -> tuple[RunConfig, str
     return load_config(config), str(Path(config).resolve().parent)
 
 
+# The driver rewrites the progress attributes (blocks done, last write) at most this often.
+PROGRESS_EVERY_S = 5.0
+
+
 def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", overwrite: bool | None = None,
         progress: bool = True) -> RunSummary:
-    """Compute the kernel a config describes into its Zarr store.
+    """Compute the kernel a config describes into its Zarr store, resuming a store that holds some
+    finished blocks of the same run.
 
     Args:
       config: a RunConfig or the path of a YAML config.
       executor: "ray" (one Ray task per block) or "local" (in this process, the reference).
-      overwrite: overrides ``output.overwrite``.
+      overwrite: overrides ``output.overwrite``: start afresh instead of resuming.
       progress: show a progress bar on stderr.
 
     Returns:
-      A RunSummary (blocks, seconds, kernel entries, output path).
+      A RunSummary (blocks computed by this run, blocks already done, seconds, kernel entries).
     """
     cfg, search_path = _resolve(config)
     if overwrite is not None:
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"overwrite": overwrite})})
     if executor not in EXECUTORS:
         raise ConfigError("executor", f"expected one of {', '.join(EXECUTORS)}, got {executor!r}")
-    p = prepare(cfg, search_path, measure=True)
     path = cfg.output.path
     _check_not_an_input(cfg)
-    check_output(path, cfg.output.overwrite)
+    action = check_output(path, cfg.output.overwrite)
+    p = prepare(cfg, search_path, measure=action != "resume")
+    todo = list(p.plan.blocks)
+    if action == "resume":
+        meta = read_meta(path)
+        mismatch = resume_mismatch(meta, p)
+        if mismatch:
+            raise StoreError("output.path", f"cannot resume {path}: {mismatch}; use --overwrite to start afresh")
+        p.method, p.auto = meta["method"], meta.get("auto")  # the recorded choice: the same bits as before
+        done = done_mask(path)
+        todo = [b for b in p.plan.blocks if not done[b.row, b.col]]
+        if not todo and meta.get("status") == "complete":
+            return RunSummary(path, p.method, 0, 0.0, kernel_entries(p.plan.n1, p.plan.n2, p.o, cfg.ntk.mode),
+                              0.0, skipped=len(p.plan.blocks))
+    elif action == "overwrite" and existing(path) == "kernel" and lease_alive(lease_holder(path)):
+        raise StoreError("output.path", f"another run is writing {path}: "
+                         f"{describe_lease(lease_holder(path) or {})}; not overwriting it")
+    skipped = len(p.plan.blocks) - len(todo)
     ex = RayExecutor(cfg.ray, search_path) if executor == "ray" else InProcessExecutor()
     ex.start()  # a missing GPU or an unreachable cluster is refused before the output is written
-    attrs = _attrs(p)
-    meta = attrs["ntk_pipeline"]
+    lease = Lease(path, cfg.output.lease_seconds)
     try:
-        create(path, p.plan, cfg.ntk.mode, p.o, cfg.ntk.dtype, attrs)
+        if action != "resume":
+            meta = _meta(p)
+            create(path, p.plan, cfg.ntk.mode, p.o, cfg.ntk.dtype, meta, overwrite=action == "overwrite")
+        lease.acquire()
+        meta.update(status="running", last_started=_now(), runs=int(meta.get("runs", 0)) + 1)
+        meta.pop("error", None)
+        update_meta(path, meta)
         task = BlockTask(p.fm, p.x1, p.x2, p.method, cfg.ntk.mode, cfg.ntk.dtype, BlockWriter(path),
                          gpu=cfg.ray.gpus_per_task > 0 and executor == "ray")
         results: list[BlockResult] = []
-        t0 = time.perf_counter()
-        with tqdm(total=len(p.plan.blocks), unit="block", desc="ntk", disable=not progress) as bar:
+        t0 = last = time.perf_counter()
+        with tqdm(total=len(p.plan.blocks), initial=skipped, unit="block", desc="ntk", disable=not progress) as bar:
             def on_done(result: BlockResult) -> None:
+                nonlocal last
                 results.append(result)
                 bar.update(1)
+                lease.check()
+                if time.perf_counter() - last > PROGRESS_EVERY_S:
+                    last = time.perf_counter()
+                    update_meta(path, {**meta, "blocks_done": skipped + len(results), "updated": _now()})
 
             try:
-                ex.run(task, p.plan.blocks, on_done)
+                ex.run(task, todo, on_done)
+                lease.check()
+                missing = int((~done_mask(path)).sum())
+                if missing:  # never report success that is not true
+                    raise StoreError("output.path", f"{missing} block markers of {path} are not set after the run")
             except BaseException as err:
                 meta.update(status="failed" if isinstance(err, Exception) else "interrupted",
-                            error=str(err), blocks_done=len(results))
-                update_attrs(path, attrs)
+                            error=str(err), blocks_done=skipped + len(results), updated=_now())
+                with contextlib.suppress(Exception):  # the store itself may be what failed
+                    update_meta(path, meta)
                 raise
         seconds = time.perf_counter() - t0
-        meta.update(status="complete", blocks_done=len(results), seconds=round(seconds, 3),
-                    finished=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-        update_attrs(path, attrs)
+        meta.update(status="complete", blocks_done=len(p.plan.blocks), seconds=round(seconds, 3),
+                    finished=_now(), updated=_now())
+        update_meta(path, meta)
     finally:
+        lease.release()
         ex.stop()
-    return RunSummary(path, p.method, len(results), seconds,
-                      kernel_entries(p.plan.n1, p.plan.n2, p.o, cfg.ntk.mode), sum(r.seconds for r in results))
+    return RunSummary(path, p.method, len(results), seconds, kernel_entries(p.plan.n1, p.plan.n2, p.o, cfg.ntk.mode),
+                      sum(r.seconds for r in results), skipped=skipped)
 
 
 def describe_plan(config: RunConfig | str | os.PathLike[str]) -> dict[str, Any]:
     """What ``ntk-pipeline plan`` prints: blocks, kernel bytes, task memory and FLOPs per method."""
     cfg, search_path = _resolve(config)
-    p = prepare(cfg, search_path)
+    p = prepare(cfg, search_path, fingerprint=False)  # plans read no more of the inputs than a block's rows
     mode, item, plan = cfg.ntk.mode, p.itemsize, p.plan
     b1, b2 = plan.chunks
     sample = math.prod(p.x1.sample_shape)

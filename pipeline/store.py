@@ -11,6 +11,10 @@ for writing.
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -18,42 +22,70 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from pipeline.config import is_url
-from pipeline.errors import StoreError
+from pipeline.errors import StoreError, brief
 from pipeline.plan import Block, Plan, trailing_shape
 
 KERNEL = "kernel"
 DONE = "done"
+LEASE = "lease"  # a subgroup whose attributes say which run writes the store, and its heartbeat
+META = "ntk_pipeline"  # the group attribute that holds the provenance and the run's status
 DIMENSIONS = {
     "full": ("x1", "x2", "o1", "o2"), "trace": ("x1", "x2"), "diagonal": ("x1", "x2", "o"), "pntk": ("x1", "x2"),
 }
 
 
-def check_output(path: str, overwrite: bool) -> None:
-    """Refuse an existing output unless ``overwrite``; never overwrite what is not a Zarr store."""
-    if is_url(path):
-        try:
-            zarr.open_group(path, mode="r")
-        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
-            return
-        except Exception as err:
-            raise StoreError("output.path", f"cannot reach {path}: {err}") from None
-        exists, is_zarr = True, True
-    else:
-        exists = os.path.lexists(path)
-        is_zarr = os.path.isfile(os.path.join(path, "zarr.json"))
-        if exists and os.path.isdir(path) and not os.listdir(path):
-            return  # an empty folder holds nothing to lose
-    if exists and not overwrite:
-        raise StoreError("output.path",
-                         f"{path} already exists; set output.overwrite: true (or --overwrite) to replace it")
-    if exists and not is_zarr:
-        raise StoreError("output.path", f"{path} exists and is not a Zarr store; refusing to overwrite it")
+def existing(path: str) -> str:
+    """What is at the output path: "none" (or an empty folder), "kernel" (an ntk-pipeline store),
+    "zarr" (another Zarr store) or "other" (anything else)."""
+    if not is_url(path):
+        if not os.path.lexists(path) or (os.path.isdir(path) and not os.listdir(path)):
+            return "none"
+        if not os.path.isfile(os.path.join(path, "zarr.json")):
+            return "other"
+    try:
+        group = zarr.open_group(path, mode="r")
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return "none" if is_url(path) else "zarr"
+    except Exception as err:
+        raise StoreError("output.path", f"cannot read {path}: {brief(err)}") from None
+    return "kernel" if META in group.attrs and KERNEL in group and DONE in group else "zarr"
 
 
-def create(path: str, plan: Plan, mode: str, o: int, dtype: str, attrs: dict[str, Any]) -> None:
+def check_output(path: str, overwrite: bool) -> str:
+    """What a run may do with its output path: "create", "overwrite" or "resume".
+
+    Never overwrites what is not a Zarr store; never resumes what is not an ntk-pipeline store.
+    """
+    kind = existing(path)
+    if kind == "none":
+        return "create"
+    if kind == "other":
+        raise StoreError("output.path", f"{path} exists and is not a Zarr store; refusing to "
+                         + ("overwrite" if overwrite else "write into") + " it")
+    if overwrite:
+        return "overwrite"
+    if kind == "zarr":
+        raise StoreError("output.path", f"{path} is a Zarr store but not an ntk-pipeline output; set "
+                         "output.overwrite: true (or --overwrite) to replace it")
+    return "resume"
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """The provenance attributes of an ntk-pipeline store."""
+    meta: Any = zarr.open_group(path, mode="r").attrs[META]
+    return dict(meta)
+
+
+def done_mask(path: str) -> np.ndarray:
+    """(grid rows, grid cols) bool: blocks whose data is written."""
+    markers: Any = zarr.open_group(path, mode="r")[DONE]
+    return np.asarray(markers[...]).astype(bool)
+
+
+def create(path: str, plan: Plan, mode: str, o: int, dtype: str, meta: dict[str, Any], overwrite: bool) -> None:
     """Create the group, the kernel and the markers (replacing an old store; check_output first)."""
     try:
-        group = zarr.open_group(path, mode="w", zarr_format=3, attributes=attrs)
+        group = zarr.open_group(path, mode="w" if overwrite else "w-", zarr_format=3, attributes={META: meta})
         trailing = trailing_shape(mode, o)
         group.create_array(
             KERNEL,
@@ -73,12 +105,20 @@ def create(path: str, plan: Plan, mode: str, o: int, dtype: str, attrs: dict[str
             fill_value=0,
             dimension_names=("block_row", "block_col"),
         )
+        group.create_group(LEASE)
+    except FileExistsError:
+        raise StoreError("output.path", f"{path} appeared while this run started; another run may be "
+                         "creating it") from None
     except OSError as err:
-        raise StoreError("output.path", f"cannot create {path}: {err}") from None
+        raise StoreError("output.path", f"cannot create {path}: {brief(err)}") from None
 
 
-def update_attrs(path: str, attrs: dict[str, Any]) -> None:
-    zarr.open_group(path, mode="r+").attrs.update(attrs)
+def update_meta(path: str, meta: dict[str, Any]) -> None:
+    """Rewrite the provenance attributes (the driver alone writes them)."""
+    try:
+        zarr.open_group(path, mode="r+").attrs.update({META: meta})
+    except OSError as err:
+        raise StoreError("output.path", f"cannot update the attributes of {path}: {brief(err)}") from None
 
 
 def transpose(values: np.ndarray) -> np.ndarray:
@@ -115,10 +155,110 @@ class BlockWriter:
             if block.mirrored:
                 done[block.col, block.row] = 1
         except OSError as err:
-            raise StoreError("output.path", f"writing block {block.index} to {self.path} failed: {err}") from None
+            raise StoreError("output.path", f"writing block {block.index} to {self.path} failed: {brief(err)}; "
+                             "the blocks written before it are kept, and a rerun resumes") from None
 
 
-def done_count(path: str) -> int:
-    """Blocks marked done (a symmetric run marks both of an off-diagonal block's places)."""
-    markers: Any = zarr.open_group(path, mode="r")[DONE]
-    return int(np.asarray(markers[...]).sum())
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lease_holder(path: str) -> dict[str, Any] | None:
+    """The lease of a store as its holder last wrote it, or None."""
+    group = zarr.open_group(path, mode="r")
+    if LEASE not in group:
+        return None
+    attrs = dict(group[LEASE].attrs)
+    return attrs or None
+
+
+def lease_alive(lease: dict[str, Any] | None, now: float | None = None) -> bool:
+    """Whether a lease still binds: not released, its heartbeat younger than its ttl, and (on this
+    host) its process still running. A run that died on another host is known by its expiry alone."""
+    if not lease or lease.get("released"):
+        return False
+    if lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", -1))):
+        return False
+    return (time.time() if now is None else now) - float(lease["heartbeat"]) < float(lease["ttl"])
+
+
+def describe_lease(lease: dict[str, Any]) -> str:
+    age = time.time() - float(lease["heartbeat"])
+    return f"run {lease['owner'][:8]} on {lease['host']} (pid {lease['pid']}), last heartbeat {age:.0f} s ago"
+
+
+class Lease:
+    """The right to write one store, held by one run and renewed by a heartbeat thread.
+
+    Kept in the store itself (a subgroup's attributes), so it works on a local folder, a shared
+    file system and an object store alike, without POSIX locks. Taking it: write our token, wait
+    ``SETTLE`` seconds, read it back: of two runs that raced, only the last writer finds its own.
+    """
+
+    SETTLE = 0.3
+
+    def __init__(self, path: str, ttl: float) -> None:
+        self.path, self.ttl = path, ttl
+        self.owner = uuid.uuid4().hex
+        self.started = time.time()
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self, **extra: Any) -> None:
+        record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "ttl": self.ttl,
+                  "started": self.started, "heartbeat": time.time(), **extra}
+        group = zarr.open_group(self.path, mode="r+")
+        node = group[LEASE] if LEASE in group else group.create_group(LEASE)
+        node.attrs.put(record)
+
+    def acquire(self) -> None:
+        """Take the lease, or raise StoreError naming the live run that holds it."""
+        current = lease_holder(self.path)
+        if lease_alive(current):
+            assert current is not None
+            raise StoreError("output.path", f"another run is writing {self.path}: {describe_lease(current)}; "
+                             f"a lease expires {current['ttl']:g} s after its last heartbeat")
+        try:
+            self._write()
+            time.sleep(self.SETTLE)
+            current = lease_holder(self.path)
+        except OSError as err:
+            raise StoreError("output.path", f"cannot take the lease of {self.path}: {brief(err)}") from None
+        if not current or current.get("owner") != self.owner:
+            raise StoreError("output.path", f"another run took the lease of {self.path} at the same moment")
+        self._thread = threading.Thread(target=self._beat, name="ntk-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                current = lease_holder(self.path)
+                if not current or current.get("owner") != self.owner:
+                    self.lost = True
+                    return
+                self._write()
+            except Exception:  # a flaky store: try again at the next beat; expiry is the backstop
+                continue
+
+    def check(self) -> None:
+        """Raise if another run took the lease over (this run's heartbeat stalled past the ttl)."""
+        if self.lost:
+            raise StoreError("output.path", f"this run lost the lease of {self.path} to another run; stopping")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            current = lease_holder(self.path)
+            if current and current.get("owner") == self.owner:
+                self._write(released=True)
+        except Exception:  # an unreleased lease expires by itself
+            pass

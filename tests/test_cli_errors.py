@@ -424,15 +424,27 @@ def test_config_not_a_mapping(tmp_path, text, kind):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_existing_output_without_overwrite_is_refused_and_untouched(write_config, tmp_path, tmp):
+def test_rerun_of_a_complete_output_does_nothing_and_touches_nothing(write_config, tmp_path, tmp):
     config = write_config(base())
     assert run_cli(config).exit_code == 0
     out = tmp_path / "out.zarr"
     before = snapshot(out)
     assert "zarr.json" in before
-    line = error_line(run_cli(config))
-    assert line == (f"Error: output.path: {tmp}/out.zarr already exists; set output.overwrite: true "
-                    "(or --overwrite) to replace it")
+    result = run_cli(config)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("nothing to do: all 3 blocks are done already")
+    assert snapshot(out) == before
+
+
+def test_existing_output_of_another_config_is_refused_and_untouched(write_config, tmp_path, tmp):
+    assert run_cli(write_config(base())).exit_code == 0
+    out = tmp_path / "out.zarr"
+    before = snapshot(out)
+    cfg = base()
+    cfg["ntk"] = {"mode": "trace"}
+    line = error_line(run_cli(write_config(cfg)))
+    assert line == (f"Error: output.path: cannot resume {tmp}/out.zarr: ntk.mode differs (recorded 'full', "
+                    "now 'trace'); use --overwrite to start afresh")
     assert snapshot(out) == before
 
 
