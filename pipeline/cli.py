@@ -140,5 +140,50 @@ def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool,
     click.echo(f"auto takes: {auto['method']} ({auto['reason']}; probe: {timed})")
 
 
+@main.command()
+@click.argument("output")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@_fails_cleanly
+def status(output: str, as_json: bool) -> None:
+    """Progress of the run writing OUTPUT (or that wrote it): blocks done, times, lease."""
+    from pipeline.audit import status as read_status
+
+    s = read_status(output)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    trailing = {"full": f" x {s['o']} x {s['o']}", "diagonal": f" x {s['o']}"}
+    shape = f"{s['n1']} x {s['n2']}" + trailing.get(s["mode"], "")
+    click.echo(f"status     {s['status']}{'' if s['complete'] else ' (incomplete)'}")
+    click.echo(f"blocks     {s['blocks_done']} of {s['blocks_total']} done")
+    click.echo(f"kernel     {shape} ({s['mode']}, {s['dtype']}), method {s['method']}, blocks of "
+               f"{s['block'][0]} x {s['block'][1]}{', symmetric' if s['symmetric'] else ''}")
+    click.echo(f"started    {s['started']}" + (f", last run started {s['last_started']}" if s["last_started"] else ""))
+    click.echo(f"last write {s['last_write'] or '-'}" + (f", finished {s['finished']}" if s["finished"] else ""))
+    click.echo(f"lease      {'held by ' + s['lease']['holder'] if s['lease']['held'] else 'free'}")
+    if s["error"]:
+        click.echo(f"error      {s['error']}")
+
+
+@main.command()
+@click.argument("output")
+@click.option("--sample", type=click.IntRange(0), default=2, show_default=True,
+              help="Blocks to recompute in float64 with another method.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which blocks --sample picks.")
+@_fails_cleanly
+def verify(output: str, sample: int, seed: int) -> None:
+    """Check OUTPUT: every block marked done, every chunk readable (checksums), samples recomputed."""
+    from pipeline.audit import verify as run_verify
+
+    r = run_verify(output, sample=sample, seed=seed)
+    for line in r["checked"]:
+        click.echo(f"checked: {line}")
+    for line in r["failures"]:
+        click.echo(f"FAILED: {line}")
+    click.echo("verify: ok" if r["ok"] else f"verify: {len(r['failures'])} failures")
+    if not r["ok"]:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

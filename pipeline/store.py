@@ -262,3 +262,12 @@ class Lease:
                 self._write(released=True)
         except Exception:  # an unreleased lease expires by itself
             pass
+
+
+def read_block(path: str, block: Block) -> tuple[np.ndarray, np.ndarray | None]:
+    """A block's stored values, and for a mirrored block its transposed copy; reading checks the
+    chunks' crc32c checksums (a corrupted chunk raises)."""
+    kernel: Any = zarr.open_group(path, mode="r")[KERNEL]
+    values = np.asarray(kernel[block.i0 : block.i1, block.j0 : block.j1])
+    mirror = np.asarray(kernel[block.j0 : block.j1, block.i0 : block.i1]) if block.mirrored else None
+    return values, mirror

@@ -128,3 +128,38 @@ class LinearTwice(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.shared(torch.tanh(self.inp(x))))
         return self.head(torch.tanh(self.shared(h)))
+
+
+class SlowMLP(nn.Module):
+    """A small MLP whose forward sleeps, so a run lasts long enough to be killed part-way."""
+
+    def __init__(self, d_in: int = 4, o: int = 2, delay: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, 6), nn.Tanh(), nn.Linear(6, o))
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.delay)
+        return self.net(x)
+
+
+class DieOnce(nn.Module):
+    """Kills the process running it (once, and never the process that built it): a worker that dies."""
+
+    def __init__(self, sentinel: str, d_in: int = 4, o: int = 2) -> None:
+        super().__init__()
+        import os
+
+        self.net = nn.Sequential(nn.Linear(d_in, 6), nn.Tanh(), nn.Linear(6, o))
+        self.sentinel = sentinel
+        self.builder = os.getpid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+
+        if os.getpid() != self.builder and os.path.exists(self.sentinel):
+            os.remove(self.sentinel)
+            os._exit(1)
+        return self.net(x)
