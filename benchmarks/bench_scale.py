@@ -1,0 +1,132 @@
+"""A kernel larger than this machine's memory, end to end, with the peak RSS of every process.
+
+    python benchmarks/bench_scale.py --n 60000 --block 3000     # 60,000^2 float32 trace = 14.4 GB
+
+Runs `ntk-pipeline run` in a subprocess on a local Ray instance (small MLP, synthetic inputs,
+trace mode), samples the resident memory of it and every process it starts (Ray's raylet, GCS and
+workers) every 0.2 s from /proc, and reports the kernel's size, the wall time, blocks/s, entries/s
+and pipeline efficiency = sum of the blocks' compute times / (run time x workers). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+import zarr
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = defaultdict(list)
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                tree[ppid].append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return tree
+
+
+def _descendants(root: int) -> list[int]:
+    tree, out, todo = _children(), [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += tree.get(pid, [])
+    return out
+
+
+def _rss_and_name(pid: int) -> tuple[int, str]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            rss = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        return rss, cmd
+    except OSError:
+        return 0, ""
+
+
+def _label(cmd: str) -> str:
+    for key, label in (("raylet", "raylet"), ("gcs_server", "gcs_server"), ("default_worker", "ray worker"),
+                       ("pipeline.cli", "driver (ntk-pipeline run)"), ("dashboard", "ray dashboard"),
+                       ("log_monitor", "ray log_monitor"), ("monitor", "ray monitor")):
+        if key in cmd:
+            return label
+    return cmd.split(" ")[0].rsplit("/", 1)[-1] or "?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=60000)
+    ap.add_argument("--block", type=int, default=3000)
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="block tasks at once (the local Ray CPUs)")
+    ap.add_argument("--keep", action="store_true", help="keep the output store")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ntk-scale-"))
+    cfg = {
+        "model": {"builtin": "mlp", "kwargs": {"in_features": 16, "hidden": [32], "out_features": 10}},
+        "data": {"x1": {"synthetic": {"n": args.n, "shape": [16], "seed": 0}}},
+        "ntk": {"method": "structured", "mode": "trace", "dtype": "float32"},
+        "tiling": {"block": args.block},
+        "output": {"path": str(work / "kernel.zarr")},
+        "ray": {"cpus_per_task": 1},
+    }
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(work / "config.yaml"), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks: dict[int, tuple[int, str]] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for pid in _descendants(proc.pid):
+                rss, cmd = _rss_and_name(pid)
+                if rss > peaks.get(pid, (0, ""))[0]:
+                    peaks[pid] = (rss, cmd)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    wall = time.time() - t0
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        sys.exit(f"run failed: {err[-3000:]}")
+    meta = dict(zarr.open_group(work / "kernel.zarr", mode="r").attrs["ntk_pipeline"])
+    kernel_bytes = args.n * args.n * 4
+    print(f"kernel {args.n} x {args.n} float32 trace = {kernel_bytes / 1e9:.1f} GB; blocks of {args.block}: "
+          f"{meta['blocks_total']} tasks; {args.workers} Ray workers; machine: {os.cpu_count()} cores")
+    print(f"wall {wall:.1f} s (execution {meta['seconds']:.1f} s); {meta['blocks_total'] / meta['seconds']:.2f} "
+          f"blocks/s; {args.n**2 / meta['seconds']:.3g} entries/s")
+    eff = meta["block_seconds"] / (meta["seconds"] * args.workers)
+    print(f"efficiency: sum of block compute {meta['block_seconds']:.1f} s / ({meta['seconds']:.1f} s x "
+          f"{args.workers} workers) = {eff:.2f}")
+    by_label: dict[str, int] = defaultdict(int)
+    for rss, cmd in peaks.values():
+        by_label[_label(cmd)] = max(by_label[_label(cmd)], rss)
+    print("peak RSS by process kind (max over processes of that kind):")
+    for label, rss in sorted(by_label.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:<28} {rss / 2**20:8.0f} MiB")
+    print(json.dumps({"n": args.n, "block": args.block, "wall_s": round(wall, 1), "efficiency": round(eff, 3),
+                      "peak_rss_mib": {k: round(v / 2**20) for k, v in by_label.items()}}))
+    if not args.keep:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
