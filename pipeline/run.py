@@ -306,8 +306,9 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
             except BaseException as err:
                 meta.update(status="failed" if isinstance(err, Exception) else "interrupted",
                             error=str(err), blocks_done=skipped + len(results), updated=_now())
-                with contextlib.suppress(Exception):  # the store itself may be what failed
-                    update_meta(path, meta)
+                if not lease.lost:  # a run that lost its lease leaves the attributes to the run that took it
+                    with contextlib.suppress(Exception):  # the store itself may be what failed
+                        update_meta(path, meta)
                 raise
         seconds = time.perf_counter() - t0
         meta.update(status="complete", blocks_done=len(p.plan.blocks), seconds=round(seconds, 3),
