@@ -242,3 +242,27 @@ def test_storage_fault_keeps_finished_blocks_and_resumes(workdir):
     summary = pipeline.run(config, executor="local", progress=False)
     assert summary.skipped == 1 and summary.blocks == 14
     np.testing.assert_array_equal(zarr.open_group(store, mode="r")["kernel"][...], ref)
+
+
+def test_a_run_whose_lease_is_taken_over_stops_and_leaves_the_status_alone(workdir):
+    cfg = _cfg()
+    cfg["model"]["kwargs"]["delay"] = 0.1
+    cfg["output"]["lease_seconds"] = 0.4  # heartbeat every 0.1 s
+    config = _write(workdir, cfg, "c.yaml")
+    store = workdir / "out.zarr"
+
+    def take_over() -> None:
+        _wait_for(lambda: _done(store) >= 2)
+        _fake_lease(store, host="another-node", age=0, ttl=600)
+        meta = dict(zarr.open_group(store, mode="r").attrs["ntk_pipeline"])
+        zarr.open_group(store, mode="r+").attrs["ntk_pipeline"] = {**meta, "status": "taken over"}
+
+    import threading
+
+    thief = threading.Thread(target=take_over)
+    thief.start()
+    with pytest.raises(pipeline.StoreError, match=r"^output\.path: this run lost the lease of .*; stopping$"):
+        pipeline.run(config, executor="local", progress=False)
+    thief.join()
+    assert zarr.open_group(store, mode="r").attrs["ntk_pipeline"]["status"] == "taken over"
+    assert dict(zarr.open_group(store, mode="r")["lease"].attrs)["host"] == "another-node"
