@@ -94,6 +94,11 @@ def plan(config: str, as_json: bool) -> None:
                "sample")
     click.echo(f"blocks     {d['blocks']} tasks of {d['block'][0]} x {d['block'][1]} (grid "
                f"{d['grid'][0]} x {d['grid'][1]})")
+    lay = d["layout"]
+    chunk = f"{d['chunk'][0]} x {d['chunk'][1]} ({_size(lay['chunk_bytes'])})"
+    inner = f"shards of {lay['chunks_per_file']} chunks of {chunk}" if d["sharded"] else "one chunk each"
+    click.echo(f"files      {lay['kernel_files']:,} kernel files of up to {_size(lay['bytes_per_file'])} ({inner}), "
+               f"{lay['marker_files']:,} block markers")
     chosen = d["method"] + (" (auto: " + d["auto"]["reason"] + ")" if d["auto"] else "")
     click.echo(f"method     {chosen}")
     click.echo(f"{'':11}{'total FLOPs':>16}  {'task memory':>12}")

@@ -136,10 +136,24 @@ class TilingSpec(_Spec):
             raise ValueError(f"expected a positive int or [rows, cols] of positive ints, got {v!r}")
         return v
 
+    # Chunks for readers inside each block's shard (Zarr v3 sharding): one file per block however
+    # small the chunks. None: the block is the chunk.
+    chunk: int | list[int] | None = None
+
+    @field_validator("chunk", mode="before")
+    @classmethod
+    def _chunk_form(cls, v: Any) -> Any:
+        return v if v is None else cls._block_form(v)
+
     @property
     def shape(self) -> tuple[int, int]:
         b = self.block
         return (b, b) if isinstance(b, int) else (b[0], b[1])
+
+    @property
+    def chunk_shape(self) -> tuple[int, int] | None:
+        c = self.chunk
+        return None if c is None else (c, c) if isinstance(c, int) else (c[0], c[1])
 
 
 class OutputSpec(_Spec):
@@ -148,6 +162,9 @@ class OutputSpec(_Spec):
     # A run renews its lease on the output every lease_seconds / 4; a run that died stops binding
     # the output lease_seconds after its last heartbeat (at once on the same host).
     lease_seconds: PositiveFloat = 60.0
+    # Kernel values are close to incompressible (float mantissas): compression costs time for a few
+    # percent. Every chunk carries a crc32c checksum either way.
+    compression: Literal["none", "zstd", "blosc"] = "none"
 
     @field_validator("path")
     @classmethod

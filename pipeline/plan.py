@@ -4,7 +4,9 @@
     len(plan.blocks)   # 10: the 4 x 4 grid's diagonal and upper triangle
 
 Each block is exactly one Zarr chunk of the kernel (chunk shape = block shape, the last ones ragged),
-so no two tasks ever write the same chunk. This module imports neither torch, zarr nor ray.
+or, with ``chunk`` smaller than the block, exactly one Zarr v3 shard of such chunks: either way one
+task writes one whole file, and no two tasks ever write the same one. This module imports neither
+torch, zarr nor ray.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class Plan:
     block_cols: int
     symmetric: bool
     blocks: tuple[Block, ...]
+    chunk_rows: int = 0  # 0: the block (unsharded); else chunks for readers inside each block's shard
+    chunk_cols: int = 0
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -54,12 +58,21 @@ class Plan:
         return math.ceil(self.n1 / self.block_rows), math.ceil(self.n2 / self.block_cols)
 
     @property
-    def chunks(self) -> tuple[int, int]:
-        """Chunk shape of the kernel's first two axes (= the block shape)."""
+    def block(self) -> tuple[int, int]:
+        """Rows and columns of a block: one task's work, and one file (a chunk or a shard)."""
         return self.block_rows, self.block_cols
 
+    @property
+    def chunks(self) -> tuple[int, int]:
+        """Chunk shape of the kernel's first two axes: the block, or the chunk inside its shard."""
+        return (self.chunk_rows or self.block_rows), (self.chunk_cols or self.block_cols)
 
-def tile(n1: int, n2: int, block: tuple[int, int], symmetric: bool) -> Plan:
+    @property
+    def sharded(self) -> bool:
+        return self.chunks != self.block
+
+
+def tile(n1: int, n2: int, block: tuple[int, int], symmetric: bool, chunk: tuple[int, int] | None = None) -> Plan:
     """Tile the pair space.
 
     Args:
@@ -67,6 +80,9 @@ def tile(n1: int, n2: int, block: tuple[int, int], symmetric: bool) -> Plan:
       block: (rows, cols) of a block; clipped to (n1, n2). Must be square when symmetric, so
         that a block's transpose is again one chunk.
       symmetric: K(x1, x1): only blocks on and above the diagonal are planned.
+      chunk: (rows, cols) of the chunks inside each block's shard, dividing the block; None: the
+        block is the chunk (no sharding). Along an axis whose block was clipped to n, the chunk
+        becomes the whole block when it does not divide n.
 
     Returns:
       The plan; blocks in row-major order, ragged at the last row and column.
@@ -93,7 +109,40 @@ def tile(n1: int, n2: int, block: tuple[int, int], symmetric: bool) -> Plan:
                     mirrored=symmetric and c != r,
                 )
             )
-    return Plan(n1, n2, rows, cols, symmetric, tuple(blocks))
+    chunk_rows, chunk_cols = 0, 0
+    if chunk is not None:
+        if chunk[0] < 1 or chunk[1] < 1:
+            raise ValueError(f"expected a chunk of at least 1 x 1, got {chunk[0]} x {chunk[1]}")
+        if block[0] % chunk[0] or block[1] % chunk[1]:
+            raise ValueError(f"a chunk of {chunk[0]} x {chunk[1]} does not divide the block of "
+                             f"{block[0]} x {block[1]}")
+        chunk_rows = chunk[0] if rows % chunk[0] == 0 else rows
+        chunk_cols = chunk[1] if cols % chunk[1] == 0 else cols
+        if (chunk_rows, chunk_cols) == (rows, cols):
+            chunk_rows = chunk_cols = 0
+    return Plan(n1, n2, rows, cols, symmetric, tuple(blocks), chunk_rows, chunk_cols)
+
+
+def layout(plan: Plan, o: int, mode: str, itemsize: int) -> dict[str, int]:
+    """File counts and sizes of a plan's store, from the arithmetic alone (for 10^6 x 10^6 too).
+
+    Returns:
+      tasks (block tasks), kernel_files (one per block, chunk or shard, both triangles for a
+      symmetric kernel), marker_files (one per grid cell), chunks_per_file, bytes_per_file (a
+      whole block), chunk_bytes, kernel_bytes.
+    """
+    rows, cols = plan.grid
+    per_entry = math.prod(trailing_shape(mode, o)) * itemsize
+    cr, cc = plan.chunks
+    return {
+        "tasks": rows * (rows + 1) // 2 if plan.symmetric else rows * cols,
+        "kernel_files": rows * cols,
+        "marker_files": rows * cols,
+        "chunks_per_file": (plan.block_rows // cr) * (plan.block_cols // cc),
+        "bytes_per_file": plan.block_rows * plan.block_cols * per_entry,
+        "chunk_bytes": cr * cc * per_entry,
+        "kernel_bytes": plan.n1 * plan.n2 * per_entry,
+    }
 
 
 def trailing_shape(mode: str, o: int) -> tuple[int, ...]:

@@ -28,7 +28,7 @@ from pipeline.errors import ConfigError, DataError, PipelineError, StoreError, b
 from pipeline.executors import BlockResult, BlockTask, InProcessExecutor, RayExecutor
 from pipeline.methods import VPS_CHUNK_BYTES, auto_method, estimate_flops
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
-from pipeline.plan import METHODS, Plan, kernel_bytes, kernel_entries, task_memory, tile
+from pipeline.plan import METHODS, Plan, kernel_bytes, kernel_entries, layout, task_memory, tile
 from pipeline.store import (
     BlockWriter,
     Lease,
@@ -118,9 +118,9 @@ def prepare(config: RunConfig, search_path: str | None = None, measure: bool = F
         _check_runs(fm, x2, "data.x2", dtype)
     n2 = x1.n if x2 is None else x2.n
     try:
-        plan = tile(x1.n, n2, config.tiling.shape, symmetric=x2 is None)
+        plan = tile(x1.n, n2, config.tiling.shape, symmetric=x2 is None, chunk=config.tiling.chunk_shape)
     except ValueError as err:
-        raise ConfigError("tiling.block", str(err)) from None
+        raise ConfigError("tiling.chunk" if "chunk" in str(err) else "tiling.block", str(err)) from None
     fp = forward_flops(fm, cast_input(x1.read(0, 1), dtype))
     auto = None
     method = config.ntk.method
@@ -179,7 +179,9 @@ def _meta(p: Prepared) -> dict[str, Any]:
         "o": p.o,
         "p": p.fm.p,
         "symmetric": p.plan.symmetric,
-        "block": list(p.plan.chunks),
+        "block": list(p.plan.block),
+        "chunk": list(p.plan.chunks),
+        "compression": p.config.output.compression,
         "grid": list(p.plan.grid),
         "blocks_total": len(p.plan.blocks),
         "versions": _versions(),
@@ -278,7 +280,8 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
     try:
         if action != "resume":
             meta = _meta(p)
-            create(path, p.plan, cfg.ntk.mode, p.o, cfg.ntk.dtype, meta, overwrite=action == "overwrite")
+            create(path, p.plan, cfg.ntk.mode, p.o, cfg.ntk.dtype, meta, overwrite=action == "overwrite",
+                   compression=cfg.output.compression)
         lease.acquire()
         meta.update(status="running", last_started=_now(), runs=int(meta.get("runs", 0)) + 1)
         meta.pop("error", None)
@@ -326,7 +329,7 @@ def describe_plan(config: RunConfig | str | os.PathLike[str]) -> dict[str, Any]:
     cfg, search_path = _resolve(config)
     p = prepare(cfg, search_path, fingerprint=False)  # plans read no more of the inputs than a block's rows
     mode, item, plan = cfg.ntk.mode, p.itemsize, p.plan
-    b1, b2 = plan.chunks
+    b1, b2 = plan.block
     sample = math.prod(p.x1.sample_shape)
     shapes = Counter((b.i1 - b.i0, b.j1 - b.j0, b.diagonal and plan.symmetric) for b in plan.blocks)
     x = cast_input(p.x1.read(0, min(2, p.x1.n)), getattr(torch, cfg.ntk.dtype))
@@ -344,6 +347,7 @@ def describe_plan(config: RunConfig | str | os.PathLike[str]) -> dict[str, Any]:
         "n1": plan.n1, "n2": plan.n2, "o": p.o, "p": p.fm.p, "mode": mode, "dtype": cfg.ntk.dtype,
         "symmetric": plan.symmetric, "block": [b1, b2], "grid": list(plan.grid), "blocks": len(plan.blocks),
         "kernel_bytes": kernel_bytes(plan.n1, plan.n2, p.o, mode, item), "forward_flops_per_sample": p.fp,
+        "chunk": list(plan.chunks), "sharded": plan.sharded, "layout": layout(plan, o, mode, item),
         "method": p.method, "auto": p.auto, "methods": per_method, "output": cfg.output.path,
     }
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from pipeline.config import is_url
 from pipeline.errors import StoreError, brief
@@ -82,8 +82,20 @@ def done_mask(path: str) -> np.ndarray:
     return np.asarray(markers[...]).astype(bool)
 
 
-def create(path: str, plan: Plan, mode: str, o: int, dtype: str, meta: dict[str, Any], overwrite: bool) -> None:
-    """Create the group, the kernel and the markers (replacing an old store; check_output first)."""
+COMPRESSORS: dict[str, list[Any]] = {
+    "none": [],
+    "zstd": [ZstdCodec(level=3)],
+    "blosc": [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
+}
+
+
+def create(path: str, plan: Plan, mode: str, o: int, dtype: str, meta: dict[str, Any], overwrite: bool,
+           compression: str = "none") -> None:
+    """Create the group, the kernel and the markers (replacing an old store; check_output first).
+
+    The kernel's files are one per block: a chunk, or a shard of ``plan.chunks`` chunks when the
+    plan is sharded; every chunk is checksummed (crc32c), compressed only when asked.
+    """
     try:
         group = zarr.open_group(path, mode="w" if overwrite else "w-", zarr_format=3, attributes={META: meta})
         trailing = trailing_shape(mode, o)
@@ -91,9 +103,10 @@ def create(path: str, plan: Plan, mode: str, o: int, dtype: str, meta: dict[str,
             KERNEL,
             shape=(plan.n1, plan.n2, *trailing),
             chunks=(*plan.chunks, *trailing),
+            shards=(*plan.block, *trailing) if plan.sharded else None,  # a task writes whole shards
             dtype=dtype,
             fill_value=np.nan,  # a region no block has written reads as NaN, never as a plausible 0
-            compressors=[Crc32cCodec()],  # kernel values barely compress; a checksum catches corruption
+            compressors=[*COMPRESSORS[compression], Crc32cCodec()],  # a checksum catches corruption
             dimension_names=DIMENSIONS[mode],
             attributes={"mode": mode},
         )

@@ -192,3 +192,31 @@ def test_pntk_store_has_two_dimensions(tmp_path, write_config):
     assert k.shape == (11, 7) and tuple(k.metadata.dimension_names) == ("x1", "x2")
     full = _reference(tmp_path, x2=True, mode="full")
     np.testing.assert_allclose(k[...], full.sum((2, 3)) / full.shape[2], **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd", "blosc"])
+def test_sharded_and_compressed_stores_hold_the_same_kernel(tmp_path, write_config, compression):
+    plain = _config(tmp_path, x2=False, mode="full", block=4, method="structured", dtype="float32")
+    pipeline.run(write_config(plain), executor="local", progress=False)
+    sharded = _config(tmp_path, x2=False, mode="full", block=4, method="structured", dtype="float32")
+    sharded["tiling"]["chunk"] = 2
+    sharded["output"] = {"path": "sharded.zarr", "compression": compression}
+    pipeline.run(write_config(sharded, "sharded.yaml"), executor="local", progress=False)
+    a = zarr.open_group(tmp_path / "out.zarr", mode="r")["kernel"]
+    b = zarr.open_group(tmp_path / "sharded.zarr", mode="r")["kernel"]
+    assert a.shards is None and b.shards == (4, 4, 3, 3) and b.chunks == (2, 2, 3, 3)
+    np.testing.assert_array_equal(a[...], b[...])
+    # one file per block (3 x 3 grid), however many chunks it holds
+    files = [p for p in (tmp_path / "sharded.zarr" / "kernel" / "c").rglob("*") if p.is_file()]
+    assert len(files) == 9
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(tmp_path / "sharded.zarr")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_chunk_that_does_not_divide_the_block_is_a_config_error(tmp_path, write_config):
+    cfg = _config(tmp_path, x2=False, mode="trace", block=4)
+    cfg["tiling"]["chunk"] = 3
+    with pytest.raises(pipeline.ConfigError, match=r"^tiling\.chunk: a chunk of 3 x 3 does not divide the block"):
+        pipeline.run(write_config(cfg), executor="local", progress=False)
+    assert not (tmp_path / "out.zarr").exists()

@@ -208,3 +208,50 @@ def test_grid_uses_ceiling_division():
 def test_blocks_smaller_than_one_are_rejected(block):
     with pytest.raises(ValueError, match=r"expected a block of at least 1 x 1"):
         tile(5, 5, block, symmetric=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# layout: shards for million-sample kernels (the arithmetic, not a run)
+
+
+def test_layout_of_a_million_by_million_kernel():
+    from pipeline.plan import layout
+
+    plan = tile(10**6, 10**6, (4096, 4096), symmetric=True, chunk=(1024, 1024))
+    assert plan.grid == (245, 245) and plan.sharded and plan.chunks == (1024, 1024)
+    lay = layout(plan, o=10, mode="trace", itemsize=4)
+    assert lay["tasks"] == 245 * 246 // 2 == len(plan.blocks)
+    assert lay["kernel_files"] == lay["marker_files"] == 245**2  # 60,025 files, not 10^8
+    assert lay["chunks_per_file"] == 16 and lay["chunk_bytes"] == 1024 * 1024 * 4
+    assert lay["bytes_per_file"] == 4096 * 4096 * 4
+    assert lay["kernel_bytes"] == 10**12 * 4
+    full = layout(tile(10**6, 10**6, (1024, 1024), symmetric=False), o=10, mode="full", itemsize=4)
+    assert full["kernel_files"] == full["tasks"] == 977**2 and full["chunks_per_file"] == 1
+    assert full["bytes_per_file"] == 1024 * 1024 * 100 * 4
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 60), m=st.integers(1, 60), rows=st.integers(1, 12), cols=st.integers(1, 12),
+       k=st.integers(1, 4), j=st.integers(1, 4), symmetric=st.booleans())
+def test_every_entry_in_exactly_one_shard_and_no_shard_shared_by_two_tasks(n, m, rows, cols, k, j, symmetric):
+    if symmetric:
+        m, cols, j = n, rows, k
+    block = (rows * k, cols * j)
+    plan = tile(n, m, block, symmetric=symmetric, chunk=(rows, cols))
+    br, bc = plan.block
+    assert br % plan.chunks[0] == 0 and bc % plan.chunks[1] == 0  # shards hold whole chunks
+    # each task's writes: its block and, when mirrored, the transposed block
+    owner = np.full((n, m), -1)
+    for b in plan.blocks:
+        regions = [(b.i0, b.i1, b.j0, b.j1)] + ([(b.j0, b.j1, b.i0, b.i1)] if b.mirrored else [])
+        for i0, i1, j0, j1 in regions:
+            assert i0 % br == 0 and j0 % bc == 0  # a region starts a shard ...
+            assert i1 == min(i0 + br, n) and j1 == min(j0 + bc, m)  # ... and covers it whole
+            assert (owner[i0:i1, j0:j1] == -1).all()  # no shard (entry) written by two tasks
+            owner[i0:i1, j0:j1] = b.index
+    assert (owner >= 0).all()  # every entry in exactly one shard
+
+
+def test_a_chunk_that_does_not_divide_the_block_is_rejected():
+    with pytest.raises(ValueError, match=r"a chunk of 3 x 3 does not divide the block of 8 x 8"):
+        tile(20, 20, (8, 8), symmetric=False, chunk=(3, 3))
