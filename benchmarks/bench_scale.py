@@ -22,6 +22,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import yaml
 import zarr
 
@@ -74,16 +75,25 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=3000)
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="block tasks at once (the local Ray CPUs)")
     ap.add_argument("--keep", action="store_true", help="keep the output store")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[32], help="the MLP's hidden widths")
+    ap.add_argument("--config", help="run this config instead (its output path is replaced by a temporary one)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ntk-scale-"))
     cfg = {
-        "model": {"builtin": "mlp", "kwargs": {"in_features": 16, "hidden": [32], "out_features": 10}},
+        "model": {"builtin": "mlp", "kwargs": {"in_features": 16, "hidden": args.hidden, "out_features": 10}},
         "data": {"x1": {"synthetic": {"n": args.n, "shape": [16], "seed": 0}}},
         "ntk": {"method": "structured", "mode": "trace", "dtype": "float32"},
         "tiling": {"block": args.block},
         "output": {"path": str(work / "kernel.zarr")},
         "ray": {"cpus_per_task": 1},
     }
+    if args.config:
+        from pipeline.config import load_config
+
+        loaded = load_config(args.config)  # resolved: absolute paths
+        cfg = loaded.model_dump(mode="json")
+        cfg["output"] = {"path": str(work / "kernel.zarr")}
+        args.n = loaded.data.x1.synthetic.n if loaded.data.x1.synthetic else None
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(work / "config.yaml"), "--no-progress"],
@@ -108,12 +118,17 @@ def main() -> None:
     if proc.returncode != 0:
         sys.exit(f"run failed: {err[-3000:]}")
     meta = dict(zarr.open_group(work / "kernel.zarr", mode="r").attrs["ntk_pipeline"])
-    kernel_bytes = args.n * args.n * 4
-    print(f"kernel {args.n} x {args.n} float32 trace = {kernel_bytes / 1e9:.1f} GB; blocks of {args.block}: "
-          f"{meta['blocks_total']} tasks; {args.workers} Ray workers; machine: {os.cpu_count()} cores")
+    kernel = zarr.open_group(work / "kernel.zarr", mode="r")["kernel"]
+    entries = int(np.prod(kernel.shape))
+    print(f"kernel {' x '.join(map(str, kernel.shape))} {meta['dtype']} {meta['mode']} = "
+          f"{entries * kernel.dtype.itemsize / 1e9:.3g} GB; blocks of {meta['block'][0]}: "
+          f"{meta['blocks_total']} tasks; "
+          f"{args.workers} Ray workers; machine: {os.cpu_count()} cores")
     print(f"wall {wall:.1f} s (execution {meta['seconds']:.1f} s); {meta['blocks_total'] / meta['seconds']:.2f} "
-          f"blocks/s; {args.n**2 / meta['seconds']:.3g} entries/s")
+          f"blocks/s; {entries / meta['seconds']:.3g} entries/s")
     eff = meta["block_seconds"] / (meta["seconds"] * args.workers)
+    print(f"per block: compute {meta['block_seconds'] / meta['blocks_total']:.3f} s, write "
+          f"{meta['write_seconds'] / meta['blocks_total']:.3f} s (the block, its mirror and its marker)")
     print(f"efficiency: sum of block compute {meta['block_seconds']:.1f} s / ({meta['seconds']:.1f} s x "
           f"{args.workers} workers) = {eff:.2f}")
     by_label: dict[str, int] = defaultdict(int)

@@ -48,6 +48,7 @@ class BlockResult:
     index: int
     seconds: float  # compute only: read + kernel math, not the write
     node: str
+    write_seconds: float = 0.0  # writing the block (and its mirror) and its marker
 
 
 _DEVICE_MODELS: dict[str, FunctionalModel] = {}  # per worker process: token -> model on its device
@@ -80,8 +81,9 @@ def run_block(task: BlockTask, block: Block) -> BlockResult:
         bad = int((~np.isfinite(values)).sum())
         raise BlockError(f"block {block.index}", f"{bad} kernel values are not finite (rows {block.i0}:{block.i1}, "
                          f"cols {block.j0}:{block.j1}); the block was not written")
+    t1 = time.perf_counter()
     task.writer.write(block, values)
-    return BlockResult(block.index, seconds, socket.gethostname())
+    return BlockResult(block.index, seconds, socket.gethostname(), time.perf_counter() - t1)
 
 
 OnDone = Callable[[BlockResult], None]

@@ -315,7 +315,8 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
                 raise
         seconds = time.perf_counter() - t0
         meta.update(status="complete", blocks_done=len(p.plan.blocks), seconds=round(seconds, 3),
-                    block_seconds=round(sum(r.seconds for r in results), 3), finished=_now(), updated=_now())
+                    block_seconds=round(sum(r.seconds for r in results), 3),
+                    write_seconds=round(sum(r.write_seconds for r in results), 3), finished=_now(), updated=_now())
         update_meta(path, meta)
     finally:
         lease.release()
