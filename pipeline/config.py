@@ -145,6 +145,10 @@ class TilingSpec(_Spec):
     def _chunk_form(cls, v: Any) -> Any:
         return v if v is None else cls._block_form(v)
 
+    # Blocks of one row computed by one task, forming the rows' Jacobians (or layer inputs and
+    # cotangents) once. "auto": the cost model decides, at run time, from the blocks and the workers.
+    strip: PositiveInt | Literal["auto"] = "auto"
+
     @property
     def shape(self) -> tuple[int, int]:
         b = self.block

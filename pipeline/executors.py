@@ -12,7 +12,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from pipeline.config import RaySpec
 from pipeline.data import Source
 from pipeline.errors import BlockError, ConfigError, PipelineError, brief
-from pipeline.methods import compute_block
+from pipeline.methods import combine, side
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import Block
 from pipeline.store import BlockWriter, transpose
@@ -54,36 +55,80 @@ class BlockResult:
 _DEVICE_MODELS: dict[str, FunctionalModel] = {}  # per worker process: token -> model on its device
 
 
-def run_block(task: BlockTask, block: Block) -> BlockResult:
-    """Compute one block and write it (and its mirror) to the store, then mark it done."""
+def _device_model(task: BlockTask, first: Block) -> tuple[FunctionalModel, torch.device, torch.dtype]:
     device = torch.device("cuda") if task.gpu else torch.device("cpu")
     dtype = getattr(torch, task.dtype)
     if task.gpu and not torch.cuda.is_available():
-        raise BlockError(f"block {block.index}",
+        raise BlockError(f"block {first.index}",
                          f"ray.gpus_per_task > 0 but this worker ({socket.gethostname()}) sees no CUDA device")
     fm = _DEVICE_MODELS.get(task.token)
     if fm is None:
         fm = task.fm if device.type == "cpu" else task.fm.to(device, dtype)
         _DEVICE_MODELS.clear()
         _DEVICE_MODELS[task.token] = fm
+    return fm, device, dtype
+
+
+def run_strip(task: BlockTask, blocks: Sequence[Block]) -> list[BlockResult]:
+    """Compute blocks that share their x1 rows, forming the rows' side (Jacobians, or layer inputs
+    and cotangents) once; each block is written (and then marked done) by a background thread
+    while the next one computes. A failure stops the strip after the blocks before it are written.
+    """
+    first = blocks[0]
+    if any((b.i0, b.i1) != (first.i0, first.i1) for b in blocks):
+        raise ValueError("a strip's blocks must share their rows")  # a planner bug, not user input
+    fm, device, dtype = _device_model(task, first)
     t0 = time.perf_counter()
-    x1 = cast_input(task.x1.read(block.i0, block.i1), dtype, device)
-    if task.x2 is None and block.diagonal:
-        x2 = None  # one Jacobian serves both sides
-    else:
-        x2 = cast_input((task.x2 or task.x1).read(block.j0, block.j1), dtype, device)
-    values = compute_block(fm, x1, x2, task.method, task.mode).cpu().numpy()
-    if x2 is None:
-        # J J^T is symmetric only up to rounding; make the stored matrix exactly symmetric.
-        values = 0.5 * (values + transpose(values))
-    seconds = time.perf_counter() - t0
-    if not np.isfinite(values).all():
-        bad = int((~np.isfinite(values)).sum())
-        raise BlockError(f"block {block.index}", f"{bad} kernel values are not finite (rows {block.i0}:{block.i1}, "
-                         f"cols {block.j0}:{block.j1}); the block was not written")
-    t1 = time.perf_counter()
-    task.writer.write(block, values)
-    return BlockResult(block.index, seconds, socket.gethostname(), time.perf_counter() - t1)
+    s1 = side(fm, cast_input(task.x1.read(first.i0, first.i1), dtype, device), task.method, task.mode)
+    shared = time.perf_counter() - t0  # counted in the first block's compute time
+    results: list[BlockResult] = []
+    host = socket.gethostname()
+
+    def write(block: Block, values: np.ndarray, seconds: float) -> None:
+        t = time.perf_counter()
+        task.writer.write(block, values)
+        results.append(BlockResult(block.index, seconds, host, time.perf_counter() - t))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ntk-write") as pool:
+        pending: Future[None] | None = None
+        for k, block in enumerate(blocks):
+            t = time.perf_counter()
+            if task.x2 is None and block.diagonal:
+                s2 = None  # one side serves both
+            else:
+                s2 = side(fm, cast_input((task.x2 or task.x1).read(block.j0, block.j1), dtype, device),
+                          task.method, task.mode)
+            values = combine(fm, s1, s2, task.method, task.mode).cpu().numpy()
+            if s2 is None:
+                # J J^T is symmetric only up to rounding; make the stored matrix exactly symmetric.
+                values = 0.5 * (values + transpose(values))
+            seconds = time.perf_counter() - t + (shared if k == 0 else 0.0)
+            if pending is not None:
+                pending.result()  # at most one write in flight; a failed write stops the strip here
+            if not np.isfinite(values).all():
+                bad = int((~np.isfinite(values)).sum())
+                raise BlockError(f"block {block.index}", f"{bad} kernel values are not finite (rows {block.i0}:"
+                                 f"{block.i1}, cols {block.j0}:{block.j1}); the block was not written")
+            pending = pool.submit(write, block, values, seconds)
+        if pending is not None:
+            pending.result()
+    return results
+
+
+def run_block(task: BlockTask, block: Block) -> BlockResult:
+    """Compute one block and write it (and its mirror) to the store, then mark it done."""
+    return run_strip(task, [block])[0]
+
+
+def strips(blocks: Iterable[Block], length: int) -> list[list[Block]]:
+    """Consecutive blocks of one row, at most ``length`` to a strip (the plan's blocks are row-major)."""
+    out: list[list[Block]] = []
+    for b in blocks:
+        if out and len(out[-1]) < length and out[-1][-1].row == b.row:
+            out[-1].append(b)
+        else:
+            out.append([b])
+    return out
 
 
 OnDone = Callable[[BlockResult], None]
@@ -100,13 +145,17 @@ class InProcessExecutor:
     def stop(self) -> None:
         pass
 
-    def run(self, task: BlockTask, blocks: Iterable[Block], on_done: OnDone) -> None:
-        for block in blocks:
-            on_done(run_block(task, block))
+    def slots(self) -> int:
+        return 1
+
+    def run(self, task: BlockTask, work: Iterable[list[Block]], on_done: OnDone) -> None:
+        for strip in work:
+            for result in run_strip(task, strip):
+                on_done(result)
 
 
 class RayExecutor:
-    """One Ray task per block, at most ``max_in_flight`` submitted at once.
+    """One Ray task per strip of blocks (often one block), at most ``max_in_flight`` submitted at once.
 
     ``ray.address`` None starts a local Ray instance for the run and stops it after (unless this
     process already joined one, as a notebook or a test session may have); "auto" or an address
@@ -148,48 +197,51 @@ class RayExecutor:
             ray.shutdown()
             self._started = False
 
-    def _limit(self) -> int:
+    def slots(self) -> int:
+        """Block tasks the cluster runs at once."""
         import ray
 
-        if self.spec.max_in_flight:
-            return self.spec.max_in_flight
         resources = ray.cluster_resources()
         slots = resources.get("CPU", 1) / self.spec.cpus_per_task
         if self.spec.gpus_per_task > 0:
             slots = min(slots, resources.get("GPU", 0) / self.spec.gpus_per_task)
-        return max(1, 2 * int(slots))  # keep every slot busy while results come back
+        return max(1, int(slots))
 
-    def run(self, task: BlockTask, blocks: Iterable[Block], on_done: OnDone) -> None:
+    def run(self, task: BlockTask, work: Iterable[list[Block]], on_done: OnDone) -> None:
         import ray
         from ray.exceptions import RayError, RayTaskError
 
-        remote: Any = ray.remote(run_block).options(
+        remote: Any = ray.remote(run_strip).options(
             num_cpus=self.spec.cpus_per_task, num_gpus=self.spec.gpus_per_task, max_retries=self.spec.max_retries,
         )
         task_ref = ray.put(task)  # the model's parameters go to the object store once
-        todo = iter(blocks)
-        pending: dict[Any, Block] = {}
-        limit = self._limit()
+        todo = iter(work)
+        pending: dict[Any, list[Block]] = {}
+        limit = self.spec.max_in_flight or 2 * self.slots()  # keep every slot busy while results come back
         try:
             while True:
-                for block in todo:
-                    pending[remote.remote(task_ref, block)] = block
+                for strip in todo:
+                    pending[remote.remote(task_ref, strip)] = strip
                     if len(pending) >= limit:
                         break
                 if not pending:
                     return
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
-                    block = pending.pop(ref)
+                    strip = pending.pop(ref)
+                    where = f"block {strip[0].index}" if len(strip) == 1 else \
+                        f"blocks {strip[0].index}-{strip[-1].index}"
                     try:
-                        on_done(ray.get(ref))
+                        results = ray.get(ref)
                     except RayTaskError as err:
                         cause: BaseException = getattr(err, "cause", None) or err
                         if isinstance(cause, PipelineError):
                             raise cause from None
-                        raise BlockError(f"block {block.index}", brief(cause, limit=500)) from None
+                        raise BlockError(where, brief(cause, limit=500)) from None
                     except RayError as err:  # the worker or its node died for good, after retries
-                        raise BlockError(f"block {block.index}", brief(err, limit=500)) from None
+                        raise BlockError(where, brief(err, limit=500)) from None
+                    for result in results:
+                        on_done(result)
         finally:
             for ref in pending:
                 ray.cancel(ref)

@@ -31,7 +31,7 @@ from torch.func import jvp, vjp, vmap
 from pipeline.jacobians import contract, jacobians, single
 from pipeline.models import FunctionalModel, cast_input, eval_mode, forward_flops
 from pipeline.plan import METHODS, MODES, block_flops
-from pipeline.structured import structured, structured_flops
+from pipeline.structured import structured, structured_combine, structured_flops, structured_side
 
 # Bytes of parameter-sized cotangents that ntk_vector_products holds at once (it vmaps over
 # pairs in chunks of this size); and of Jacobians above which ``auto`` avoids the contraction.
@@ -113,6 +113,32 @@ def compute_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None
         fm, mode = fm.sum_of_logits(), "trace"
     with torch.no_grad():  # the methods switch gradients on where they need them
         return _METHODS[method](fm, x1, x2, mode).contiguous()
+
+
+def side(fm: FunctionalModel, x: torch.Tensor, method: str, mode: str) -> Any:
+    """What a block needs from one side (its rows or columns), computed once and reused across the
+    blocks of a strip: per-layer inputs and cotangents (structured), per-sample Jacobians
+    (jacobian_contraction), or the inputs themselves (ntk_vector_products)."""
+    if mode == "pntk":
+        fm = fm.sum_of_logits()
+    with torch.no_grad():
+        if method == "structured":
+            return structured_side(fm, x)
+        if method == "jacobian_contraction":
+            return jacobians(fm, x)
+        return x
+
+
+def combine(fm: FunctionalModel, s1: Any, s2: Any | None, method: str, mode: str) -> torch.Tensor:
+    """The block between two sides (``s2=None``: K(x1, x1)); the same arithmetic as compute_block."""
+    if mode == "pntk":
+        fm, mode = fm.sum_of_logits(), "trace"
+    with torch.no_grad():
+        if method == "structured":
+            return structured_combine(fm, s1, s2, mode).contiguous()
+        if method == "jacobian_contraction":
+            return contract(s1, s1 if s2 is None else s2, mode).contiguous()
+        return ntk_vector_products(fm, s1, s2, mode).contiguous()
 
 
 def estimate_flops(fm: FunctionalModel, x: torch.Tensor, b1: int, b2: int, mode: str,

@@ -143,6 +143,10 @@ class FunctionalModel:
         return next(iter(self.params.values())).element_size() if self.params else 4
 
     @property
+    def params_dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype if self.params else torch.float32
+
+    @property
     def p(self) -> int:
         """Number of trainable parameters."""
         return sum(v.numel() for v in self.params.values())

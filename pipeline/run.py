@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from pipeline.config import RunConfig, is_url, load_config
 from pipeline.data import Source, open_source
 from pipeline.errors import ConfigError, DataError, PipelineError, StoreError, brief
-from pipeline.executors import BlockResult, BlockTask, InProcessExecutor, RayExecutor
+from pipeline.executors import BlockResult, BlockTask, InProcessExecutor, RayExecutor, strips
 from pipeline.methods import VPS_CHUNK_BYTES, auto_method, estimate_flops
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
 from pipeline.plan import METHODS, Plan, kernel_bytes, kernel_entries, layout, task_memory, tile
@@ -192,6 +192,35 @@ def _meta(p: Prepared) -> dict[str, Any]:
     }
 
 
+# Most blocks of one row a task computes together, and the least share of a block's cost that
+# reusing the rows' side must save to be worth coarser tasks.
+MAX_STRIP = 16
+MIN_REUSE_SAVING = 0.05
+
+
+def strip_length(p: Prepared, blocks: int, slots: int) -> dict[str, Any]:
+    """How many blocks of one row a task computes, forming the rows' side once (Jacobian reuse).
+
+    Reuse saves, per extra block, one side's cost (the estimate of an off-diagonal block minus a
+    diagonal one's); it costs task granularity: fewer, longer tasks balance worse and a retry redoes
+    more. So: 1 when a side is under 5% of a block's cost; else as long as a row allows, up to 16,
+    while leaving at least 4 tasks per worker slot.
+    """
+    if p.config.tiling.strip != "auto":
+        return {"length": p.config.tiling.strip, "reason": "tiling.strip"}
+    b1, b2 = p.plan.block
+    x = cast_input(p.x1.read(0, min(2, p.x1.n)), getattr(torch, p.config.ntk.dtype))
+    full = estimate_flops(p.fm, x, b1, b1, p.config.ntk.mode, diagonal=False)[p.method]
+    half = estimate_flops(p.fm, x, b1, b1, p.config.ntk.mode, diagonal=True)[p.method]
+    saving = (full - half) / full if full > 0 else 0.0
+    if saving < MIN_REUSE_SAVING:
+        return {"length": 1, "reason": f"a side is {100 * saving:.1f}% of a block's cost: not worth coarser tasks",
+                "saving": saving}
+    length = max(1, min(MAX_STRIP, p.plan.grid[1], blocks // (4 * slots)))
+    return {"length": length, "saving": saving,
+            "reason": f"a side is {100 * saving:.0f}% of a block's cost; {slots} worker slots, {blocks} blocks"}
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -283,7 +312,8 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
             create(path, p.plan, cfg.ntk.mode, p.o, cfg.ntk.dtype, meta, overwrite=action == "overwrite",
                    compression=cfg.output.compression)
         lease.acquire()
-        meta.update(status="running", last_started=_now(), runs=int(meta.get("runs", 0)) + 1)
+        meta.update(status="running", last_started=_now(), runs=int(meta.get("runs", 0)) + 1,
+                    strip=strip_length(p, len(todo), ex.slots()))
         meta.pop("error", None)
         update_meta(path, meta)
         task = BlockTask(p.fm, p.x1, p.x2, p.method, cfg.ntk.mode, cfg.ntk.dtype, BlockWriter(path),
@@ -301,8 +331,8 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
                     update_meta(path, {**meta, "blocks_done": skipped + len(results), "updated": _now()})
 
             try:
-                ex.run(task, todo, on_done)
-                lease.check()
+                ex.run(task, strips(todo, meta["strip"]["length"]), on_done)
+                lease.check(read=True)
                 missing = int((~done_mask(path)).sum())
                 if missing:  # never report success that is not true
                     raise StoreError("output.path", f"{missing} block markers of {path} are not set after the run")

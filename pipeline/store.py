@@ -260,8 +260,12 @@ class Lease:
             except Exception:  # a flaky store: try again at the next beat; expiry is the backstop
                 continue
 
-    def check(self) -> None:
-        """Raise if another run took the lease over (this run's heartbeat stalled past the ttl)."""
+    def check(self, read: bool = False) -> None:
+        """Raise if another run took the lease over (this run's heartbeat stalled past the ttl);
+        ``read``: look at the store now rather than trust the heartbeat thread's last look."""
+        if read and not self.lost:
+            current = lease_holder(self.path)
+            self.lost = not current or current.get("owner") != self.owner
         if self.lost:
             raise StoreError("output.path", f"this run lost the lease of {self.path} to another run; stopping")
 

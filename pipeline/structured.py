@@ -357,6 +357,37 @@ def _direction_gradients(fm: FunctionalModel, sites: list[Site], x: torch.Tensor
     return [torch.stack(r) for r in rows]
 
 
+@dataclass
+class Side:
+    """What one side of a block needs: every site's inputs and cotangents, the fallback Jacobians."""
+
+    x: torch.Tensor
+    inputs: list[Any]
+    gs: list[torch.Tensor]
+    jac: list[torch.Tensor]
+
+
+def structured_side(fm: FunctionalModel, x: torch.Tensor) -> Side:
+    """One forward and one o-batched backward (and the fallback parameters' Jacobians) for x."""
+    lay = layout(fm, x)
+    inputs, gs = _tangents(fm, lay.sites, x)[:2] if lay.sites else ([], [])
+    return Side(x, inputs, gs, jacobians(fm, x, lay.fallback) if lay.fallback else [])
+
+
+def structured_combine(fm: FunctionalModel, s1: Side, s2: Side | None, mode: str) -> torch.Tensor:
+    """The block between two sides (``s2=None``: K(x1, x1)) from per-layer terms."""
+    lay = layout(fm, s1.x)
+    s2 = s1 if s2 is None else s2
+    terms = [_site_term(site, s1.inputs[k], s1.gs[k], s2.inputs[k], s2.gs[k], mode) for k, site in enumerate(lay.sites)]
+    if lay.fallback:
+        terms.append(contract(s1.jac, s2.jac, mode))
+    if not terms:
+        o = single(fm, fm.params, s1.x[0]).numel()
+        shape = {"full": (o, o), "trace": (), "diagonal": (o,)}[mode]
+        return s1.x.new_zeros((s1.x.shape[0], s2.x.shape[0], *shape), dtype=fm.params_dtype)
+    return accumulate(t.contiguous() if i == 0 else t for i, t in enumerate(terms))
+
+
 def structured(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: str) -> torch.Tensor:
     """The NTK by structured derivatives: per-layer rules, Jacobian contraction for the rest.
 
@@ -364,23 +395,8 @@ def structured(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, m
     structured and materialized forms (see ``linear_costs``); memory: the inputs and cotangents
     of every layer for the block, plus the fallback parameters' Jacobians.
     """
-    lay = layout(fm, x1)
-    terms = []
-    if lay.sites:
-        in1, g1, _ = _tangents(fm, lay.sites, x1)
-        in2, g2, _ = (in1, g1, None) if x2 is None else _tangents(fm, lay.sites, x2)
-        for k, site in enumerate(lay.sites):
-            terms.append(_site_term(site, in1[k], g1[k], in2[k], g2[k], mode))
-    if lay.fallback:
-        j1 = jacobians(fm, x1, lay.fallback)
-        j2 = j1 if x2 is None else jacobians(fm, x2, lay.fallback)
-        terms.append(contract(j1, j2, mode))
-    if not terms:
-        o = single(fm, fm.params, x1[0]).numel()
-        n2 = x1.shape[0] if x2 is None else x2.shape[0]
-        shape = {"full": (o, o), "trace": (), "diagonal": (o,)}[mode]
-        return x1.new_zeros((x1.shape[0], n2, *shape))
-    return accumulate(t.contiguous() if i == 0 else t for i, t in enumerate(terms))
+    s1 = structured_side(fm, x1)
+    return structured_combine(fm, s1, None if x2 is None else structured_side(fm, x2), mode)
 
 
 def structured_flops(fm: FunctionalModel, x: torch.Tensor, b1: int, b2: int, mode: str, diagonal: bool) -> float:

@@ -220,3 +220,49 @@ def test_a_chunk_that_does_not_divide_the_block_is_a_config_error(tmp_path, writ
     with pytest.raises(pipeline.ConfigError, match=r"^tiling\.chunk: a chunk of 3 x 3 does not divide the block"):
         pipeline.run(write_config(cfg), executor="local", progress=False)
     assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian_contraction"])
+@pytest.mark.parametrize("x2", [False, True], ids=["symmetric", "x1-x2"])
+def test_strip_scheduled_run_equals_the_per_block_run_exactly(tmp_path, write_config, executor, method, x2):
+    kernels = {}
+    for strip in (1, 3):
+        cfg = _config(tmp_path, x2=x2, mode="full", block=4 if not x2 else [4, 3], method=method, dtype="float32")
+        cfg["tiling"]["strip"] = strip
+        cfg["output"]["path"] = f"strip{strip}.zarr"
+        pipeline.run(write_config(cfg, f"strip{strip}.yaml"), executor=executor, progress=False)
+        g = zarr.open_group(tmp_path / f"strip{strip}.zarr", mode="r")
+        assert g.attrs["ntk_pipeline"]["strip"] == {"length": strip, "reason": "tiling.strip"}
+        assert g["done"][...].all()
+        kernels[strip] = g["kernel"][...]
+    np.testing.assert_array_equal(kernels[1], kernels[3])
+
+
+def test_auto_strip_length_is_recorded_with_its_reason(tmp_path, write_config):
+    cfg = _config(tmp_path, x2=True, mode="full", block=[2, 1], method="jacobian_contraction")
+    pipeline.run(write_config(cfg), executor="local", progress=False)
+    strip = zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["ntk_pipeline"]["strip"]
+    # 6 x 7 = 42 blocks, one worker slot: rows of 7 blocks, at most 42 // 4 = 10 per task
+    assert strip["length"] == 7 and 0.05 <= strip["saving"] < 1
+    assert "worker slots" in strip["reason"]
+
+
+def test_strip_length_rules(tmp_path, monkeypatch):
+    import importlib
+
+    from pipeline.config import parse_config
+
+    run_module = importlib.import_module("pipeline.run")  # the module, not pipeline.run the function
+    cfg = _config(tmp_path, x2=True, mode="full", block=[2, 1], method="jacobian_contraction")
+    p = run_module.prepare(parse_config(cfg, base=tmp_path), fingerprint=False)  # a 6 x 7 grid
+    costs = {False: 100.0, True: 100.0 * (1 - 0.04)}  # a side saves 4%: below the 5% floor
+    monkeypatch.setattr(run_module, "estimate_flops",
+                        lambda fm, x, b1, b2, mode, diagonal: {"jacobian_contraction": costs[diagonal]})
+    assert run_module.strip_length(p, blocks=42, slots=1)["length"] == 1
+    costs[True] = 50.0  # a side is half a block's cost
+    assert run_module.strip_length(p, blocks=42, slots=1)["length"] == 7  # a whole row
+    assert run_module.strip_length(p, blocks=42, slots=4)["length"] == 2  # 42 // (4 * 4): keep workers busy
+    assert run_module.strip_length(p, blocks=3, slots=4)["length"] == 1
+    cfg["tiling"]["strip"] = 5
+    p = run_module.prepare(parse_config(cfg, base=tmp_path), fingerprint=False)
+    assert run_module.strip_length(p, blocks=42, slots=1) == {"length": 5, "reason": "tiling.strip"}

@@ -248,6 +248,7 @@ def test_a_run_whose_lease_is_taken_over_stops_and_leaves_the_status_alone(workd
     cfg = _cfg()
     cfg["model"]["kwargs"]["delay"] = 0.1
     cfg["output"]["lease_seconds"] = 0.4  # heartbeat every 0.1 s
+    cfg["tiling"]["strip"] = 1  # the lease is checked after every task
     config = _write(workdir, cfg, "c.yaml")
     store = workdir / "out.zarr"
 
