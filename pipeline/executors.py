@@ -1,8 +1,8 @@
 """Executors: run every block of a plan, each reading its own rows and writing its own chunk.
 
 ``InProcessExecutor`` is the reference (no Ray, for debugging and tests); ``RayExecutor`` runs one
-Ray task per block with a bounded number in flight, the model put in the object store once.
-Both call ``run_block``, so they give the same kernel. The only module that imports ray.
+Ray task per strip of blocks with a bounded number in flight, the model put in the object store once.
+Both call ``run_strip``, so they give the same kernel. The only module that imports ray.
 """
 
 from __future__ import annotations
@@ -113,11 +113,6 @@ def run_strip(task: BlockTask, blocks: Sequence[Block]) -> list[BlockResult]:
         if pending is not None:
             pending.result()
     return results
-
-
-def run_block(task: BlockTask, block: Block) -> BlockResult:
-    """Compute one block and write it (and its mirror) to the store, then mark it done."""
-    return run_strip(task, [block])[0]
 
 
 def strips(blocks: Iterable[Block], length: int) -> list[list[Block]]:
