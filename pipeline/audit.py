@@ -114,9 +114,10 @@ def verify(path: str, sample: int = 2, seed: int = 0) -> dict[str, Any]:
 def _recompute(meta: dict[str, Any], blocks: list[Any], checked: list[str], path: str) -> list[str]:
     try:
         cfg = parse_config(meta["config"])
-        module = build_model(cfg.model).double()
-        if fingerprint_module(build_model(cfg.model)) != meta["fingerprints"]["parameters"]:
+        module = build_model(cfg.model)
+        if fingerprint_module(module) != meta["fingerprints"]["parameters"]:
             return ["cannot recompute: the model the recorded config builds differs from the recorded parameters"]
+        module = module.double()
         x1 = open_source(cfg.data.x1, "data.x1")
         x2 = None if cfg.data.x2 is None else open_source(cfg.data.x2, "data.x2")
     except PipelineError as err:

@@ -36,7 +36,6 @@ from pipeline.store import (
     create,
     describe_lease,
     done_mask,
-    existing,
     lease_alive,
     lease_holder,
     read_meta,
@@ -63,10 +62,6 @@ class Prepared:
     auto: dict[str, Any] | None
     search_path: str | None
     fingerprints: dict[str, str | None]
-
-    @property
-    def itemsize(self) -> int:
-        return torch.empty((), dtype=getattr(torch, self.config.ntk.dtype)).element_size()
 
 
 @dataclass(frozen=True)
@@ -299,9 +294,9 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
         if not todo and meta.get("status") == "complete":
             return RunSummary(path, p.method, 0, 0.0, kernel_entries(p.plan.n1, p.plan.n2, p.o, cfg.ntk.mode),
                               0.0, skipped=len(p.plan.blocks))
-    elif action == "overwrite" and existing(path) == "kernel" and lease_alive(lease_holder(path)):
-        raise StoreError("output.path", f"another run is writing {path}: "
-                         f"{describe_lease(lease_holder(path) or {})}; not overwriting it")
+    elif action == "overwrite" and lease_alive(holder := lease_holder(path)):
+        raise StoreError("output.path", f"another run is writing {path}: {describe_lease(holder or {})}; "
+                         "not overwriting it")
     skipped = len(p.plan.blocks) - len(todo)
     ex = RayExecutor(cfg.ray, search_path) if executor == "ray" else InProcessExecutor()
     ex.start()  # a missing GPU or an unreachable cluster is refused before the output is written
@@ -359,7 +354,7 @@ def describe_plan(config: RunConfig | str | os.PathLike[str]) -> dict[str, Any]:
     """What ``ntk-pipeline plan`` prints: blocks, kernel bytes, task memory and FLOPs per method."""
     cfg, search_path = _resolve(config)
     p = prepare(cfg, search_path, fingerprint=False)  # plans read no more of the inputs than a block's rows
-    mode, item, plan = cfg.ntk.mode, p.itemsize, p.plan
+    mode, item, plan = cfg.ntk.mode, p.fm.itemsize, p.plan
     b1, b2 = plan.block
     sample = math.prod(p.x1.sample_shape)
     shapes = Counter((b.i1 - b.i0, b.j1 - b.j0, b.diagonal and plan.symmetric) for b in plan.blocks)
