@@ -69,6 +69,32 @@ def _label(cmd: str) -> str:
     return cmd.split(" ")[0].rsplit("/", 1)[-1] or "?"
 
 
+def _in_process_reference(config_path: Path, meta: dict, workers: int) -> tuple[dict, float]:
+    """The issue's numerator: each block as the in-process `empirical_ntk` computes it (a spawned process
+    with the workers' thread count, one warm-up, median of 3), a diagonal and an off-diagonal block, summed
+    over the plan. Strips reuse the row side's Jacobians, so this can exceed the workers' own compute."""
+    import torch
+
+    from pipeline.bench import bench_block
+    from pipeline.config import load_config
+    from pipeline.models import cast_input
+    from pipeline.run import prepare
+
+    config = load_config(config_path)
+    p = prepare(config, str(config_path.parent), measure=False, fingerprint=False)
+    dtype, threads = getattr(torch, config.ntk.dtype), config.ray.cpus_per_task
+    b = p.plan.block
+    times = {}
+    for name, (i0, j0) in (("diagonal", (0, 0)), ("off_diagonal", (0, b[1]))):
+        x1 = cast_input(p.x1.read(i0, i0 + b[0]), dtype, "cpu")
+        x2 = None if name == "diagonal" else cast_input((p.x2 or p.x1).read(j0, j0 + b[1]), dtype, "cpu")
+        out = bench_block(p.fm, x1, x2, config.ntk.mode, methods=(meta["method"],), threads=int(threads))
+        times[name] = out["rows"][0].seconds
+    n_diag = sum(1 for blk in p.plan.blocks if blk.diagonal)
+    total = n_diag * times["diagonal"] + (len(p.plan.blocks) - n_diag) * times["off_diagonal"]
+    return {**times, "sum": total, "threads": threads}, total / (meta["seconds"] * workers)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=60000)
@@ -131,6 +157,10 @@ def main() -> None:
           f"{meta['write_seconds'] / meta['blocks_total']:.3f} s (the block, its mirror and its marker)")
     print(f"efficiency: sum of block compute {meta['block_seconds']:.1f} s / ({meta['seconds']:.1f} s x "
           f"{args.workers} workers) = {eff:.2f}")
+    ref, ref_eff = _in_process_reference(work / "config.yaml", meta, args.workers)
+    print(f"in-process empirical_ntk on one block ({meta['method']}, {ref['threads']} thread(s), median of 3): "
+          f"diagonal {ref['diagonal']:.3f} s, off-diagonal {ref['off_diagonal']:.3f} s; sum over the plan "
+          f"{ref['sum']:.1f} s / ({meta['seconds']:.1f} s x {args.workers} workers) = efficiency {ref_eff:.2f}")
     by_label: dict[str, int] = defaultdict(int)
     for rss, cmd in peaks.values():
         by_label[_label(cmd)] = max(by_label[_label(cmd)], rss)
@@ -138,6 +168,7 @@ def main() -> None:
     for label, rss in sorted(by_label.items(), key=lambda kv: -kv[1]):
         print(f"  {label:<28} {rss / 2**20:8.0f} MiB")
     print(json.dumps({"n": args.n, "block": args.block, "wall_s": round(wall, 1), "efficiency": round(eff, 3),
+                      "efficiency_in_process": round(ref_eff, 3),
                       "peak_rss_mib": {k: round(v / 2**20) for k, v in by_label.items()}}))
     if not args.keep:
         shutil.rmtree(work)

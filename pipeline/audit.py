@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -38,19 +39,20 @@ OTHER_METHOD = {"structured": "jacobian_contraction", "jacobian_contraction": "s
                 "ntk_vector_products": "structured"}
 
 
-def _open(path: str) -> tuple[dict[str, Any], Plan]:
-    if existing(path) != "kernel":
+def _open(path: str, options: dict[str, Any] | None = None) -> tuple[dict[str, Any], Plan]:
+    if existing(path, options) != "kernel":
         raise StoreError("OUTPUT", f"{path} is not an ntk-pipeline output")
-    meta = read_meta(path)
+    meta = read_meta(path, options)
     rows, cols = meta["block"]
     return meta, tile(meta["n1"], meta["n2"], (rows, cols), meta["symmetric"])
 
 
-def status(path: str) -> dict[str, Any]:
-    """Blocks done / total, method, dtype, shapes, times and the lease; safe while a run writes."""
-    meta, plan = _open(path)
-    done = done_mask(path)
-    lease = lease_holder(path)
+def status(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Blocks done / total, method, dtype, shapes, times, nodes and the lease; safe while a run writes.
+    ``options``: fsspec storage options for a URL."""
+    meta, plan = _open(path, options)
+    done = done_mask(path, options)
+    lease = lease_holder(path, options)
     alive = lease_alive(lease)
     return {
         "path": path,
@@ -69,20 +71,21 @@ def status(path: str) -> dict[str, Any]:
         "last_write": meta.get("updated"),
         "finished": meta.get("finished"),
         "error": meta.get("error"),
+        "nodes": dict(Counter(meta["nodes"][i] for i in meta.get("block_nodes", []) if i >= 0)),
         "lease": {"held": alive, "holder": describe_lease(lease) if lease and alive else None,
                   "heartbeat_age_s": round(time.time() - float(lease["heartbeat"]), 1) if lease else None},
     }
 
 
-def verify(path: str, sample: int = 2, seed: int = 0) -> dict[str, Any]:
+def verify(path: str, sample: int = 2, seed: int = 0, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check that every block is marked done, read every chunk (checksums, finite values), and
     recompute ``sample`` random blocks in float64 with another method.
 
     Returns:
       ``{"ok": bool, "checked": [...what was checked...], "failures": [...one line each...]}``.
     """
-    meta, plan = _open(path)
-    done = done_mask(path)
+    meta, plan = _open(path, options)
+    done = done_mask(path, options)
     checked: list[str] = []
     failures: list[str] = []
     missing = [b.index for b in plan.blocks if not done[b.row, b.col]]
@@ -92,7 +95,7 @@ def verify(path: str, sample: int = 2, seed: int = 0) -> dict[str, Any]:
     readable = []
     for b in plan.blocks:
         try:
-            values, mirror = read_block(path, b)
+            values, mirror = read_block(path, b, options)
         except Exception as err:
             failures.append(f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}): unreadable: {brief(err)}")
             continue
@@ -107,14 +110,16 @@ def verify(path: str, sample: int = 2, seed: int = 0) -> dict[str, Any]:
             readable.append(b)
     checked.append(f"read all {len(plan.blocks)} blocks (crc32c checksums)")
     if sample > 0 and readable:
-        failures += _recompute(meta, random.Random(seed).sample(readable, min(sample, len(readable))), checked, path)
+        failures += _recompute(meta, random.Random(seed).sample(readable, min(sample, len(readable))), checked, path,
+                               options)
     return {"ok": not failures, "checked": checked, "failures": failures}
 
 
-def _recompute(meta: dict[str, Any], blocks: list[Any], checked: list[str], path: str) -> list[str]:
+def _recompute(meta: dict[str, Any], blocks: list[Any], checked: list[str], path: str,
+               options: dict[str, Any] | None) -> list[str]:
     try:
         cfg = parse_config(meta["config"])
-        module = build_model(cfg.model)
+        module = build_model(cfg.model).to(getattr(torch, meta["dtype"]))  # as the run fingerprinted it
         if fingerprint_module(module) != meta["fingerprints"]["parameters"]:
             return ["cannot recompute: the model the recorded config builds differs from the recorded parameters"]
         module = module.double()
@@ -130,7 +135,7 @@ def _recompute(meta: dict[str, Any], blocks: list[Any], checked: list[str], path
         a = cast_input(x1.read(b.i0, b.i1), torch.float64)
         c = None if b.diagonal and x2 is None else cast_input((x2 or x1).read(b.j0, b.j1), torch.float64)
         ref = compute_block(fm, a, c, method, meta["mode"]).numpy()
-        stored, _ = read_block(path, b)
+        stored, _ = read_block(path, b, options)
         scale = max(float(np.abs(ref).max()), 1e-30)
         rel = float(np.abs(stored - ref).max()) / scale
         if rel > tol:

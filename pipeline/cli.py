@@ -145,15 +145,36 @@ def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool,
     click.echo(f"auto takes: {auto['method']} ({auto['reason']}; probe: {timed})")
 
 
+def _storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
+    """--storage-options: a JSON object of fsspec options (no credentials: those come from the environment)."""
+    if value is None:
+        return None
+    try:
+        options = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise click.BadParameter(f"not valid JSON ({err.msg}): {value!r}") from None
+    if not isinstance(options, dict):
+        raise click.BadParameter(f"expected a JSON object such as '{{\"endpoint_url\": \"http://host:9000\"}}', "
+                                 f"got {value!r}")
+    return options
+
+
+storage_options_option = click.option(
+    "--storage-options", "options", callback=_storage_options, metavar="JSON",
+    help='fsspec options for a URL OUTPUT, e.g. \'{"endpoint_url": "http://127.0.0.1:8333"}\'; credentials '
+         "come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).")
+
+
 @main.command()
 @click.argument("output")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@storage_options_option
 @_fails_cleanly
-def status(output: str, as_json: bool) -> None:
-    """Progress of the run writing OUTPUT (or that wrote it): blocks done, times, lease."""
+def status(output: str, as_json: bool, options: dict[str, Any] | None) -> None:
+    """Progress of the run writing OUTPUT (or that wrote it): blocks done, times, nodes, lease."""
     from pipeline.audit import status as read_status
 
-    s = read_status(output)
+    s = read_status(output, options)
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -165,6 +186,8 @@ def status(output: str, as_json: bool) -> None:
                f"{s['block'][0]} x {s['block'][1]}{', symmetric' if s['symmetric'] else ''}")
     click.echo(f"started    {s['started']}" + (f", last run started {s['last_started']}" if s["last_started"] else ""))
     click.echo(f"last write {s['last_write'] or '-'}" + (f", finished {s['finished']}" if s["finished"] else ""))
+    if s["nodes"]:
+        click.echo("nodes      " + ", ".join(f"{node} ({n} blocks)" for node, n in s["nodes"].items()))
     click.echo(f"lease      {'held by ' + s['lease']['holder'] if s['lease']['held'] else 'free'}")
     if s["error"]:
         click.echo(f"error      {s['error']}")
@@ -175,12 +198,13 @@ def status(output: str, as_json: bool) -> None:
 @click.option("--sample", type=click.IntRange(0), default=2, show_default=True,
               help="Blocks to recompute in float64 with another method.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which blocks --sample picks.")
+@storage_options_option
 @_fails_cleanly
-def verify(output: str, sample: int, seed: int) -> None:
+def verify(output: str, sample: int, seed: int, options: dict[str, Any] | None) -> None:
     """Check OUTPUT: every block marked done, every chunk readable (checksums), samples recomputed."""
     from pipeline.audit import verify as run_verify
 
-    r = run_verify(output, sample=sample, seed=seed)
+    r = run_verify(output, sample=sample, seed=seed, options=options)
     for line in r["checked"]:
         click.echo(f"checked: {line}")
     for line in r["failures"]:

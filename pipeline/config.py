@@ -54,6 +54,36 @@ def _resolve(value: str | None, info: ValidationInfo, must_exist: bool) -> str |
     return resolved
 
 
+# storage_options keys that carry secrets: credentials come from the environment (AWS_ACCESS_KEY_ID,
+# AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...), never from a config file that gets
+# copied, committed and recorded in the output's attributes.
+SECRET_KEYS = frozenset({
+    "key", "secret", "token", "password", "session_token", "access_key", "secret_key", "access_key_id",
+    "secret_access_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "account_key",
+    "sas_token", "credential", "credentials", "client_secret",
+})
+
+
+def _check_storage_options(options: dict[str, Any] | None, path: str | None) -> dict[str, Any] | None:
+    """Refuse storage options with credentials in them, or for a path that is not a URL."""
+    if options is None:
+        return None
+    if path is None or not is_url(path):
+        where = "there is no path" if path is None else f"the path {path!r} is local"
+        raise ValueError(f"storage_options apply to URL paths (s3://..., gs://...), and {where}")
+
+    def walk(d: dict[str, Any], where: str) -> None:
+        for k, v in d.items():
+            if str(k).lower() in SECRET_KEYS:
+                raise ValueError(f"{where}{k} is a credential; credentials come from the environment "
+                                 "(e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), never from the config file")
+            if isinstance(v, dict):
+                walk(v, f"{where}{k}.")
+
+    walk(options, "")
+    return options
+
+
 class _Spec(BaseModel):
     # strict: "256" is not an int and "yes" is not a bool; YAML already gives real types.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -96,6 +126,12 @@ class InputSpec(_Spec):
     path: str | None = None
     array: str | None = None
     synthetic: Synthetic | None = None
+    storage_options: dict[str, Any] | None = None  # fsspec options for a URL path (endpoint_url, anon, ...)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _options(cls, v: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        return _check_storage_options(v, info.data.get("path"))
 
     @field_validator("path")
     @classmethod
@@ -169,11 +205,18 @@ class OutputSpec(_Spec):
     # Kernel values are close to incompressible (float mantissas): compression costs time for a few
     # percent. Every chunk carries a crc32c checksum either way.
     compression: Literal["none", "zstd", "blosc"] = "none"
+    # fsspec options for a URL path, e.g. {endpoint_url: "http://minio:9000"} for s3://; no credentials.
+    storage_options: dict[str, Any] | None = None
 
     @field_validator("path")
     @classmethod
     def _output_path(cls, v: str, info: ValidationInfo) -> str:
         return typing.cast(str, _resolve(v, info, must_exist=False))
+
+    @field_validator("storage_options")
+    @classmethod
+    def _options(cls, v: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        return _check_storage_options(v, info.data.get("path"))
 
 
 class RaySpec(_Spec):

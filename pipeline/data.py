@@ -10,13 +10,15 @@ Sources are picklable (they hold paths, not arrays), so each Ray worker opens it
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.config import InputSpec, Synthetic
+from pipeline.config import InputSpec, Synthetic, is_url
 from pipeline.errors import DataError, brief
 
 # Synthetic rows are drawn in fixed groups, each from its own seeded generator, so that any
@@ -76,13 +78,18 @@ def _check_array(key: str, shape: tuple[int, ...], dtype: Any, where: str) -> No
 
 
 class NpySource(Source):
-    """A .npy file, memory-mapped: a block reads only its own rows."""
+    """A .npy file, memory-mapped: a block reads only its own rows. At a URL, a block reads the
+    byte range of its rows (fsspec)."""
 
-    def __init__(self, key: str, path: str) -> None:
-        self.key, self.path = key, path
-        arr = self._array()
-        _check_array(key, arr.shape, arr.dtype, path)
-        self.n, self.sample_shape, self.dtype = arr.shape[0], tuple(arr.shape[1:]), arr.dtype
+    def __init__(self, key: str, path: str, options: dict[str, Any] | None = None) -> None:
+        self.key, self.path, self.options = key, path, options or {}
+        if is_url(path):
+            shape, dtype, self._offset = self._header()
+        else:
+            arr = self._array()
+            shape, dtype = arr.shape, arr.dtype
+        _check_array(key, shape, dtype, path)
+        self.n, self.sample_shape, self.dtype = shape[0], tuple(shape[1:]), np.dtype(dtype)
 
     def _array(self) -> np.ndarray:
         try:
@@ -90,22 +97,52 @@ class NpySource(Source):
         except Exception as err:
             raise DataError(f"{self.key}.path", f"cannot read {self.path} as .npy: {brief(err)}") from None
 
+    def _header(self) -> tuple[tuple[int, ...], np.dtype[Any], int]:
+        import fsspec
+
+        try:
+            with fsspec.open(self.path, "rb", **self.options) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                offset = f.tell()
+        except Exception as err:
+            raise DataError(f"{self.key}.path", f"cannot read {self.path} as .npy: {brief(err)}") from None
+        if fortran and len(shape) > 1:
+            raise DataError(f"{self.key}.path", f"{self.path} is stored in Fortran order; save it C-contiguous")
+        if dtype.hasobject:
+            raise DataError(f"{self.key}.path", f"{self.path} holds Python objects; expected a numeric array")
+        return tuple(shape), dtype, offset
+
     def _rows(self, i0: int, i1: int) -> np.ndarray:
-        return self._array()[i0:i1]
+        if not is_url(self.path):
+            return self._array()[i0:i1]
+        import fsspec
+
+        row = int(np.prod(self.sample_shape)) * self.dtype.itemsize
+        with fsspec.open(self.path, "rb", **self.options) as f:
+            f.seek(self._offset + i0 * row)
+            data = f.read((i1 - i0) * row)
+        return np.frombuffer(data, dtype=self.dtype).reshape(i1 - i0, *self.sample_shape)
 
 
 @lru_cache(maxsize=4)
-def _load_pt(path: str) -> torch.Tensor:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _load_pt(path: str, options: str = "{}") -> torch.Tensor:
+    if not is_url(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    import fsspec
+
+    with fsspec.open(path, "rb", **json.loads(options)) as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
 
 
 class PtSource(Source):
     """A tensor saved with torch.save; loaded whole (once per process), then sliced."""
 
-    def __init__(self, key: str, path: str) -> None:
-        self.key, self.path = key, path
+    def __init__(self, key: str, path: str, options: dict[str, Any] | None = None) -> None:
+        self.key, self.path, self._options = key, path, json.dumps(options or {}, sort_keys=True)
         try:
-            t = _load_pt(path)
+            t = _load_pt(path, self._options)
         except Exception as err:
             raise DataError(f"{key}.path", f"cannot read {path} as a torch tensor: {brief(err)}") from None
         if not isinstance(t, torch.Tensor):
@@ -115,15 +152,15 @@ class PtSource(Source):
         self.n, self.sample_shape, self.dtype = t.shape[0], tuple(t.shape[1:]), npdtype
 
     def _rows(self, i0: int, i1: int) -> np.ndarray:
-        rows = _load_pt(self.path)[i0:i1]
+        rows = _load_pt(self.path, self._options)[i0:i1]
         return (rows.float() if rows.dtype == torch.bfloat16 else rows).numpy()
 
 
 class ZarrSource(Source):
     """An array in a Zarr store (``{path, array}``); reads only the chunks a block needs."""
 
-    def __init__(self, key: str, path: str, array: str | None) -> None:
-        self.key, self.path, self.array = key, path, array
+    def __init__(self, key: str, path: str, array: str | None, options: dict[str, Any] | None = None) -> None:
+        self.key, self.path, self.array, self.options = key, path, array, options
         arr = self._open()
         _check_array(key, arr.shape, arr.dtype, f"{path}" + (f"/{array}" if array else ""))
         self.n, self.sample_shape, self.dtype = arr.shape[0], tuple(arr.shape[1:]), np.dtype(arr.dtype)
@@ -132,7 +169,8 @@ class ZarrSource(Source):
         import zarr
 
         try:
-            node = zarr.open(self.path, mode="r", path=self.array) if self.array else zarr.open(self.path, mode="r")
+            kw: dict[str, Any] = {"storage_options": self.options} if is_url(self.path) else {}
+            node = zarr.open(self.path, mode="r", path=self.array or "", **kw)
         except Exception as err:
             what = f"no array {self.array!r} in {self.path}" if self.array else f"cannot open {self.path} as Zarr"
             key = f"{self.key}.array" if self.array else f"{self.key}.path"
@@ -175,9 +213,9 @@ def open_source(spec: InputSpec, key: str) -> Source:
     assert spec.path is not None  # guaranteed by InputSpec's validator
     path = spec.path
     if spec.array is not None or path.rstrip("/").endswith(".zarr"):
-        return ZarrSource(key, path, spec.array)
+        return ZarrSource(key, path, spec.array, spec.storage_options)
     if path.endswith(".npy"):
-        return NpySource(key, path)
+        return NpySource(key, path, spec.storage_options)
     if path.endswith((".pt", ".pth")):
-        return PtSource(key, path)
+        return PtSource(key, path, spec.storage_options)
     raise DataError(f"{key}.path", f"expected a .npy, .pt or .zarr path, got {path!r}")

@@ -7,9 +7,11 @@ Both call ``run_strip``, so they give the same kernel. The only module that impo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -69,6 +71,17 @@ def _device_model(task: BlockTask, first: Block) -> tuple[FunctionalModel, torch
     return fm, device, dtype
 
 
+def _node_name() -> str:
+    """This worker's node: the host name, plus the Ray node id in a Ray worker (two Ray nodes may
+    share a host, and a node that restarts gets a new id)."""
+    host = socket.gethostname()
+    ray = sys.modules.get("ray")  # imported in a Ray worker; never imported just to ask
+    if ray is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):
+            return f"{host}/{ray.get_runtime_context().get_node_id()[:12]}"
+    return host
+
+
 def run_strip(task: BlockTask, blocks: Sequence[Block]) -> list[BlockResult]:
     """Compute blocks that share their x1 rows, forming the rows' side (Jacobians, or layer inputs
     and cotangents) once; each block is written (and then marked done) by a background thread
@@ -82,7 +95,7 @@ def run_strip(task: BlockTask, blocks: Sequence[Block]) -> list[BlockResult]:
     s1 = side(fm, cast_input(task.x1.read(first.i0, first.i1), dtype, device), task.method, task.mode)
     shared = time.perf_counter() - t0  # counted in the first block's compute time
     results: list[BlockResult] = []
-    host = socket.gethostname()
+    host = _node_name()
 
     def write(block: Block, values: np.ndarray, seconds: float) -> None:
         t = time.perf_counter()

@@ -187,6 +187,18 @@ def _meta(p: Prepared) -> dict[str, Any]:
     }
 
 
+def record_nodes(meta: dict[str, Any], results: list[BlockResult]) -> None:
+    """Record which node computed each block: ``nodes`` (names) and ``block_nodes`` (per block
+    index, an index into ``nodes``, or -1 for a block not computed yet). Earlier runs' entries stay."""
+    nodes: list[str] = list(meta.get("nodes", []))
+    per_block: list[int] = list(meta.get("block_nodes", [-1] * int(meta["blocks_total"])))
+    for r in results:
+        if r.node not in nodes:
+            nodes.append(r.node)
+        per_block[r.index] = nodes.index(r.node)
+    meta.update(nodes=nodes, block_nodes=per_block)
+
+
 # Most blocks of one row a task computes together, and the least share of a block's cost that
 # reusing the rows' side must save to be worth coarser tasks.
 MAX_STRIP = 16
@@ -280,69 +292,76 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
         raise ConfigError("executor", f"expected one of {', '.join(EXECUTORS)}, got {executor!r}")
     path = cfg.output.path
     _check_not_an_input(cfg)
-    action = check_output(path, cfg.output.overwrite)
+    opts = cfg.output.storage_options
+    action = check_output(path, cfg.output.overwrite, opts)
     p = prepare(cfg, search_path, measure=action != "resume")
     todo = list(p.plan.blocks)
     if action == "resume":
-        meta = read_meta(path)
+        meta = read_meta(path, opts)
         mismatch = resume_mismatch(meta, p)
         if mismatch:
             raise StoreError("output.path", f"cannot resume {path}: {mismatch}; use --overwrite to start afresh")
         p.method, p.auto = meta["method"], meta.get("auto")  # the recorded choice: the same bits as before
-        done = done_mask(path)
+        done = done_mask(path, opts)
         todo = [b for b in p.plan.blocks if not done[b.row, b.col]]
         if not todo and meta.get("status") == "complete":
             return RunSummary(path, p.method, 0, 0.0, kernel_entries(p.plan.n1, p.plan.n2, p.o, cfg.ntk.mode),
                               0.0, skipped=len(p.plan.blocks))
-    elif action == "overwrite" and lease_alive(holder := lease_holder(path)):
+    elif action == "overwrite" and lease_alive(holder := lease_holder(path, opts)):
         raise StoreError("output.path", f"another run is writing {path}: {describe_lease(holder or {})}; "
                          "not overwriting it")
     skipped = len(p.plan.blocks) - len(todo)
     ex = RayExecutor(cfg.ray, search_path) if executor == "ray" else InProcessExecutor()
     ex.start()  # a missing GPU or an unreachable cluster is refused before the output is written
-    lease = Lease(path, cfg.output.lease_seconds)
+    lease = Lease(path, cfg.output.lease_seconds, opts)
     try:
         if action != "resume":
             meta = _meta(p)
             create(path, p.plan, cfg.ntk.mode, p.o, cfg.ntk.dtype, meta, overwrite=action == "overwrite",
-                   compression=cfg.output.compression)
+                   compression=cfg.output.compression, options=opts)
         lease.acquire()
         meta.update(status="running", last_started=_now(), runs=int(meta.get("runs", 0)) + 1,
                     strip=strip_length(p, len(todo), ex.slots()))
         meta.pop("error", None)
-        update_meta(path, meta)
-        task = BlockTask(p.fm, p.x1, p.x2, p.method, cfg.ntk.mode, cfg.ntk.dtype, BlockWriter(path),
+        update_meta(path, meta, opts)
+        task = BlockTask(p.fm, p.x1, p.x2, p.method, cfg.ntk.mode, cfg.ntk.dtype, BlockWriter(path, opts),
                          gpu=cfg.ray.gpus_per_task > 0 and executor == "ray")
         results: list[BlockResult] = []
         t0 = last = time.perf_counter()
         with tqdm(total=len(p.plan.blocks), initial=skipped, unit="block", desc="ntk", disable=not progress) as bar:
+            recorded = 0
+
             def on_done(result: BlockResult) -> None:
-                nonlocal last
+                nonlocal last, recorded
                 results.append(result)
                 bar.update(1)
                 lease.check()
                 if time.perf_counter() - last > PROGRESS_EVERY_S:
                     last = time.perf_counter()
-                    update_meta(path, {**meta, "blocks_done": skipped + len(results), "updated": _now()})
+                    record_nodes(meta, results[recorded:])
+                    recorded = len(results)
+                    update_meta(path, {**meta, "blocks_done": skipped + len(results), "updated": _now()}, opts)
 
             try:
                 ex.run(task, strips(todo, meta["strip"]["length"]), on_done)
                 lease.check(read=True)
-                missing = int((~done_mask(path)).sum())
+                missing = int((~done_mask(path, opts)).sum())
                 if missing:  # never report success that is not true
                     raise StoreError("output.path", f"{missing} block markers of {path} are not set after the run")
             except BaseException as err:
+                record_nodes(meta, results[recorded:])
                 meta.update(status="failed" if isinstance(err, Exception) else "interrupted",
                             error=str(err), blocks_done=skipped + len(results), updated=_now())
                 if not lease.lost:  # a run that lost its lease leaves the attributes to the run that took it
                     with contextlib.suppress(Exception):  # the store itself may be what failed
-                        update_meta(path, meta)
+                        update_meta(path, meta, opts)
                 raise
         seconds = time.perf_counter() - t0
+        record_nodes(meta, results[recorded:])
         meta.update(status="complete", blocks_done=len(p.plan.blocks), seconds=round(seconds, 3),
                     block_seconds=round(sum(r.seconds for r in results), 3),
                     write_seconds=round(sum(r.write_seconds for r in results), 3), finished=_now(), updated=_now())
-        update_meta(path, meta)
+        update_meta(path, meta, opts)
     finally:
         lease.release()
         ex.stop()

@@ -11,6 +11,11 @@ import yaml
 
 TESTS = Path(__file__).resolve().parent
 
+# The S3 server the object-storage tests start accepts this pair. Clients find credentials in the
+# environment, as they would in production; set here, before Ray starts, so its workers inherit them.
+S3_ACCESS_KEY, S3_SECRET_KEY = "ntk-test-access", "ntk-test-secret"
+os.environ.update(AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY, AWS_DEFAULT_REGION="us-east-1")
+
 # Tolerances keyed by dtype: relative to the kernel's largest magnitude.
 TOLERANCES = {torch.float32: dict(rtol=2e-4, atol=2e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
