@@ -145,6 +145,39 @@ def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool,
     click.echo(f"auto takes: {auto['method']} ({auto['reason']}; probe: {timed})")
 
 
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--address", envvar="RAY_API_SERVER_ADDRESS", metavar="URL",
+              help="The cluster's job server, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS).")
+@click.option("--follow", is_flag=True, help="Stream the job's logs until it ends; exit with its outcome.")
+@click.option("--no-wait", is_flag=True, help="Return as soon as the job is submitted.")
+@click.option("--job-id", help="The submission id to use (default: one Ray makes).")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="More files of the config's folder to leave out of the upload (gitignore syntax).")
+@click.option("--entrypoint-num-cpus", type=click.FloatRange(0), default=None,
+              help="CPUs to reserve for the job's driver (default: none; it only schedules and records).")
+@_fails_cleanly
+def submit(config: str, address: str | None, follow: bool, no_wait: bool, job_id: str | None,
+           exclude: tuple[str, ...], entrypoint_num_cpus: float | None) -> None:
+    """Run CONFIG as a Ray job on a cluster: the config's folder travels with the job, whose
+    entrypoint is `ntk-pipeline run`. Prints the job id; waits for the job unless --no-wait."""
+    from pipeline.submit import job_message, wait
+    from pipeline.submit import submit as submit_job
+
+    if follow and no_wait:
+        raise click.UsageError("--follow and --no-wait exclude each other")
+    jid = submit_job(config, address, job_id=job_id, excludes=exclude, entrypoint_num_cpus=entrypoint_num_cpus)
+    click.echo(jid)
+    if no_wait:
+        return
+    status = wait(jid, address, follow=follow, echo=click.echo)
+    if status != "SUCCEEDED":
+        message = job_message(jid, address)
+        click.echo(f"Error: job {jid} {status.lower()}" + (f": {message}" if message else ""), err=True)
+        sys.exit(1)
+    click.echo(f"job {jid} succeeded")
+
+
 def _storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
     """--storage-options: a JSON object of fsspec options (no credentials: those come from the environment)."""
     if value is None:

@@ -49,7 +49,7 @@ def _resolve(value: str | None, info: ValidationInfo, must_exist: bool) -> str |
     if not path.is_absolute() and base is not None:
         path = Path(base) / path
     resolved = os.path.normpath(path)
-    if must_exist and not os.path.exists(resolved):
+    if must_exist and (info.context or {}).get("check_files", True) and not os.path.exists(resolved):
         raise ValueError(f"no such file: {resolved}")
     return resolved
 
@@ -273,12 +273,13 @@ def _one_line(err: ValidationError) -> ConfigError:
     return ConfigError(key or "config", msg)
 
 
-def parse_config(raw: Any, base: str | os.PathLike[str] | None = None) -> RunConfig:
-    """Validate a config mapping. ``base`` is the folder that relative paths are relative to."""
+def parse_config(raw: Any, base: str | os.PathLike[str] | None = None, check_files: bool = True) -> RunConfig:
+    """Validate a config mapping. ``base`` is the folder that relative paths are relative to;
+    ``check_files`` False skips checking that input files exist (they may exist only on a cluster)."""
     if not isinstance(raw, dict):
         raise ConfigError("config", f"expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return RunConfig.model_validate(raw, context={"base": base})
+        return RunConfig.model_validate(raw, context={"base": base, "check_files": check_files})
     except ValidationError as err:
         raise _one_line(err) from None
 
