@@ -25,9 +25,12 @@ import torch
 import yaml
 import zarr
 
+from pipeline.config import Synthetic
+from pipeline.data import SyntheticSource
 from pipeline.methods import empirical_ntk
 
 from conftest import TESTS, TOLERANCES
+from nets import SlowMLP
 
 pytestmark = pytest.mark.slow
 
@@ -158,11 +161,6 @@ def _job(tmp_path: Path, delay: float, n: int = 24, block: int = 4) -> Path:
 
 
 def _reference(n: int = 24) -> np.ndarray:
-    sys.path.insert(0, str(TESTS))
-    from nets import SlowMLP
-    from pipeline.data import SyntheticSource
-    from pipeline.config import Synthetic
-
     torch.manual_seed(2)
     model = SlowMLP(d_in=5, o=2, delay=0.0).double()
     x = SyntheticSource("x1", Synthetic(n=n, shape=[5], seed=4)).read(0, n).double()
