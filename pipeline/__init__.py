@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError, DataError, ModelError, PipelineError, StoreError
+from pipeline.kernel import Kernel, open_kernel
 from pipeline.methods import empirical_ntk
 from pipeline.run import RunSummary, run
 
@@ -20,6 +21,6 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "ConfigError", "DataError", "ModelError", "PipelineError", "RunConfig", "RunSummary", "StoreError",
-    "__version__", "empirical_ntk", "load_config", "run",
+    "ConfigError", "DataError", "Kernel", "ModelError", "PipelineError", "RunConfig", "RunSummary", "StoreError",
+    "__version__", "empirical_ntk", "load_config", "open_kernel", "run",
 ]

@@ -1,0 +1,64 @@
+"""What the commands of pipeline.cli and pipeline.cli_kernel share: turning a PipelineError into
+``Error: ...`` and exit 1, human-readable sizes, and the ``--storage-options JSON`` option."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from pipeline.errors import PipelineError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fails_cleanly(fn: F) -> F:
+    """Print a PipelineError as one line ``Error: <key>: <what is wrong>`` and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as err:
+            click.echo(f"Error: {err}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def size(n: float) -> str:
+    """Bytes with a binary prefix: ``512 B``, ``1.5 KiB``, ..."""
+    for prefix in ("", "Ki", "Mi", "Gi", "Ti", "Pi"):
+        if abs(n) < 1024 or prefix == "Pi":
+            return f"{n:.1f} {prefix}B" if prefix else f"{n:.0f} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
+    """--storage-options: a JSON object of fsspec options (no credentials: those come from the environment)."""
+    if value is None:
+        return None
+    try:
+        options = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise click.BadParameter(f"not valid JSON ({err.msg}): {value!r}") from None
+    if not isinstance(options, dict):
+        raise click.BadParameter(f"expected a JSON object such as '{{\"endpoint_url\": \"http://host:9000\"}}', "
+                                 f"got {value!r}")
+    return options
+
+
+def storage_options_flag(what: str = "a URL OUTPUT") -> Callable[[F], F]:
+    """``--storage-options JSON`` (parameter ``options``): fsspec options for ``what``, used for URLs only."""
+    return click.option(
+        "--storage-options", "options", callback=parse_storage_options, metavar="JSON",
+        help=f'fsspec options for {what}, e.g. \'{{"endpoint_url": "http://127.0.0.1:8333"}}\'; credentials '
+             "come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).")
+
+
+storage_options_option = storage_options_flag()

@@ -1,0 +1,178 @@
+"""The commands that use a stored kernel: ``inspect``, ``plot`` and ``predict``; ``register(main)``
+attaches them to the ``ntk-pipeline`` group.
+
+    ntk-pipeline inspect out/quickstart.zarr --json
+    ntk-pipeline plot out/quickstart.zarr -o kernel.png
+    ntk-pipeline predict --train-kernel train.zarr --test-kernel test.zarr --targets y.npy -o pred.npy
+    ntk-pipeline inspect s3://bucket/train.zarr --storage-options '{"endpoint_url": "http://127.0.0.1:8333"}'
+
+Kernels may be fsspec URLs (``--storage-options``: their fsspec options; credentials come from the
+environment); targets and written files are local. As in pipeline.cli (pipeline.cli_common): a
+PipelineError prints one line ``Error: <key or file>: <what is wrong>`` and exits 1, and a file is
+written (atomically) only when everything before it succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import IO, Any
+
+import click
+
+from pipeline.cli_common import fails_cleanly, size, storage_options_flag, storage_options_option
+from pipeline.errors import ConfigError, StoreError, brief
+from pipeline.kernel import EXECUTORS
+
+
+def _check_writable(path: str) -> None:
+    """Refuse an output file whose folder is missing or which is a folder, before any work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(path, "is a folder; expected a file name")
+    if not os.path.isdir(folder):
+        raise ConfigError(path, f"its folder {os.path.dirname(path) or '.'} does not exist")
+
+
+def _write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write to a temporary file beside ``path``, then rename it over ``path``: all or nothing."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise StoreError(path, f"cannot write it: {brief(err)}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.6g}"
+
+
+@click.command()
+@click.argument("output")
+@click.option("--stats/--no-stats", default=True, show_default=True,
+              help="Compute min, max, mean and diagonal mean (one read of the whole kernel, tile by tile).")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@storage_options_option
+@fails_cleanly
+def inspect(output: str, stats: bool, as_json: bool, options: dict[str, Any] | None) -> None:
+    """Shape, dtype, chunks, bytes, method, provenance, completeness and statistics of the kernel in OUTPUT."""
+    from pipeline.kernel import open_kernel
+
+    d = open_kernel(output, options).describe(stats=stats)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    prov = d["provenance"]
+    click.echo(f"kernel     {' x '.join(map(str, d['shape']))} ({d['mode']}, {d['dtype']}), dims "
+               f"{', '.join(d['dims'])}{', symmetric K(x, x)' if d['symmetric'] else ''}")
+    shards = f", in shards of {' x '.join(map(str, d['shards']))}" if d["shards"] else ""
+    click.echo(f"storage    chunks {' x '.join(map(str, d['chunks']))}{shards}; {size(d['nbytes'])} "
+               f"({size(d['stored_bytes'])} stored)")
+    click.echo(f"method     {d['method']}")
+    click.echo(f"status     {d['status']}, {d['blocks_done']} of {d['blocks_total']} blocks done"
+               + ("" if d["complete"] else " (incomplete)"))
+    fps = ", ".join(f"{k} {v[:15] + '...' if v else '-'}" for k, v in (prov["fingerprints"] or {}).items())
+    click.echo(f"model      p = {prov['p']:,} trainable parameters; fingerprints {fps}")
+    click.echo(f"versions   {', '.join(f'{k} {v}' for k, v in (prov['versions'] or {}).items())}")
+    click.echo(f"times      started {prov['started'] or '-'}, finished {prov['finished'] or '-'}")
+    s = d["stats"]
+    if s is not None:
+        click.echo(f"values     min {_num(s['min'])}, max {_num(s['max'])}, mean {_num(s['mean'])}, diagonal mean "
+                   f"{_num(s['diagonal_mean'])}; {s['not_computed']:,} of {s['entries']:,} entries not computed")
+
+
+@click.command()
+@click.argument("output")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The PNG file to write.")
+@click.option("--size", type=click.IntRange(1), default=256, show_default=True,
+              help="Most bins per side of the heatmap (the kernel is averaged over square bins).")
+@click.option("--eigenvalues", type=click.IntRange(0), default=50, show_default=True,
+              help="Leading eigenvalues to plot (a K(x, x) only; 0: none).")
+@click.option("--spectrum", type=click.Choice(["randomized", "lanczos"]), default="randomized", show_default=True,
+              help="randomized: few reads of the kernel; lanczos: exact to machine precision, more reads.")
+@click.option("--dpi", type=click.IntRange(10, 1000), default=100, show_default=True,
+              help="Pixels per inch; each panel is 6 x 5 inches.")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="auto", show_default=True,
+              help="Where products with the kernel run: in this process, as Ray tasks, or Ray for kernels >= 2 GiB.")
+@storage_options_option
+@fails_cleanly
+def plot(output: str, out: str, size: int, eigenvalues: int, spectrum: str, dpi: int, executor: str,
+         options: dict[str, Any] | None) -> None:
+    """Plot the kernel in OUTPUT (a heatmap, and for a K(x, x) its eigenvalue spectrum) into a PNG."""
+    from pipeline.kernel import Products, open_kernel
+    from pipeline.spectrum import plot_kernel
+
+    _check_writable(out)
+    k = open_kernel(output, options)
+    with Products(k, executor) as products:
+        fig, info = plot_kernel(k, size=size, eigenvalues=eigenvalues, method=spectrum, dpi=dpi, products=products)
+    _write_atomically(out, lambda f: fig.savefig(f, format="png"))
+    click.echo(f"heatmap    {info['heatmap'][0]} x {info['heatmap'][1]} bins of {info['bin']} x {info['bin']} samples")
+    ev = info["eigenvalues"]
+    if ev is None:
+        click.echo(f"spectrum   none: {info['skipped']}")
+    else:
+        click.echo(f"spectrum   {len(ev)} leading eigenvalues ({info['method']}, {info['passes']} reads of the "
+                   f"kernel): {ev[0]:.4g} ... {ev[-1]:.4g}")
+    click.echo(f"output     {out} ({info['width']} x {info['height']} pixels)")
+
+
+@click.command()
+@click.option("--train-kernel", required=True, help="K(train, train): a store computed with data.x2 left out.")
+@click.option("--test-kernel", required=True, help="K(test, train): a store with x1 = test and x2 = train inputs.")
+@click.option("--targets", required=True, help="Training targets, a .npy of shape (n_train, k); (n_train, o) for full.")
+@click.option("--diag-reg", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Added to the train kernel's diagonal, times the mean of that diagonal (neural-tangents' scale).")
+@click.option("--time", "t", type=click.FloatRange(min=0), default=None,
+              help="Training time in steps of gradient descent (times --learning-rate); default: infinity.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-6, show_default=True,
+              help="Relative residual (t = infinity) or relative change (finite t) at which the solver stops.")
+@click.option("--maxiter", type=click.IntRange(1), default=1000, show_default=True,
+              help="Most iterations, each one read of the train kernel.")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="auto", show_default=True,
+              help="Where products with the kernels run: in this process, as Ray tasks, or Ray for kernels >= 2 GiB.")
+@click.option("--ray-address", default=None, help="A Ray cluster to join (default: a local instance).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The .npy file to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line.")
+@storage_options_flag("URL kernels, the same for --train-kernel and --test-kernel (targets and -o are local files)")
+@fails_cleanly
+def predict(train_kernel: str, test_kernel: str, targets: str, diag_reg: float, t: float | None,
+            learning_rate: float, tol: float, maxiter: int, executor: str, ray_address: str | None, out: str,
+            as_json: bool, options: dict[str, Any] | None) -> None:
+    """Predict the linearized network trained on MSE (to convergence, or for --time) on the test inputs."""
+    import numpy as np
+
+    from pipeline.predict import predict as run_predict
+
+    _check_writable(out)
+    p = run_predict(train_kernel, test_kernel, targets, diag_reg=diag_reg, time=t, learning_rate=learning_rate,
+                    tol=tol, maxiter=maxiter, executor=executor, ray_address=ray_address, options=options)
+    _write_atomically(out, lambda f: np.save(f, p.values))
+    if as_json:
+        click.echo(json.dumps({
+            "output": out, "shape": list(p.values.shape), "solver": p.solver, "time": t, "iterations": p.iterations,
+            "residual": p.residual, "change": p.change, "diag_reg": diag_reg, "diag_reg_absolute": p.diag_reg,
+            "passes": p.passes, "executor": p.executor, "seconds": round(p.seconds, 3),
+        }))
+        return
+    when = "t = infinity" if t is None else f"t = {t:g} steps x learning rate {learning_rate:g}"
+    click.echo(f"solver     {'conjugate gradients (Jacobi)' if p.solver == 'cg' else 'Lanczos'}, {when}, "
+               f"diag_reg {diag_reg:g} x mean(diag) = {p.diag_reg:.4g}")
+    accuracy = (f"relative residual {p.residual:.3g}" if p.residual is not None
+                else f"relative change {p.change:.3g}")
+    click.echo(f"solved     {p.iterations} iterations, {accuracy} (tol {tol:g})")
+    click.echo(f"read       the train kernel {p.passes} times, the test kernel once ({p.executor}), {p.seconds:.2f} s")
+    click.echo(f"output     {out}: {' x '.join(map(str, p.values.shape))} float64")
+
+
+def register(group: click.Group) -> None:
+    """Attach inspect, plot and predict to the ``ntk-pipeline`` group."""
+    for command in (inspect, plot, predict):
+        group.add_command(command)

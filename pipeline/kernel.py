@@ -1,0 +1,437 @@
+"""A stored kernel, opened for use: its metadata, readers, and out-of-core statistics and products.
+
+    k = open_kernel("out/quickstart.zarr")
+    k = open_kernel("s3://bucket/k.zarr", {"endpoint_url": "http://127.0.0.1:8333"})  # fsspec options
+    k.mode, k.n1, k.method                  # "trace", 600, "structured"
+    k.to_xarray().isel(x1=0)                # lazily read, dims ("x1", "x2")
+    k.matmat(v)                             # K @ v tile by tile: never the whole kernel in memory
+
+Everything here reads the kernel in chunk-aligned tiles of at most ``tile_bytes``; ``matmat`` runs
+the tiles in this process or as one Ray task per row band.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.config import is_url
+from pipeline.errors import StoreError, brief
+from pipeline.plan import Plan, tile
+from pipeline.store import DONE, KERNEL, existing, read_meta
+
+# Bytes of kernel one tile read holds (at least one chunk, whatever this says).
+TILE_BYTES = 256 << 20
+# ``executor="auto"`` runs products as Ray tasks for kernels of at least this many bytes.
+RAY_BYTES = 2 << 30
+EXECUTORS = ("auto", "local", "ray")
+
+Tile = tuple[int, int, int, int]  # rows i0:i1, columns j0:j1
+
+
+def open_kernel(path: str, options: dict[str, Any] | None = None) -> Kernel:
+    """Open an ntk-pipeline store for reading.
+
+    Args:
+      path: a folder, or an fsspec URL such as ``s3://bucket/k.zarr``.
+      options: fsspec storage options for a URL (ignored for a local path), e.g. ``{"endpoint_url":
+        ...}``; the Kernel keeps them for every later open (xarray, Ray product tasks). Credentials
+        come from the environment, as for the run that wrote the store.
+
+    Raises:
+      StoreError: the path is not an ntk-pipeline store or cannot be read (named by the path).
+    """
+    try:
+        kind = existing(path, options)
+    except StoreError as err:
+        raise StoreError(path, err.message) from None
+    if kind != "kernel":
+        what = {"none": "does not exist", "zarr": "is a Zarr store but not an ntk-pipeline output",
+                "other": "is not a Zarr store"}[kind]
+        raise StoreError(path, what)
+    try:
+        group: Any = zarr.open_group(path, mode="r", storage_options=_url_options(path, options))
+        return Kernel(path, group[KERNEL], read_meta(path, options), np.asarray(group[DONE][...]).astype(bool),
+                      options)
+    except Exception as err:
+        raise StoreError(path, f"cannot read it: {brief(err)}") from None
+
+
+def _url_options(path: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The fsspec storage options to open ``path`` with: ``options`` for a URL, else None."""
+    return options if is_url(path) else None
+
+
+@dataclass
+class Kernel:
+    """A stored NTK: the Zarr array, its provenance, and out-of-core reads of it.
+
+    Shape (n1, n2, o, o) for full, (n1, n2) for trace and pntk, (n1, n2, o) for diagonal.
+    """
+
+    path: str
+    array: Any  # zarr.Array
+    meta: dict[str, Any]  # the store's ``ntk_pipeline`` attributes
+    done: np.ndarray = field(repr=False)  # (grid rows, grid cols) bool: blocks written
+    options: dict[str, Any] | None = field(default=None, repr=False)  # fsspec storage options (URL paths)
+
+    @property
+    def mode(self) -> str:
+        return str(self.meta["mode"])
+
+    @property
+    def method(self) -> str:
+        return str(self.meta["method"])
+
+    @property
+    def n1(self) -> int:
+        return int(self.meta["n1"])
+
+    @property
+    def n2(self) -> int:
+        return int(self.meta["n2"])
+
+    @property
+    def o(self) -> int:
+        return int(self.meta["o"])
+
+    @property
+    def symmetric(self) -> bool:
+        """K(x, x), computed with data.x2 left out."""
+        return bool(self.meta["symmetric"])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return np.dtype(self.array.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    @property
+    def m(self) -> int:
+        """Values per sample in a vector the kernel acts on: o for full and diagonal, else 1."""
+        return self.o if self.mode in ("full", "diagonal") else 1
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the kernel came from: config, method (and auto's choice), versions, fingerprints, times."""
+        keys = ("config", "method", "auto", "p", "versions", "fingerprints", "status", "started", "finished")
+        return {k: self.meta.get(k) for k in keys}
+
+    def _plan(self) -> Plan:
+        rows, cols = self.meta["block"]
+        return tile(self.n1, self.n2, (rows, cols), self.symmetric)
+
+    def missing_blocks(self) -> list[int]:
+        """Indices of the blocks of the run's plan not marked done."""
+        return [b.index for b in self._plan().blocks if not self.done[b.row, b.col]]
+
+    def require_complete(self) -> None:
+        """Raise StoreError unless every block is done."""
+        missing = self.missing_blocks()
+        if missing:
+            total = len(self._plan().blocks)
+            raise StoreError(self.path, f"incomplete: {len(missing)} of {total} blocks are not done (status "
+                             f"{self.meta.get('status')}); finish it with `ntk-pipeline run` first")
+
+    def describe(self, stats: bool = True, tile_bytes: int = TILE_BYTES) -> dict[str, Any]:
+        """What ``ntk-pipeline inspect`` shows: shape, dtype, chunks, bytes, method, provenance,
+        completeness and (``stats``: one read of the kernel) the statistics of ``stats()``."""
+        missing = self.missing_blocks()
+        total = len(self._plan().blocks)
+        return {
+            "path": self.path, "shape": list(self.shape), "dtype": str(self.dtype),
+            "dims": list(self.array.metadata.dimension_names or ()), "chunks": list(self.array.chunks),
+            "shards": list(self.array.shards) if self.array.shards else None,
+            "nbytes": self.nbytes, "stored_bytes": int(self.array.nbytes_stored()),
+            "mode": self.mode, "method": self.method, "n1": self.n1, "n2": self.n2, "o": self.o,
+            "symmetric": self.symmetric, "status": self.meta.get("status"), "complete": not missing,
+            "blocks_done": total - len(missing), "blocks_total": total, "provenance": self.provenance,
+            "stats": self.stats(tile_bytes) if stats else None,
+        }
+
+    def to_dask(self) -> Any:
+        """The kernel as a dask array, chunked like the store (needs dask)."""
+        import dask.array as da
+
+        return da.from_zarr(self.array)
+
+    def to_xarray(self) -> Any:
+        """The kernel as a lazy xarray.DataArray with dims ``x1, x2[, o1, o2 | o]`` (needs xarray)."""
+        import xarray as xr
+
+        ds = xr.open_zarr(self.path, consolidated=False, storage_options=_url_options(self.path, self.options))
+        out = ds[KERNEL]
+        out.attrs = {"mode": self.mode, "method": self.method, "n1": self.n1, "n2": self.n2, "o": self.o}
+        return out
+
+    def read(self, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+        """Rows i0:i1 by columns j0:j1, read (and checksummed) now; StoreError naming them on failure."""
+        try:
+            return np.asarray(self.array[i0:i1, j0:j1])
+        except Exception as err:
+            raise StoreError(self.path, f"reading rows {i0}:{i1}, columns {j0}:{j1} failed: {brief(err)}") from None
+
+    def _unit(self, tile_bytes: int) -> tuple[int, int]:
+        """The store's file (a block) when one fits ``tile_bytes``, else its chunk."""
+        block = (int(self.meta["block"][0]), int(self.meta["block"][1]))
+        chunk = (int(self.meta["chunk"][0]), int(self.meta["chunk"][1]))
+        return block if block[0] * block[1] * self._entry_bytes() <= tile_bytes else chunk
+
+    def _entry_bytes(self) -> int:
+        return math.prod(self.shape[2:]) * self.dtype.itemsize
+
+    def tiles(self, tile_bytes: int = TILE_BYTES) -> list[Tile]:
+        """Chunk-aligned tiles covering the kernel, row band by row band, each at most ``tile_bytes``
+        (or one unit: a block, or a chunk where a block is too large). A band is as many units wide as
+        fit, and where the whole width fits, as many units high as fit."""
+        rows, cols = self._unit(tile_bytes)
+        per_unit = rows * cols * self._entry_bytes()
+        across = math.ceil(self.n2 / cols)  # units in a row of the kernel
+        wide = max(1, tile_bytes // per_unit)
+        if wide >= across:
+            rows *= max(1, tile_bytes // (per_unit * across))
+        width = min(wide, across) * cols
+        return [(i0, min(i0 + rows, self.n1), j0, min(j0 + width, self.n2))
+                for i0 in range(0, self.n1, rows) for j0 in range(0, self.n2, width)]
+
+    def read_tiles(self, tiles: list[Tile]) -> Iterator[tuple[Tile, np.ndarray]]:
+        """Each tile with its values, the next read in a thread while the caller works on this one."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ntk-read") as pool:
+            ahead: list[Future[np.ndarray]] = [pool.submit(self.read, *tiles[0])] if tiles else []
+            for k, t in enumerate(tiles):
+                values = ahead.pop().result()
+                if k + 1 < len(tiles):
+                    ahead.append(pool.submit(self.read, *tiles[k + 1]))
+                yield t, values
+
+    def diagonal(self, tile_bytes: int = TILE_BYTES) -> np.ndarray:
+        """K(x_i, x_i) of a square kernel, out of core: (n,) for trace and pntk, (n, o) for full
+        (the a = b entries) and diagonal. Reads only the tiles on the diagonal."""
+        if self.n1 != self.n2:
+            raise ValueError(f"a diagonal needs a square kernel, got {self.n1} x {self.n2}")
+        out = np.empty((self.n1, self.m) if self.m > 1 else (self.n1,), dtype=self.dtype)
+        rows = self._unit(tile_bytes)[0]
+        for i0 in range(0, self.n1, rows):
+            i1 = min(i0 + rows, self.n1)
+            out[i0:i1] = _diagonal_of(self.read(i0, i1, i0, i1), self.mode)
+        return out
+
+    def stats(self, tile_bytes: int = TILE_BYTES) -> dict[str, Any]:
+        """One pass over the kernel: min, max, mean of the computed values, how many are not computed
+        (NaN), and for K(x, x) the mean of its diagonal (the a = b entries for full)."""
+        lo, hi, total, count, missing = math.inf, -math.inf, 0.0, 0, 0
+        diag_sum, diag_count = 0.0, 0
+        for (i0, i1, j0, j1), values in self.read_tiles(self.tiles(tile_bytes)):
+            finite = np.isfinite(values)
+            missing += int(values.size - finite.sum())
+            if finite.any():
+                v = values[finite]
+                lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+                total += float(v.sum(dtype=np.float64))
+                count += v.size
+            a, b = max(i0, j0), min(i1, j1)
+            if self.symmetric and a < b:
+                d = _diagonal_of(values[a - i0 : b - i0, a - j0 : b - j0], self.mode)
+                d = d[np.isfinite(d)]
+                diag_sum += float(d.sum(dtype=np.float64))
+                diag_count += d.size
+        return {
+            "min": lo if count else None, "max": hi if count else None, "mean": total / count if count else None,
+            "diagonal_mean": diag_sum / diag_count if diag_count else None,
+            "entries": int(math.prod(self.shape)), "not_computed": missing,
+        }
+
+    def downsample(self, size: int, tile_bytes: int = TILE_BYTES) -> np.ndarray:
+        """The (n1, n2) kernel averaged over square bins so that neither side exceeds ``size``; full and
+        diagonal kernels are first summed over a = b (their trace over outputs). NaN where a bin
+        holds no computed value."""
+        f = max(1, math.ceil(max(self.n1, self.n2) / size))
+        sums = np.zeros((math.ceil(self.n1 / f), math.ceil(self.n2 / f)))
+        counts = np.zeros_like(sums)
+        for (i0, i1, j0, j1), values in self.read_tiles(self.tiles(tile_bytes)):
+            t = _trace_over_outputs(values.astype(np.float64), self.mode)
+            finite = np.isfinite(t)
+            rs, cs = _bins(i0, i1, f), _bins(j0, j1, f)
+            for x, into in ((np.where(finite, t, 0.0), sums), (finite.astype(np.float64), counts)):
+                binned = np.add.reduceat(np.add.reduceat(x, rs - i0, axis=0), cs - j0, axis=1)
+                into[rs[0] // f : rs[-1] // f + 1, cs[0] // f : cs[-1] // f + 1] += binned
+        with np.errstate(invalid="ignore"):
+            return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+    def matmat(self, x: np.ndarray, products: Products | None = None) -> np.ndarray:
+        """K @ x in float64, K as the (n1 m, n2 m) matrix (index i m + a; m = o for full and diagonal,
+        whose matrix is zero between different outputs, else 1).
+
+        Args:
+          x: (n2 m, c).
+          products: how to run the tiles (default: in this process).
+
+        Returns:
+          (n1 m, c) float64.
+        """
+        return (products or Products(self)).matmat(x)
+
+
+def _bins(i0: int, i1: int, f: int) -> np.ndarray:
+    """Absolute starts of the bins of size f that rows i0:i1 touch, the first clipped to i0."""
+    starts = np.arange((i0 // f) * f, i1, f)
+    starts[0] = i0
+    return starts
+
+
+def _trace_over_outputs(values: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "full":
+        return np.einsum("ijaa->ij", values)
+    if mode == "diagonal":
+        return values.sum(-1)
+    return values
+
+
+def _diagonal_of(square: np.ndarray, mode: str) -> np.ndarray:
+    """The diagonal of a square tile on the kernel's diagonal: (r,) or (r, o)."""
+    if mode == "full":
+        return np.einsum("iiaa->ia", square)
+    if mode == "diagonal":
+        return np.einsum("iia->ia", square)
+    return np.diagonal(square).copy()
+
+
+def tile_product(values: np.ndarray, x: np.ndarray, mode: str) -> np.ndarray:
+    """One tile's share of K @ x: values (r, s[, o[, o]]), x (s m, c) -> (r m, c), in float64."""
+    r, s = values.shape[:2]
+    c = x.shape[-1]
+    v = values.astype(np.float64, copy=False)
+    if mode == "full":  # y[i, a] = sum_j,b K[i, j, a, b] x[j, b]
+        o = v.shape[2]
+        return v.transpose(0, 2, 1, 3).reshape(r * o, s * o) @ x
+    if mode == "diagonal":  # y[i, a] = sum_j K[i, j, a] x[j, a]
+        o = v.shape[2]
+        return np.einsum("ija,jac->iac", v, x.reshape(s, o, c)).reshape(r * o, c)
+    return v @ x
+
+
+def _band_product(kernel: Kernel, band: list[Tile], x: np.ndarray) -> np.ndarray:
+    """Rows i0:i1 of K @ x from the tiles of one row band."""
+    i0, i1 = band[0][0], band[0][1]
+    m = kernel.m
+    y = np.zeros(((i1 - i0) * m, x.shape[1]))
+    for (_, _, j0, j1), values in kernel.read_tiles(band):
+        y += tile_product(values, x[j0 * m : j1 * m], kernel.mode)
+    return y
+
+
+# Per Ray worker process: (path, storage options, start time of the run that wrote it) -> the
+# kernel, opened once.
+_WORKER_KERNELS: dict[tuple[str, str, str], Kernel] = {}
+
+
+def _remote_band(path: str, options: dict[str, Any] | None, started: str, band: list[Tile],
+                 x: np.ndarray) -> tuple[int, np.ndarray]:
+    key = (path, json.dumps(options, sort_keys=True, default=str), started)
+    kernel = _WORKER_KERNELS.get(key)
+    if kernel is None:
+        _WORKER_KERNELS.clear()
+        kernel = _WORKER_KERNELS[key] = open_kernel(path, options)
+    return band[0][0], _band_product(kernel, band, x)
+
+
+class Products:
+    """K @ x tile by tile: in this process (the next tile read while this one multiplies), or as one
+    Ray task per row band, x put in the object store once per product; a task opens the store (once
+    per worker process) by its path and the kernel's storage options.
+
+    ``executor``: "local", "ray", or "auto" (Ray for kernels of at least RAY_BYTES). Ray joins the
+    instance this process already has, else ``ray_address`` (None: a local instance, stopped on
+    ``close``). ``passes`` counts the products, each one read of the kernel.
+    """
+
+    def __init__(self, kernel: Kernel, executor: str = "local", tile_bytes: int = TILE_BYTES,
+                 ray_address: str | None = None) -> None:
+        if executor not in EXECUTORS:
+            raise ValueError(f"expected an executor in {EXECUTORS}, got {executor!r}")
+        if executor == "auto":
+            executor = "ray" if kernel.nbytes >= RAY_BYTES else "local"
+        self.kernel, self.executor = kernel, executor
+        self.tiles = kernel.tiles(tile_bytes)
+        self.bands: list[list[Tile]] = []  # the tiles of one row band: one Ray task
+        for t in self.tiles:
+            if self.bands and self.bands[-1][0][0] == t[0]:
+                self.bands[-1].append(t)
+            else:
+                self.bands.append([t])
+        self.passes = 0
+        self._started_ray = False
+        if executor == "ray":
+            self._start_ray(ray_address)
+
+    def _start_ray(self, address: str | None) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            except ConnectionError as err:
+                raise StoreError("ray_address", f"cannot connect to {address!r}: {err}") from None
+            self._started_ray = True
+        self._remote = ray.remote(_remote_band).options(num_cpus=1)
+
+    def matmat(self, x: np.ndarray) -> np.ndarray:
+        """K @ x: x (n2 m, c) -> (n1 m, c) float64."""
+        k = self.kernel
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] != k.n2 * k.m:
+            raise ValueError(f"expected x of shape ({k.n2 * k.m}, c), got {x.shape}")
+        self.passes += 1
+        if self.executor == "local":
+            y = np.zeros((k.n1 * k.m, x.shape[1]))
+            for (i0, i1, j0, j1), values in k.read_tiles(self.tiles):
+                y[i0 * k.m : i1 * k.m] += tile_product(values, x[j0 * k.m : j1 * k.m], k.mode)
+            return y
+        import ray
+        from ray.exceptions import RayTaskError
+
+        y = np.empty((k.n1 * k.m, x.shape[1]))
+        x_ref = ray.put(x)
+        path = k.path if is_url(k.path) else os.path.abspath(k.path)  # workers may start elsewhere
+        options = _url_options(k.path, k.options)
+        refs = [self._remote.remote(path, options, str(k.meta.get("started")), band, x_ref) for band in self.bands]
+        try:
+            for i0, part in ray.get(refs):
+                y[i0 * k.m : i0 * k.m + part.shape[0]] = part
+        except RayTaskError as err:
+            cause: BaseException = getattr(err, "cause", None) or err
+            if isinstance(cause, StoreError):
+                raise cause from None
+            raise StoreError(k.path, f"a product task failed: {brief(cause)}") from None
+        return y
+
+    def close(self) -> None:
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> Products:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Kernel", "Products", "open_kernel", "tile_product"]

@@ -1,0 +1,299 @@
+"""NTK predictions from stored kernels, out of core: the linearized network trained on MSE.
+
+    p = predict("train.zarr", "test.zarr", y_train, diag_reg=1e-4)   # t = infinity
+    p.values                                                          # (n_test, k)
+
+The conventions of neural-tangents' ``predict.gradient_descent_mse`` with ``fx_train_0 = fx_test_0 = 0``
+(the network's change, f - f(theta_0)) and a relative ``diag_reg``:
+
+    K_reg  = K(train, train) + diag_reg * mean(diag K(train, train)) * I
+    f(t)   = K(test, train) K_reg^-1 (I - exp(-learning_rate * t * K_reg / Y.size)) Y
+    f(inf) = K(test, train) K_reg^-1 Y
+
+t is in steps of gradient descent with ``learning_rate`` on the loss ||f(train) - Y||^2 / (2 Y.size).
+A trace or pntk kernel stands for K x I over the targets' k columns (any k); a full kernel is the
+(n o, n o) matrix and its targets are (n, o). The train kernel is read only through products with
+it (tile by tile, pipeline.kernel): t = infinity is solved by conjugate gradients with a Jacobi
+preconditioner, a finite t by the Lanczos approximation of the matrix function; the test kernel is
+read once.
+"""
+
+from __future__ import annotations
+
+import math
+import time as clock
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ConfigError, DataError, PipelineError, StoreError, brief
+from pipeline.kernel import TILE_BYTES, Kernel, Products, open_kernel
+
+Apply = Callable[[np.ndarray], np.ndarray]  # (N, c) -> (N, c)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    values: np.ndarray  # (n_test, k) for trace and pntk, (n_test, o) for full; float64
+    solver: str  # "cg" (t = infinity) or "lanczos" (finite t)
+    iterations: int
+    residual: float | None  # cg: largest ||b - K_reg x|| / ||b|| over the columns, measured after the solve
+    change: float | None  # lanczos: the last iteration's relative change of the result (its error estimate)
+    diag_reg: float  # the absolute regularizer: diag_reg * mean(diag K(train, train))
+    passes: int  # reads of the train kernel
+    executor: str
+    seconds: float
+
+
+def predict(train: Kernel | str, test: Kernel | str, targets: np.ndarray | str, *, diag_reg: float = 0.0,
+            time: float | None = None, learning_rate: float = 1.0, tol: float = 1e-6, maxiter: int = 1000,
+            executor: str = "auto", tile_bytes: int = TILE_BYTES, ray_address: str | None = None,
+            options: dict[str, Any] | None = None) -> Prediction:
+    """Predictions of the linearized network on the test kernel's x1 (see the module docstring).
+
+    Args:
+      train: K(train, train), a complete full, trace or pntk store computed with data.x2 left out.
+      test: K(test, train), a complete store of the same mode and model whose x2 is the train inputs.
+      targets: (n_train, k), or the path of such a .npy; for a full kernel k = o.
+      diag_reg: relative to the mean of the train kernel's diagonal (neural-tangents' default scale).
+      time: None or inf for the trained-to-convergence network; else t >= 0 in steps.
+      learning_rate: scales t, as in neural-tangents (absolute time = learning_rate * t).
+      tol: cg stops at a relative residual below it; lanczos at a relative change below it.
+      maxiter: most iterations (each one read of the train kernel).
+      executor, tile_bytes, ray_address: how the products run (pipeline.kernel.Products).
+      options: fsspec storage options for ``train`` and ``test`` given as URLs (both; see open_kernel).
+
+    Returns:
+      A Prediction: (n_test, k) or (n_test, o) values with the solver's iterations and accuracy.
+
+    Raises:
+      PipelineError: bad kernels or targets (nothing computed), or a solve that did not reach ``tol``.
+    """
+    t0 = clock.perf_counter()
+    if not diag_reg >= 0:
+        raise ConfigError("diag_reg", f"expected a number >= 0, got {diag_reg}")
+    if time is not None and not time >= 0:
+        raise ConfigError("time", f"expected a time >= 0 (or None for infinity), got {time}")
+    if not learning_rate > 0:
+        raise ConfigError("learning_rate", f"expected a number > 0, got {learning_rate}")
+    k_train = train if isinstance(train, Kernel) else open_kernel(train, options)
+    k_test = test if isinstance(test, Kernel) else open_kernel(test, options)
+    check_kernels(k_train, k_test)
+    y = read_targets(targets, k_train)  # (N, c)
+    diag = k_train.diagonal(tile_bytes).astype(np.float64).reshape(-1)  # (N,)
+    reg = diag_reg * float(diag.mean())
+    with ExitStack() as stack:  # the first to start Ray stops it last
+        a = stack.enter_context(Products(k_train, executor, tile_bytes, ray_address))
+        b = stack.enter_context(Products(k_test, a.executor, tile_bytes, ray_address))
+
+        def apply(x: np.ndarray) -> np.ndarray:
+            return a.matmat(x) + reg * x
+
+        residual: float | None = None
+        change: float | None = None
+        if time is None or math.isinf(time):
+            solver = "cg"
+            u, iterations, residual = solve(apply, y, diag + reg, tol, maxiter)
+            if not residual <= tol:  # also NaN
+                raise PipelineError("predict", f"conjugate gradients stopped after {iterations} iterations at a "
+                                    f"relative residual of {residual:.3g} (tol {tol:g}); raise maxiter or diag_reg")
+        else:
+            solver = "lanczos"
+            s = learning_rate * time / y.size
+            u, iterations, change = lanczos_function(apply, y, lambda theta: _flow(theta, s), tol, maxiter)
+            if not change <= tol:
+                raise PipelineError("predict", f"Lanczos stopped after {iterations} iterations with a relative "
+                                    f"change of {change:.3g} (tol {tol:g}); raise maxiter")
+        values = b.matmat(u)  # (n_test m, c)
+        passes = a.passes
+    if not np.isfinite(values).all():
+        raise StoreError(k_test.path, "the predictions are not finite: the kernels hold non-finite values")
+    shape = (k_test.n1, k_test.o) if k_train.mode == "full" else (k_test.n1, y.shape[1])
+    return Prediction(values.reshape(shape), solver, iterations, residual, change, reg, passes, a.executor,
+                      clock.perf_counter() - t0)
+
+
+def check_kernels(train: Kernel, test: Kernel) -> None:
+    """Raise StoreError (naming the store) unless the two kernels fit together for predictions."""
+    for k in (train, test):
+        if k.mode == "diagonal":
+            raise StoreError(k.path, "a diagonal-mode kernel (n1, n2, o) leaves out the NTK between different "
+                             "outputs; compute a full or trace kernel for predictions")
+    if test.mode != train.mode:
+        raise StoreError(test.path, f"mode {test.mode} differs from the train kernel's mode {train.mode}")
+    if not train.symmetric:
+        raise StoreError(train.path, "not a K(train, train): it was computed with data.x2; compute the train "
+                         "kernel with data.x2 left out")
+    if test.n2 != train.n1:
+        raise StoreError(test.path, f"its x2 has {test.n2} samples, the train kernel's x1 {train.n1}; the test "
+                         "kernel is K(test, train)")
+    if test.o != train.o:
+        raise StoreError(test.path, f"the model has o = {test.o} outputs, the train kernel's {train.o}")
+    ours, theirs = test.meta.get("fingerprints") or {}, train.meta.get("fingerprints") or {}
+    if ours.get("parameters") and theirs.get("parameters") and ours["parameters"] != theirs["parameters"]:
+        raise StoreError(test.path, "computed with other model parameters than the train kernel (fingerprint "
+                         f"{ours['parameters']} vs {theirs['parameters']})")
+    if ours.get("x2") and theirs.get("x1") and ours["x2"] != theirs["x1"]:
+        raise StoreError(test.path, f"its x2 inputs are not the train kernel's x1 (fingerprint {ours['x2']} vs "
+                         f"{theirs['x1']})")
+    for k in (train, test):
+        k.require_complete()
+
+
+def read_targets(targets: np.ndarray | str, train: Kernel) -> np.ndarray:
+    """The targets as the (N, c) float64 right-hand sides: (n, k) for trace and pntk, (n o, 1) for full."""
+    key = targets if isinstance(targets, str) else "targets"
+    if isinstance(targets, str):
+        try:
+            y = np.load(targets, allow_pickle=False)
+        except FileNotFoundError:
+            raise DataError(key, "no such file") from None
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(key, f"cannot read it as a .npy array: {brief(err)}") from None
+    else:
+        y = np.asarray(targets)
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool) or np.iscomplexobj(y):
+        raise DataError(key, f"expected real numbers, got dtype {y.dtype}")
+    want = f"({train.n1}, {train.o})" if train.mode == "full" else f"({train.n1}, k)"
+    if y.ndim != 2 or y.shape[0] != train.n1 or y.shape[1] < 1:
+        raise DataError(key, f"expected shape {want} (rows: the train kernel's {train.n1} samples), got {y.shape}")
+    if train.mode == "full" and y.shape[1] != train.o:
+        raise DataError(key, f"expected shape {want}: a full kernel's targets have o = {train.o} columns, got "
+                        f"{y.shape}")
+    bad = ~np.isfinite(y)
+    if bad.any():
+        raise DataError(key, f"not all finite: {int(bad.sum())} NaN or Inf, the first in row "
+                        f"{int(np.argwhere(bad)[0, 0])}")
+    y = y.astype(np.float64)
+    return y.reshape(-1, 1) if train.mode == "full" else y
+
+
+def solve(apply: Apply, b: np.ndarray, diag: np.ndarray, tol: float, maxiter: int) -> tuple[np.ndarray, int, float]:
+    """Solve A x = b (b: (N, c)) to ``tol`` relative to each column of b, by conjugate gradients
+    restarted from the true residual b - A x whenever the recursively updated one claims ``tol``
+    but the true one does not (one more product each time).
+
+    Returns:
+      (x (N, c), iterations, the largest true relative residual ||b - A x|| / ||b|| over the columns).
+    """
+    norms = np.linalg.norm(b, axis=0)
+    target = tol * norms
+    x, r, iterations = np.zeros_like(b), b.copy(), 0
+    while np.any(np.linalg.norm(r, axis=0) > target) and iterations < maxiter:
+        dx, done = conjugate_gradients(apply, r, diag, target, maxiter - iterations)
+        iterations += done
+        if not dx.any():
+            break  # A is not positive definite along every direction left: no progress possible
+        x += dx
+        r = b - apply(x)
+    residual = np.linalg.norm(r, axis=0) / np.where(norms > 0, norms, 1.0)
+    return x, iterations, float(residual.max())
+
+
+def conjugate_gradients(apply: Apply, b: np.ndarray, diag: np.ndarray, target: np.ndarray,
+                        maxiter: int) -> tuple[np.ndarray, int]:
+    """Solve A x = b for each column of b (N, c) in lockstep, so that one product serves them all.
+
+    Jacobi-preconditioned (``diag``: A's diagonal, entries <= 0 taken as 1). A column stops once its
+    recursively updated residual is at most its ``target`` (c,), or where A is not positive definite
+    along its search direction; the loop after ``maxiter`` products.
+
+    Returns:
+      (x (N, c), iterations).
+    """
+    inv = (1.0 / np.where(diag > 0, diag, 1.0))[:, None]
+    x = np.zeros_like(b)
+    r = b.copy()
+    z = inv * r
+    p = z.copy()
+    rz = np.einsum("ij,ij->j", r, z)
+    active = np.linalg.norm(r, axis=0) > target
+    iterations = 0
+    while active.any() and iterations < maxiter:
+        iterations += 1
+        cols = np.flatnonzero(active)
+        q = apply(p[:, cols])
+        curvature = np.einsum("ij,ij->j", p[:, cols], q)
+        ok = curvature > 0
+        active[cols[~ok]] = False
+        cols, q = cols[ok], q[:, ok]
+        alpha = rz[cols] / curvature[ok]
+        x[:, cols] += alpha * p[:, cols]
+        r[:, cols] -= alpha * q
+        z_new = inv * r[:, cols]
+        rz_new = np.einsum("ij,ij->j", r[:, cols], z_new)
+        p[:, cols] = z_new + (rz_new / rz[cols]) * p[:, cols]
+        rz[cols] = rz_new
+        active[cols] = np.linalg.norm(r[:, cols], axis=0) > target[cols]
+    return x, iterations
+
+
+def _flow(theta: np.ndarray, s: float) -> np.ndarray:
+    """(1 - exp(-s theta)) / theta, s at theta = 0; as neural-tangents, exp(0) where theta < 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = -np.expm1(-np.maximum(theta, 0.0) * s) / np.abs(theta)
+    return np.where(theta == 0, s, out)
+
+
+def lanczos_function(apply: Apply, b: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], tol: float,
+                     maxiter: int) -> tuple[np.ndarray, int, float]:
+    """fn(A) b for a symmetric A and each column of b (N, c), by Lanczos with full reorthogonalization.
+
+    After j products, fn(A) b ~ ||b|| V_j fn(T_j) e_1 (V_j: the Krylov basis, T_j: A in it); a column
+    stops when that changes by at most ``tol`` relative to it, or when its Krylov space is exhausted
+    (then its change counts as 0).
+    Holds the basis: (iterations + 1) N c float64.
+
+    Returns:
+      (fn(A) b (N, c), iterations, the largest last relative change over the columns).
+    """
+    n, c = b.shape
+    beta0 = np.linalg.norm(b, axis=0)
+    basis = [np.divide(b, beta0, out=np.zeros_like(b), where=beta0 > 0)]  # v_1 per column
+    alphas, betas = np.zeros((0, c)), np.zeros((0, c))
+    coef = [np.zeros(0) for _ in range(c)]  # fn(T_j) e_1 ||b|| per column
+    change = np.zeros(c)
+    active = beta0 > 0
+    iterations = 0
+    while active.any() and iterations < min(maxiter, n):
+        cols = np.flatnonzero(active)
+        v = basis[-1][:, cols]
+        w = apply(v)
+        alpha = np.einsum("ij,ij->j", v, w)
+        w -= alpha * v
+        if iterations:
+            w -= betas[-1, cols] * basis[-2][:, cols]
+        for _ in range(2):  # full reorthogonalization (Gram-Schmidt, twice is enough)
+            for u in basis:
+                w -= u[:, cols] * np.einsum("ij,ij->j", u[:, cols], w)
+        beta = np.linalg.norm(w, axis=0)
+        alphas = np.vstack([alphas, np.zeros(c)])
+        betas = np.vstack([betas, np.zeros(c)])
+        alphas[-1, cols], betas[-1, cols] = alpha, beta
+        nxt = np.zeros_like(b)
+        nxt[:, cols] = np.divide(w, beta, out=np.zeros_like(w), where=beta > 0)
+        basis.append(nxt)
+        iterations += 1
+        scale = np.abs(alphas[:, cols]).max(axis=0) + 1e-300
+        for k, col in enumerate(cols):
+            theta, q = np.linalg.eigh(_tridiagonal(alphas[:, col], betas[:-1, col]))
+            new = beta0[col] * (q @ (fn(theta) * q[0]))
+            old = np.pad(coef[col], (0, 1))
+            change[col] = float(np.linalg.norm(new - old)) / max(float(np.linalg.norm(new)), 1e-300)
+            coef[col] = new
+            if beta[k] <= 1e-13 * scale[k]:  # the Krylov space is exhausted: fn(T_j) is exact
+                change[col] = 0.0
+            if change[col] <= tol:
+                active[col] = False
+    u = np.zeros_like(b)
+    for i in range(c):
+        for j, a in enumerate(coef[i]):
+            u[:, i] += a * basis[j][:, i]
+    return u, iterations, float(change.max())
+
+
+def _tridiagonal(alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    return np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
