@@ -8,37 +8,14 @@ A PipelineError prints one line ``Error: <key>: <what is wrong>`` and exits 1; b
 
 from __future__ import annotations
 
-import functools
 import json
+import re
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from pipeline.errors import PipelineError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fails_cleanly(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except PipelineError as err:
-            click.echo(f"Error: {err}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _size(n: float) -> str:
-    for prefix in ("", "Ki", "Mi", "Gi", "Ti", "Pi"):
-        if abs(n) < 1024 or prefix == "Pi":
-            return f"{n:.1f} {prefix}B" if prefix else f"{n:.0f} B"
-        n /= 1024
-    raise AssertionError("unreachable")
+from pipeline.cli_common import fails_cleanly, size, storage_options_option
 
 
 def _flops(n: float) -> str:
@@ -61,7 +38,7 @@ def main() -> None:
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
               help="ray: one Ray task per block; local: every block in this process (for debugging).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-@_fails_cleanly
+@fails_cleanly
 def run(config: str, overwrite: bool | None, executor: str, progress: bool) -> None:
     """Compute the NTK that CONFIG describes into its Zarr store."""
     from pipeline.run import run as run_pipeline
@@ -76,36 +53,94 @@ def run(config: str, overwrite: bool | None, executor: str, progress: bool) -> N
     click.echo(f"output: {s.path}")
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30,
+          "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class ByteSize(click.ParamType):
+    """80GB, 80GiB, 80G (= GiB), 512MiB, or a number of bytes."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+            self.fail(f"expected a size such as 80GB, 80GiB or 512MiB, got {value!r}", param, ctx)
+        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _bench_file(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        with open(value) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise click.BadParameter(f"cannot read {value} as the JSON of `ntk-pipeline bench --json`: {err}") from None
+    if not isinstance(data, dict) or not {"rows", "n1", "n2"} <= data.keys():
+        raise click.BadParameter(f"{value} is not the JSON of `ntk-pipeline bench --json` (no rows, n1, n2)")
+    return data
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@_fails_cleanly
-def plan(config: str, as_json: bool) -> None:
-    """Show the blocks, kernel size, task memory and FLOPs of CONFIG, computing nothing."""
-    from pipeline.run import describe_plan
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Sizing: block tasks the cluster runs at once (e.g. its GPUs).")
+@click.option("--gpu-memory", "memory", type=ByteSize(), default=None,
+              help="Sizing: memory of one worker's device (80GB, 80GiB, ...); picks the largest block that fits.")
+@click.option("--from-bench", "bench", callback=_bench_file, metavar="BENCH.json",
+              help="Sizing: `ntk-pipeline bench CONFIG --json` output on the target device, for a wall-time estimate.")
+@fails_cleanly
+def plan(config: str, as_json: bool, workers: int | None, memory: int | None, bench: dict[str, Any] | None) -> None:
+    """Show the blocks, kernel size, task memory and FLOPs of CONFIG, computing nothing; with
+    --workers/--gpu-memory/--from-bench, also the block that fits, its tasks and the wall time."""
+    from pipeline.run import describe_plan, size_plan
 
     d = describe_plan(config)
+    if workers or memory or bench:
+        d["sizing"] = size_plan(config, workers or 1, memory, bench)
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
     click.echo(f"kernel     {d['n1']} x {d['n2']} ({d['mode']}, o={d['o']}, {d['dtype']}), "
-               f"{_size(d['kernel_bytes'])}{', symmetric' if d['symmetric'] else ''}")
+               f"{size(d['kernel_bytes'])}{', symmetric' if d['symmetric'] else ''}")
     click.echo(f"model      {d['p']:,} trainable parameters, {_flops(d['forward_flops_per_sample'])} per forward "
                "sample")
     click.echo(f"blocks     {d['blocks']} tasks of {d['block'][0]} x {d['block'][1]} (grid "
                f"{d['grid'][0]} x {d['grid'][1]})")
     lay = d["layout"]
-    chunk = f"{d['chunk'][0]} x {d['chunk'][1]} ({_size(lay['chunk_bytes'])})"
+    chunk = f"{d['chunk'][0]} x {d['chunk'][1]} ({size(lay['chunk_bytes'])})"
     inner = f"shards of {lay['chunks_per_file']} chunks of {chunk}" if d["sharded"] else "one chunk each"
-    click.echo(f"files      {lay['kernel_files']:,} kernel files of up to {_size(lay['bytes_per_file'])} ({inner}), "
+    click.echo(f"files      {lay['kernel_files']:,} kernel files of up to {size(lay['bytes_per_file'])} ({inner}), "
                f"{lay['marker_files']:,} block markers")
     chosen = d["method"] + (" (auto: " + d["auto"]["reason"] + ")" if d["auto"] else "")
     click.echo(f"method     {chosen}")
     click.echo(f"{'':11}{'total FLOPs':>16}  {'task memory':>12}")
     for name, m in d["methods"].items():
         mark = "*" if name == d["method"] else " "
-        click.echo(f"{mark} {name:<21}{_flops(m['flops']):>14}  {_size(m['task_memory_bytes']):>12}")
+        click.echo(f"{mark} {name:<21}{_flops(m['flops']):>14}  {size(m['task_memory_bytes']):>12}")
     click.echo(f"output     {d['output']}")
+    if "sizing" in d:
+        _echo_sizing(d["sizing"])
+
+
+def _echo_sizing(z: dict[str, Any]) -> None:
+    fits = {"memory": f", the largest whose task fits {size(z['memory_bytes'])} with 20% headroom",
+            "balance": ", small enough for at least 4 tasks per worker (task memory allows more)",
+            "config": " (tiling.block)"}[z["block_limited_by"]]
+    click.echo(f"sizing     {z['workers']} workers: blocks of {z['block'][0]} x {z['block'][1]}{fits}; "
+               f"{z['tasks']:,} tasks; {size(z['task_memory_bytes'])} per task; {_flops(z['total_flops'])} "
+               f"with {z['method']}")
+    e = z.get("estimate")
+    if e:
+        h = e["wall_seconds"] / 3600
+        click.echo(f"estimate   {e['seconds_per_block']:.3g} s per block ({e['flops_per_second'] / 1e9:.3g} GFLOP/s as "
+                   f"benched on a {e['bench_block'][0]} x {e['bench_block'][1]} block on {e['bench_device']}); "
+                   f"wall ~{h:.3g} h ({e['wall_seconds'] / 86400:.3g} days) on {z['workers']} workers, "
+                   "block compute only")
 
 
 @main.command()
@@ -116,7 +151,7 @@ def plan(config: str, as_json: bool) -> None:
               help="Time only these methods (repeatable); all by default.")
 @click.option("--in-process", is_flag=True, help="Time in this process (faster; peak memory is then shared).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@_fails_cleanly
+@fails_cleanly
 def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool, as_json: bool) -> None:
     """Time each method on the first block of CONFIG (after a warm-up) and show what auto takes."""
     from dataclasses import asdict
@@ -138,7 +173,7 @@ def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool,
     # peak memory: GPU bytes allocated on a GPU; else the peak RSS of the process that timed it
     for row in r["rows"]:
         mem = row.peak_gpu_bytes if row.peak_gpu_bytes is not None else row.peak_rss_bytes
-        click.echo(f"{row.method:<22}{row.seconds:>10.4f}{row.entries_per_second:>14,.0f}{_size(mem):>14}"
+        click.echo(f"{row.method:<22}{row.seconds:>10.4f}{row.entries_per_second:>14,.0f}{size(mem):>14}"
                    f"{_flops(row.estimated_flops):>14}")
     auto = r["auto"]
     timed = ", ".join(f"{m} {t:.4f} s" for m, t in auto["timings"].items()) or "no timing needed"
@@ -156,7 +191,7 @@ def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool,
               help="More files of the config's folder to leave out of the upload (gitignore syntax).")
 @click.option("--entrypoint-num-cpus", type=click.FloatRange(0), default=None,
               help="CPUs to reserve for the job's driver (default: none; it only schedules and records).")
-@_fails_cleanly
+@fails_cleanly
 def submit(config: str, address: str | None, follow: bool, no_wait: bool, job_id: str | None,
            exclude: tuple[str, ...], entrypoint_num_cpus: float | None) -> None:
     """Run CONFIG as a Ray job on a cluster: the config's folder travels with the job, whose
@@ -178,31 +213,11 @@ def submit(config: str, address: str | None, follow: bool, no_wait: bool, job_id
     click.echo(f"job {jid} succeeded")
 
 
-def _storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
-    """--storage-options: a JSON object of fsspec options (no credentials: those come from the environment)."""
-    if value is None:
-        return None
-    try:
-        options = json.loads(value)
-    except json.JSONDecodeError as err:
-        raise click.BadParameter(f"not valid JSON ({err.msg}): {value!r}") from None
-    if not isinstance(options, dict):
-        raise click.BadParameter(f"expected a JSON object such as '{{\"endpoint_url\": \"http://host:9000\"}}', "
-                                 f"got {value!r}")
-    return options
-
-
-storage_options_option = click.option(
-    "--storage-options", "options", callback=_storage_options, metavar="JSON",
-    help='fsspec options for a URL OUTPUT, e.g. \'{"endpoint_url": "http://127.0.0.1:8333"}\'; credentials '
-         "come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).")
-
-
 @main.command()
 @click.argument("output")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @storage_options_option
-@_fails_cleanly
+@fails_cleanly
 def status(output: str, as_json: bool, options: dict[str, Any] | None) -> None:
     """Progress of the run writing OUTPUT (or that wrote it): blocks done, times, nodes, lease."""
     from pipeline.audit import status as read_status
@@ -232,7 +247,7 @@ def status(output: str, as_json: bool, options: dict[str, Any] | None) -> None:
               help="Blocks to recompute in float64 with another method.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which blocks --sample picks.")
 @storage_options_option
-@_fails_cleanly
+@fails_cleanly
 def verify(output: str, sample: int, seed: int, options: dict[str, Any] | None) -> None:
     """Check OUTPUT: every block marked done, every chunk readable (checksums), samples recomputed."""
     from pipeline.audit import verify as run_verify
@@ -246,6 +261,10 @@ def verify(output: str, sample: int, seed: int, options: dict[str, Any] | None) 
     if not r["ok"]:
         sys.exit(1)
 
+
+from pipeline.cli_kernel import register  # noqa: E402  (the commands that use a finished kernel)
+
+register(main)
 
 if __name__ == "__main__":
     main()

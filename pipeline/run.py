@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import heapq
 import math
 import os
 import time
@@ -397,4 +398,96 @@ def describe_plan(config: RunConfig | str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-__all__ = ["run", "prepare", "describe_plan", "RunSummary", "PipelineError"]
+def _block_memory(p: Prepared, method: str, b1: int, b2: int, x: torch.Tensor) -> int:
+    """Estimated peak bytes of one b1 x b2 block task with ``method``."""
+    mode = p.config.ntk.mode
+    o = 1 if mode == "pntk" else p.o
+    if method == "structured":
+        fm = p.fm.sum_of_logits() if mode == "pntk" else p.fm
+        return structured_memory(fm, x, b1, b2, mode) + 2 * kernel_bytes(b1, b2, o, mode, p.fm.itemsize)
+    return task_memory(method, b1, b2, o, p.fm.p, math.prod(p.x1.sample_shape), mode, p.fm.itemsize,
+                       VPS_CHUNK_BYTES)
+
+
+# Sizing refuses plans of more tasks than this (the driver holds one small record per task).
+MAX_SIZED_TASKS = 10_000_000
+# Sizing keeps at least this many tasks per worker, so that no worker idles while others finish.
+MIN_TASKS_PER_WORKER = 4
+# Of a device's memory, the share a block task may plan on (the framework, allocator slack and the
+# model itself take the rest).
+MEMORY_HEADROOM = 0.8
+
+
+def size_plan(config: RunConfig | str | os.PathLike[str], workers: int, memory_bytes: int | None,
+              bench: dict[str, Any] | None = None) -> dict[str, Any]:
+    """For a cluster of ``workers`` block tasks at once, each with ``memory_bytes`` (a GPU's memory):
+    the largest square block whose task fits in MEMORY_HEADROOM of it (a multiple of the chunk, or of 64),
+    the tasks it makes, and from a measured block (``ntk-pipeline bench --json``) an estimate of wall
+    time, scaling the measured seconds by the estimated FLOPs of each block shape."""
+    cfg, search_path = _resolve(config)
+    p = prepare(cfg, search_path, fingerprint=False)
+    x = cast_input(p.x1.read(0, min(2, p.x1.n)), getattr(torch, cfg.ntk.dtype))
+    method, n1, n2, symmetric = p.method, p.plan.n1, p.plan.n2, p.plan.symmetric
+    step = cfg.tiling.chunk_shape[0] if cfg.tiling.chunk_shape else 64
+    if memory_bytes is None:
+        block = p.plan.block[0]
+    else:
+        budget = MEMORY_HEADROOM * memory_bytes
+        lo, hi = 0, max(n1, n2)  # the largest b with _block_memory(b) <= budget, by bisection
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if _block_memory(p, method, min(mid, n1), min(mid, n2), x) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == 0:
+            need = _block_memory(p, method, 1, 1, x)
+            raise ConfigError("--gpu-memory", f"not even a 1 x 1 block of {method} fits in {MEMORY_HEADROOM:.0%} of "
+                              f"{memory_bytes / 2**30:.3g} GiB (it needs {need / 2**30:.3g} GiB)")
+        block = lo if lo >= max(n1, n2) or lo < step else lo // step * step
+    limit = "memory" if memory_bytes is not None else "config"
+
+    def tasks(b: int) -> int:
+        g1, g2 = -(-n1 // b), -(-n2 // b)
+        return g1 * (g1 + 1) // 2 if symmetric else g1 * g2
+
+    while block > step and tasks(block) < MIN_TASKS_PER_WORKER * workers:
+        block, limit = max(step, (block // 2) // step * step), "balance"  # idle workers cost more than small blocks
+    if tasks(block) > MAX_SIZED_TASKS:
+        raise ConfigError("--gpu-memory", f"the largest block that fits is {block} x {block}, which makes "
+                          f"{tasks(block):,} tasks of this {n1:,} x {n2:,} kernel; give each worker more memory")
+    plan = tile(n1, n2, (block, block), symmetric, cfg.tiling.chunk_shape if cfg.tiling.chunk_shape else None)
+    shapes = Counter((b.i1 - b.i0, b.j1 - b.j0, b.diagonal and symmetric) for b in plan.blocks)
+    flops = {key: estimate_flops(p.fm, x, key[0], key[1], cfg.ntk.mode, key[2])[method] for key in shapes}
+    out: dict[str, Any] = {
+        "n1": n1, "n2": n2, "method": method, "workers": workers, "memory_bytes": memory_bytes,
+        "block": [min(block, n1), min(block, n2)], "block_limited_by": limit, "tasks": len(plan.blocks),
+        "task_memory_bytes": _block_memory(p, method, min(block, n1), min(block, n2), x),
+        "kernel_bytes": kernel_bytes(n1, n2, p.o, cfg.ntk.mode, p.fm.itemsize),
+        "total_flops": sum(count * flops[key] for key, count in shapes.items()),
+    }
+    if bench is not None:
+        row = next((r for r in bench.get("rows", []) if r.get("method") == method), None)
+        if row is None:
+            raise ConfigError("--from-bench", f"the bench results have no row for {method}, the method this "
+                              "run uses; bench it with --method " + method)
+        measured = float(row["estimated_flops"])
+        rate = measured / float(row["seconds"])  # FLOP/s that method reached on the benched block
+        block_s = {key: flops[key] / rate for key in shapes}
+        total_s = sum(count * block_s[key] for key, count in shapes.items())
+        free = [0.0] * workers  # list scheduling in plan order, each block to the first free worker
+        for blk in plan.blocks:
+            heapq.heappush(free, heapq.heappop(free) + block_s[(blk.i1 - blk.i0, blk.j1 - blk.j0,
+                                                                  blk.diagonal and symmetric)])
+        out["estimate"] = {
+            "bench_block": [bench["n1"], bench["n2"]], "bench_seconds": float(row["seconds"]),
+            "bench_device": bench.get("device"), "flops_per_second": rate,
+            "seconds_per_block": block_s[max(shapes, key=lambda k: shapes[k])],
+            "task_seconds": total_s,
+            # The blocks' compute alone, scheduled as the run schedules them: no start-up, writes or retries.
+            "wall_seconds": max(free),
+        }
+    return out
+
+
+__all__ = ["run", "prepare", "describe_plan", "size_plan", "RunSummary", "PipelineError"]

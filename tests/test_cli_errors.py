@@ -217,7 +217,7 @@ CASES = [
                  r"Error: ntk\.modee: unknown key \(expected one of: method, mode, dtype\)",
                  id="unknown-nested-key"),
     pytest.param(_set("data.x2", {"synthetic": {"n": 2, "shape": [6]}, "pth": "a.npy"}),
-                 r"Error: data\.x2\.pth: unknown key \(expected one of: path, array, synthetic\)",
+                 r"Error: data\.x2\.pth: unknown key \(expected one of: path, array, synthetic, storage_options\)",
                  id="unknown-key-in-optional-x2"),
     pytest.param(_set("model.wieghts", "w.pt"),
                  r"Error: model\.wieghts: unknown key \(expected one of: builtin, target, kwargs, checkpoint, seed\)",

@@ -89,12 +89,17 @@ class Cluster:
                     "RAY_USAGE_STATS_ENABLED": "0"}
         gcs, dash, client, *agent = _free_ports(11)
         self.gcs, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
-        self.head = self._start("head", ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                                         f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-                                         f"--temp-dir={root / 'ray'}"], agent[:4], (31000, 31499))
-        self._wait(1)
-        self.node2 = self._start("node2", [f"--address={self.gcs}"], agent[4:8], (31500, 31999))
-        self._wait(2)
+        self.procs: list[subprocess.Popen] = []
+        try:
+            self.head = self._start("head", ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                                             f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+                                             f"--temp-dir={root / 'ray'}"], agent[:4], (31000, 31499))
+            self._wait(1)
+            self.node2 = self._start("node2", [f"--address={self.gcs}"], agent[4:8], (31500, 31999))
+            self._wait(2)
+        except BaseException:
+            self.stop()
+            raise
 
     def _start(self, name: str, args: list[str], agent: list[int], workers: tuple[int, int]) -> subprocess.Popen:
         ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
@@ -103,9 +108,11 @@ class Cluster:
                f"--metrics-export-port={agent[2]}", f"--runtime-env-agent-port={agent[3]}",
                f"--min-worker-port={workers[0]}", f"--max-worker-port={workers[1]}", *args]
         log = open(self.root / f"{name}.log", "w")
-        return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
 
-    def _wait(self, nodes: int, timeout: float = 120) -> None:
+    def _wait(self, nodes: int, timeout: float = 300) -> None:
         """Until the job server answers and the cluster has this many live nodes."""
         probe = ("from ray.job_submission import JobSubmissionClient as C; import sys; "
                  f"c = C('{self.dashboard}'); "
@@ -123,7 +130,7 @@ class Cluster:
         raise AssertionError(f"the Ray cluster did not come up with {nodes} nodes: {logs}")
 
     def stop(self) -> None:
-        for proc in (self.node2, self.head):
+        for proc in reversed(self.procs):
             if proc.poll() is None:
                 _kill_tree(proc, signal.SIGTERM)
 
@@ -200,6 +207,20 @@ def test_submit_refuses_a_relative_output_before_submitting(cluster, tmp_path):
     r = _submit(cluster, config, "--no-wait", timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("Error: output.path: 'out.zarr' is relative: in a Ray job")
+
+
+def test_plain_ray_job_submit_with_the_ready_runtime_env(cluster, tmp_path):
+    """jobs/runtime_env.yaml as documented, its working_dir pointed at this test's folder."""
+    config = _job(tmp_path, delay=0.0, n=8)
+    ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    r = subprocess.run([ray, "job", "submit", "--address", cluster.dashboard, "--runtime-env",
+                        str(TESTS.parent / "jobs" / "runtime_env.yaml"), "--working-dir", str(tmp_path), "--",
+                        "ntk-pipeline", "run", config.name, "--no-progress"],
+                       env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    group = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    assert group.attrs["ntk_pipeline"]["status"] == "complete"
+    np.testing.assert_allclose(group["kernel"][...], _reference(n=8), **TOLERANCES[torch.float64])
 
 
 def test_a_node_killed_mid_run_the_run_completes_exactly(cluster, tmp_path):

@@ -178,3 +178,43 @@ def test_inputs_are_read_from_s3(s3, write_config, tmp_path):
     ref = zarr.open_group(tmp_path / "local.zarr", mode="r")["kernel"][...]
     for out in outs:
         np.testing.assert_array_equal(out, ref)
+
+
+def test_inspect_and_predict_read_a_kernel_on_s3(s3, write_config, tmp_path):
+    url = f"s3://{BUCKET}/{uuid.uuid4().hex}/train.zarr"
+    opts = {"endpoint_url": s3}
+    cfg = write_config({
+        "model": {"builtin": "mlp", "kwargs": {"in_features": 5, "hidden": [12], "out_features": 2}, "seed": 3},
+        "data": {"x1": {"synthetic": {"n": 14, "shape": [5], "seed": 1}}},
+        "ntk": {"method": "structured", "mode": "trace", "dtype": "float64"},
+        "tiling": {"block": 4},
+        "output": {"path": url, "storage_options": opts},
+    })
+    pipeline.run(cfg, executor="local", progress=False)
+    ref = zarr.open_group(url, mode="r", storage_options=opts)["kernel"][...]
+    runner = CliRunner()
+
+    got = runner.invoke(main, ["inspect", url, "--json", "--storage-options", json.dumps(opts)])
+    assert got.exit_code == 0, got.output
+    d = json.loads(got.output)
+    assert (d["shape"], d["mode"], d["symmetric"], d["complete"]) == ([14, 14], "trace", True, True)
+    assert (d["blocks_done"], d["blocks_total"]) == (10, 10)
+    np.testing.assert_allclose(d["stats"]["max"], ref.max(), rtol=1e-12)
+
+    k = pipeline.open_kernel(url, opts)
+    assert (k.shape, k.options) == ((14, 14), opts)
+    np.testing.assert_array_equal(k.array[...], ref)
+
+    y = np.random.default_rng(5).standard_normal((14, 2))
+    np.save(tmp_path / "y.npy", y)
+    diag_reg = 1e-2
+    got = runner.invoke(main, ["predict", "--train-kernel", url, "--test-kernel", url, "--targets",
+                               str(tmp_path / "y.npy"), "--diag-reg", str(diag_reg), "--tol", "1e-10",
+                               "--executor", "local", "-o", str(tmp_path / "pred.npy"), "--json",
+                               "--storage-options", json.dumps(opts)])
+    assert got.exit_code == 0, got.output
+    assert json.loads(got.output)["solver"] == "cg"
+    a = ref + diag_reg * np.mean(np.diag(ref)) * np.eye(14)
+    dense = ref @ np.linalg.solve(a, y)  # float64: K(test, train) K_reg^-1 Y with test = train
+    pred = np.load(tmp_path / "pred.npy")
+    np.testing.assert_allclose(pred, dense, rtol=0, atol=1e-6 * np.abs(dense).max())
