@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,10 +91,12 @@ class Cluster:
         gcs, dash, client, *agent = _free_ports(11)
         self.gcs, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
         self.procs: list[subprocess.Popen] = []
+        # Ray's unix sockets live under the temp dir, and AF_UNIX paths stop at 107 bytes: keep it short.
+        self.temp = tempfile.mkdtemp(prefix="ntkray", dir="/tmp")
         try:
             self.head = self._start("head", ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                                              f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-                                             f"--temp-dir={root / 'ray'}"], agent[:4], (31000, 31499))
+                                             f"--temp-dir={self.temp}"], agent[:4], (31000, 31499))
             self._wait(1)
             self.node2 = self._start("node2", [f"--address={self.gcs}"], agent[4:8], (31500, 31999))
             self._wait(2)
@@ -121,18 +124,20 @@ class Cluster:
         deadline = time.time() + timeout
         while time.time() < deadline:
             r = subprocess.run([sys.executable, "-c", probe, str(nodes)], env=self.env, capture_output=True,
-                               timeout=60)
+                               text=True, timeout=60)
             if r.returncode == 0:
                 return
             time.sleep(1)
         logs = "".join((self.root / f).read_text()[-1500:] for f in ("head.log", "node2.log")
                        if (self.root / f).exists())
-        raise AssertionError(f"the Ray cluster did not come up with {nodes} nodes: {logs}")
+        raise AssertionError(f"the Ray cluster did not come up with {nodes} nodes; last probe: "
+                             f"{r.stderr[-1500:]}; logs: {logs}")
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 _kill_tree(proc, signal.SIGTERM)
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
