@@ -96,7 +96,8 @@ def submit(config: str | os.PathLike[str], address: str | None = None, *, job_id
     folder = path.resolve().parent
     parse_config(raw, base=folder, check_files=False)
     _check_paths(raw, folder)
-    c = client(address_or_default(address))
+    addr = address_or_default(address)
+    c = client(addr)
     runtime_env = {"working_dir": str(folder), "excludes": [*EXCLUDES, *excludes]}
     entrypoint = f"ntk-pipeline run {shlex.quote(path.name)} --no-progress"
     try:
@@ -104,7 +105,7 @@ def submit(config: str | os.PathLike[str], address: str | None = None, *, job_id
                                 entrypoint_num_cpus=entrypoint_num_cpus,
                                 metadata={"ntk_pipeline_config": path.name}))
     except Exception as err:  # the SDK raises RuntimeError for a refused submission, ValueError for a bad env
-        raise SubmitError("submit", f"the job server at {c._address} refused the job: {brief(err)}") from None
+        raise SubmitError("submit", f"the job server at {addr} refused the job: {brief(err)}") from None
 
 
 def wait(job_id: str, address: str | None = None, *, follow: bool = False, echo: Any = print,
