@@ -246,7 +246,8 @@ def test_storage_fault_keeps_finished_blocks_and_resumes(workdir):
 
 def test_a_run_whose_lease_is_taken_over_stops_and_leaves_the_status_alone(workdir):
     cfg = _cfg()
-    cfg["model"]["kwargs"]["delay"] = 0.1
+    # Slow enough (15 blocks of >= 0.3 s) that the thief, a thread of this busy process, strikes mid-run.
+    cfg["model"]["kwargs"]["delay"] = 0.3
     cfg["output"]["lease_seconds"] = 0.4  # heartbeat every 0.1 s
     cfg["tiling"]["strip"] = 1  # the lease is checked after every task
     config = _write(workdir, cfg, "c.yaml")
