@@ -20,7 +20,7 @@ from pipeline.data import open_source
 from pipeline.errors import PipelineError, StoreError, brief
 from pipeline.methods import compute_block
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module
-from pipeline.plan import Plan, tile
+from pipeline.plan import Plan
 from pipeline.store import (
     describe_lease,
     done_mask,
@@ -29,6 +29,7 @@ from pipeline.store import (
     lease_holder,
     read_block,
     read_meta,
+    recorded_plan,
     transpose,
 )
 
@@ -43,8 +44,7 @@ def _open(path: str, options: dict[str, Any] | None = None) -> tuple[dict[str, A
     if existing(path, options) != "kernel":
         raise StoreError("OUTPUT", f"{path} is not an ntk-pipeline output")
     meta = read_meta(path, options)
-    rows, cols = meta["block"]
-    return meta, tile(meta["n1"], meta["n2"], (rows, cols), meta["symmetric"])
+    return meta, recorded_plan(meta)
 
 
 def status(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:

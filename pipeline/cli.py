@@ -97,11 +97,9 @@ def _bench_file(ctx: click.Context, param: click.Parameter, value: str | None) -
 def plan(config: str, as_json: bool, workers: int | None, memory: int | None, bench: dict[str, Any] | None) -> None:
     """Show the blocks, kernel size, task memory and FLOPs of CONFIG, computing nothing; with
     --workers/--gpu-memory/--from-bench, also the block that fits, its tasks and the wall time."""
-    from pipeline.run import describe_plan, size_plan
+    from pipeline.run import describe_plan
 
-    d = describe_plan(config)
-    if workers or memory or bench:
-        d["sizing"] = size_plan(config, workers or 1, memory, bench)
+    d = describe_plan(config, workers=workers, memory_bytes=memory, bench=bench)
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return

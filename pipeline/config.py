@@ -40,6 +40,11 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
+def url_options(path: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The fsspec storage options to open ``path`` with: ``options`` for a URL, None for a local path."""
+    return options if is_url(path) else None
+
+
 def _resolve(value: str | None, info: ValidationInfo, must_exist: bool) -> str | None:
     """Resolve a path against the config file's folder; optionally require that it exists."""
     if value is None or is_url(value):
@@ -296,11 +301,15 @@ def load_config(path: str | os.PathLike[str]) -> RunConfig:
     Raises:
       ConfigError: naming the key and the bad value.
     """
+    return parse_config(read_yaml(path), base=Path(path).resolve().parent)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """A config file's YAML, unvalidated; ConfigError naming the file if it is missing or not YAML."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(str(path), "no such config file")
     try:
-        raw = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(str(path), f"not valid YAML: {err}") from None
-    return parse_config(raw, base=p.resolve().parent)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import InputSpec, Synthetic, is_url
+from pipeline.config import InputSpec, Synthetic, is_url, url_options
 from pipeline.errors import DataError, brief
 
 # Synthetic rows are drawn in fixed groups, each from its own seeded generator, so that any
@@ -169,8 +169,8 @@ class ZarrSource(Source):
         import zarr
 
         try:
-            kw: dict[str, Any] = {"storage_options": self.options} if is_url(self.path) else {}
-            node = zarr.open(self.path, mode="r", path=self.array or "", **kw)
+            node = zarr.open(self.path, mode="r", path=self.array or "",
+                             storage_options=url_options(self.path, self.options))
         except Exception as err:
             what = f"no array {self.array!r} in {self.path}" if self.array else f"cannot open {self.path} as Zarr"
             key = f"{self.key}.array" if self.array else f"{self.key}.path"

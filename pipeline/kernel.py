@@ -12,6 +12,7 @@ the tiles in this process or as one Ray task per row band.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,12 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import zarr
 
-from pipeline.config import is_url
+from pipeline.config import is_url, url_options
 from pipeline.errors import StoreError, brief
-from pipeline.plan import Plan, tile
-from pipeline.store import DONE, KERNEL, existing, read_meta
+from pipeline.plan import Plan
+from pipeline.store import DONE, KERNEL, existing, open_group, read_meta, recorded_plan
 
 # Bytes of kernel one tile read holds (at least one chunk, whatever this says).
 TILE_BYTES = 256 << 20
@@ -59,16 +59,11 @@ def open_kernel(path: str, options: dict[str, Any] | None = None) -> Kernel:
                 "other": "is not a Zarr store"}[kind]
         raise StoreError(path, what)
     try:
-        group: Any = zarr.open_group(path, mode="r", storage_options=_url_options(path, options))
+        group: Any = open_group(path, "r", options)
         return Kernel(path, group[KERNEL], read_meta(path, options), np.asarray(group[DONE][...]).astype(bool),
                       options)
     except Exception as err:
         raise StoreError(path, f"cannot read it: {brief(err)}") from None
-
-
-def _url_options(path: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The fsspec storage options to open ``path`` with: ``options`` for a URL, else None."""
-    return options if is_url(path) else None
 
 
 @dataclass
@@ -132,19 +127,20 @@ class Kernel:
         keys = ("config", "method", "auto", "p", "versions", "fingerprints", "status", "started", "finished")
         return {k: self.meta.get(k) for k in keys}
 
-    def _plan(self) -> Plan:
-        rows, cols = self.meta["block"]
-        return tile(self.n1, self.n2, (rows, cols), self.symmetric)
+    @functools.cached_property
+    def plan(self) -> Plan:
+        """The plan the store was written with."""
+        return recorded_plan(self.meta)
 
     def missing_blocks(self) -> list[int]:
         """Indices of the blocks of the run's plan not marked done."""
-        return [b.index for b in self._plan().blocks if not self.done[b.row, b.col]]
+        return [b.index for b in self.plan.blocks if not self.done[b.row, b.col]]
 
     def require_complete(self) -> None:
         """Raise StoreError unless every block is done."""
         missing = self.missing_blocks()
         if missing:
-            total = len(self._plan().blocks)
+            total = len(self.plan.blocks)
             raise StoreError(self.path, f"incomplete: {len(missing)} of {total} blocks are not done (status "
                              f"{self.meta.get('status')}); finish it with `ntk-pipeline run` first")
 
@@ -152,7 +148,7 @@ class Kernel:
         """What ``ntk-pipeline inspect`` shows: shape, dtype, chunks, bytes, method, provenance,
         completeness and (``stats``: one read of the kernel) the statistics of ``stats()``."""
         missing = self.missing_blocks()
-        total = len(self._plan().blocks)
+        total = len(self.plan.blocks)
         return {
             "path": self.path, "shape": list(self.shape), "dtype": str(self.dtype),
             "dims": list(self.array.metadata.dimension_names or ()), "chunks": list(self.array.chunks),
@@ -174,7 +170,7 @@ class Kernel:
         """The kernel as a lazy xarray.DataArray with dims ``x1, x2[, o1, o2 | o]`` (needs xarray)."""
         import xarray as xr
 
-        ds = xr.open_zarr(self.path, consolidated=False, storage_options=_url_options(self.path, self.options))
+        ds = xr.open_zarr(self.path, consolidated=False, storage_options=url_options(self.path, self.options))
         out = ds[KERNEL]
         out.attrs = {"mode": self.mode, "method": self.method, "n1": self.n1, "n2": self.n2, "o": self.o}
         return out
@@ -408,7 +404,7 @@ class Products:
         y = np.empty((k.n1 * k.m, x.shape[1]))
         x_ref = ray.put(x)
         path = k.path if is_url(k.path) else os.path.abspath(k.path)  # workers may start elsewhere
-        options = _url_options(k.path, k.options)
+        options = url_options(k.path, k.options)
         refs = [self._remote.remote(path, options, str(k.meta.get("started")), band, x_ref) for band in self.bands]
         try:
             for i0, part in ray.get(refs):

@@ -370,32 +370,12 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
                       sum(r.seconds for r in results), skipped=skipped)
 
 
-def describe_plan(config: RunConfig | str | os.PathLike[str]) -> dict[str, Any]:
-    """What ``ntk-pipeline plan`` prints: blocks, kernel bytes, task memory and FLOPs per method."""
-    cfg, search_path = _resolve(config)
-    p = prepare(cfg, search_path, fingerprint=False)  # plans read no more of the inputs than a block's rows
-    mode, item, plan = cfg.ntk.mode, p.fm.itemsize, p.plan
-    b1, b2 = plan.block
-    sample = math.prod(p.x1.sample_shape)
+def _shape_flops(p: Prepared, x: torch.Tensor, plan: Plan) -> tuple[Counter[tuple[int, int, bool]],
+                                                                      dict[tuple[int, int, bool], dict[str, float]]]:
+    """The plan's distinct block shapes (rows, cols, diagonal) with their counts, and each shape's
+    estimated FLOPs per method: a few shapes (full, ragged, diagonal), however many blocks."""
     shapes = Counter((b.i1 - b.i0, b.j1 - b.j0, b.diagonal and plan.symmetric) for b in plan.blocks)
-    x = cast_input(p.x1.read(0, min(2, p.x1.n)), getattr(torch, cfg.ntk.dtype))
-    total = dict.fromkeys(METHODS, 0.0)
-    for (r, c, diagonal), count in shapes.items():  # a few distinct block shapes: full, ragged, diagonal
-        for m, f in estimate_flops(p.fm, x, r, c, mode, diagonal).items():
-            total[m] += count * f
-    o = 1 if mode == "pntk" else p.o
-    per_method = {m: {"flops": total[m], "task_memory_bytes": task_memory(m, b1, b2, o, p.fm.p, sample, mode, item,
-                                                                          VPS_CHUNK_BYTES)} for m in METHODS}
-    fm = p.fm.sum_of_logits() if mode == "pntk" else p.fm
-    per_method["structured"]["task_memory_bytes"] = (structured_memory(fm, x, b1, b2, mode)
-                                                     + 2 * kernel_bytes(b1, b2, o, mode, item))
-    return {
-        "n1": plan.n1, "n2": plan.n2, "o": p.o, "p": p.fm.p, "mode": mode, "dtype": cfg.ntk.dtype,
-        "symmetric": plan.symmetric, "block": [b1, b2], "grid": list(plan.grid), "blocks": len(plan.blocks),
-        "kernel_bytes": kernel_bytes(plan.n1, plan.n2, p.o, mode, item), "forward_flops_per_sample": p.fp,
-        "chunk": list(plan.chunks), "sharded": plan.sharded, "layout": layout(plan, o, mode, item),
-        "method": p.method, "auto": p.auto, "methods": per_method, "output": cfg.output.path,
-    }
+    return shapes, {key: estimate_flops(p.fm, x, key[0], key[1], p.config.ntk.mode, key[2]) for key in shapes}
 
 
 def _block_memory(p: Prepared, method: str, b1: int, b2: int, x: torch.Tensor) -> int:
@@ -409,6 +389,31 @@ def _block_memory(p: Prepared, method: str, b1: int, b2: int, x: torch.Tensor) -
                        VPS_CHUNK_BYTES)
 
 
+def describe_plan(config: RunConfig | str | os.PathLike[str], *, workers: int | None = None,
+                  memory_bytes: int | None = None, bench: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``ntk-pipeline plan`` prints: blocks, kernel bytes, task memory and FLOPs per method; with
+    any of ``workers``, ``memory_bytes`` or ``bench``, also ``sizing`` (see ``_size_plan``)."""
+    cfg, search_path = _resolve(config)
+    p = prepare(cfg, search_path, fingerprint=False)  # plans read no more of the inputs than a block's rows
+    mode, item, plan = cfg.ntk.mode, p.fm.itemsize, p.plan
+    b1, b2 = plan.block
+    x = cast_input(p.x1.read(0, min(2, p.x1.n)), getattr(torch, cfg.ntk.dtype))
+    shapes, flops = _shape_flops(p, x, plan)
+    per_method = {m: {"flops": sum(count * flops[key][m] for key, count in shapes.items()),
+                      "task_memory_bytes": _block_memory(p, m, b1, b2, x)} for m in METHODS}
+    o = 1 if mode == "pntk" else p.o
+    out = {
+        "n1": plan.n1, "n2": plan.n2, "o": p.o, "p": p.fm.p, "mode": mode, "dtype": cfg.ntk.dtype,
+        "symmetric": plan.symmetric, "block": [b1, b2], "grid": list(plan.grid), "blocks": len(plan.blocks),
+        "kernel_bytes": kernel_bytes(plan.n1, plan.n2, p.o, mode, item), "forward_flops_per_sample": p.fp,
+        "chunk": list(plan.chunks), "sharded": plan.sharded, "layout": layout(plan, o, mode, item),
+        "method": p.method, "auto": p.auto, "methods": per_method, "output": cfg.output.path,
+    }
+    if workers or memory_bytes or bench:
+        out["sizing"] = _size_plan(p, x, workers or 1, memory_bytes, bench)
+    return out
+
+
 # Sizing refuses plans of more tasks than this (the driver holds one small record per task).
 MAX_SIZED_TASKS = 10_000_000
 # Sizing keeps at least this many tasks per worker, so that no worker idles while others finish.
@@ -418,15 +423,13 @@ MIN_TASKS_PER_WORKER = 4
 MEMORY_HEADROOM = 0.8
 
 
-def size_plan(config: RunConfig | str | os.PathLike[str], workers: int, memory_bytes: int | None,
-              bench: dict[str, Any] | None = None) -> dict[str, Any]:
+def _size_plan(p: Prepared, x: torch.Tensor, workers: int, memory_bytes: int | None,
+               bench: dict[str, Any] | None = None) -> dict[str, Any]:
     """For a cluster of ``workers`` block tasks at once, each with ``memory_bytes`` (a GPU's memory):
     the largest square block whose task fits in MEMORY_HEADROOM of it (a multiple of the chunk, or of 64),
     the tasks it makes, and from a measured block (``ntk-pipeline bench --json``) an estimate of wall
     time, scaling the measured seconds by the estimated FLOPs of each block shape."""
-    cfg, search_path = _resolve(config)
-    p = prepare(cfg, search_path, fingerprint=False)
-    x = cast_input(p.x1.read(0, min(2, p.x1.n)), getattr(torch, cfg.ntk.dtype))
+    cfg = p.config
     method, n1, n2, symmetric = p.method, p.plan.n1, p.plan.n2, p.plan.symmetric
     step = cfg.tiling.chunk_shape[0] if cfg.tiling.chunk_shape else 64
     if memory_bytes is None:
@@ -457,8 +460,8 @@ def size_plan(config: RunConfig | str | os.PathLike[str], workers: int, memory_b
         raise ConfigError("--gpu-memory", f"the largest block that fits is {block} x {block}, which makes "
                           f"{tasks(block):,} tasks of this {n1:,} x {n2:,} kernel; give each worker more memory")
     plan = tile(n1, n2, (block, block), symmetric, cfg.tiling.chunk_shape if cfg.tiling.chunk_shape else None)
-    shapes = Counter((b.i1 - b.i0, b.j1 - b.j0, b.diagonal and symmetric) for b in plan.blocks)
-    flops = {key: estimate_flops(p.fm, x, key[0], key[1], cfg.ntk.mode, key[2])[method] for key in shapes}
+    shapes, by_method = _shape_flops(p, x, plan)
+    flops = {key: f[method] for key, f in by_method.items()}
     out: dict[str, Any] = {
         "n1": n1, "n2": n2, "method": method, "workers": workers, "memory_bytes": memory_bytes,
         "block": [min(block, n1), min(block, n2)], "block_limited_by": limit, "tasks": len(plan.blocks),
@@ -490,4 +493,4 @@ def size_plan(config: RunConfig | str | os.PathLike[str], workers: int, memory_b
     return out
 
 
-__all__ = ["run", "prepare", "describe_plan", "size_plan", "RunSummary", "PipelineError"]
+__all__ = ["run", "prepare", "describe_plan", "RunSummary", "PipelineError"]

@@ -21,9 +21,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from pipeline.config import is_url
+from pipeline.config import is_url, url_options
 from pipeline.errors import StoreError, brief
-from pipeline.plan import Block, Plan, trailing_shape
+from pipeline.plan import Block, Plan, tile, trailing_shape
 
 KERNEL = "kernel"
 DONE = "done"
@@ -34,9 +34,9 @@ DIMENSIONS = {
 }
 
 
-def _group(path: str, mode: str, options: dict[str, Any] | None, **kwargs: Any) -> Any:
+def open_group(path: str, mode: str, options: dict[str, Any] | None, **kwargs: Any) -> Any:
     """The store's root group; ``options`` are fsspec storage options, for URL paths only."""
-    return zarr.open_group(path, mode=mode, storage_options=options if is_url(path) else None, **kwargs)  # type: ignore[arg-type]
+    return zarr.open_group(path, mode=mode, storage_options=url_options(path, options), **kwargs)  # type: ignore[arg-type]
 
 
 def existing(path: str, options: dict[str, Any] | None = None) -> str:
@@ -48,7 +48,7 @@ def existing(path: str, options: dict[str, Any] | None = None) -> str:
         if not os.path.isfile(os.path.join(path, "zarr.json")):
             return "other"
     try:
-        group = _group(path, "r", options)
+        group = open_group(path, "r", options)
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return "none" if is_url(path) else "zarr"
     except Exception as err:
@@ -75,15 +75,21 @@ def check_output(path: str, overwrite: bool, options: dict[str, Any] | None = No
     return "resume"
 
 
+def recorded_plan(meta: dict[str, Any]) -> Plan:
+    """The plan a store was written with, from its provenance attributes."""
+    rows, cols = meta["block"]
+    return tile(meta["n1"], meta["n2"], (rows, cols), meta["symmetric"])
+
+
 def read_meta(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The provenance attributes of an ntk-pipeline store."""
-    meta: Any = _group(path, "r", options).attrs[META]
+    meta: Any = open_group(path, "r", options).attrs[META]
     return dict(meta)
 
 
 def done_mask(path: str, options: dict[str, Any] | None = None) -> np.ndarray:
     """(grid rows, grid cols) bool: blocks whose data is written."""
-    markers: Any = _group(path, "r", options)[DONE]
+    markers: Any = open_group(path, "r", options)[DONE]
     return np.asarray(markers[...]).astype(bool)
 
 
@@ -102,7 +108,7 @@ def create(path: str, plan: Plan, mode: str, o: int, dtype: str, meta: dict[str,
     plan is sharded; every chunk is checksummed (crc32c), compressed only when asked.
     """
     try:
-        group = _group(path, "w" if overwrite else "w-", options, zarr_format=3, attributes={META: meta})
+        group = open_group(path, "w" if overwrite else "w-", options, zarr_format=3, attributes={META: meta})
         trailing = trailing_shape(mode, o)
         group.create_array(
             KERNEL,
@@ -134,7 +140,7 @@ def create(path: str, plan: Plan, mode: str, o: int, dtype: str, meta: dict[str,
 def update_meta(path: str, meta: dict[str, Any], options: dict[str, Any] | None = None) -> None:
     """Rewrite the provenance attributes (the driver alone writes them)."""
     try:
-        _group(path, "r+", options).attrs.update({META: meta})
+        open_group(path, "r+", options).attrs.update({META: meta})
     except OSError as err:
         raise StoreError("output.path", f"cannot update the attributes of {path}: {brief(err)}") from None
 
@@ -156,7 +162,7 @@ class BlockWriter:
 
     def _open(self) -> tuple[Any, Any]:
         if self._arrays is None:
-            group = _group(self.path, "r+", self.options)
+            group = open_group(self.path, "r+", self.options)
             # A block is never all fill value, so skip zarr's scan for empty chunks (~20% of a write's CPU).
             self._arrays = (group[KERNEL].with_config({"write_empty_chunks": True}), group[DONE])
         return self._arrays
@@ -190,7 +196,7 @@ def _pid_alive(pid: int) -> bool:
 
 def lease_holder(path: str, options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The lease of a store as its holder last wrote it, or None."""
-    group = _group(path, "r", options)
+    group = open_group(path, "r", options)
     if LEASE not in group:
         return None
     attrs = dict(group[LEASE].attrs)
@@ -233,7 +239,7 @@ class Lease:
     def _write(self, **extra: Any) -> None:
         record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "ttl": self.ttl,
                   "started": self.started, "heartbeat": time.time(), **extra}
-        group = _group(self.path, "r+", self.options)
+        group = open_group(self.path, "r+", self.options)
         node = group[LEASE] if LEASE in group else group.create_group(LEASE)
         node.attrs.put(record)
 
@@ -290,7 +296,7 @@ class Lease:
 def read_block(path: str, block: Block, options: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """A block's stored values, and for a mirrored block its transposed copy; reading checks the
     chunks' crc32c checksums (a corrupted chunk raises)."""
-    kernel: Any = _group(path, "r", options)[KERNEL]
+    kernel: Any = open_group(path, "r", options)[KERNEL]
     values = np.asarray(kernel[block.i0 : block.i1, block.j0 : block.j1])
     mirror = np.asarray(kernel[block.j0 : block.j1, block.i0 : block.i1]) if block.mirrored else None
     return values, mirror

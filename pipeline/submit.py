@@ -20,9 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import is_url, parse_config
+from pipeline.config import is_url, parse_config, read_yaml
 from pipeline.errors import ConfigError, PipelineError, brief
 
 # Left out of the uploaded working_dir: stores, version control, caches (Ray's gitignore-style patterns).
@@ -87,12 +85,7 @@ def submit(config: str | os.PathLike[str], address: str | None = None, *, job_id
     are allowed), so a mistake costs one line, not a job.
     """
     path = Path(config)
-    if not path.is_file():
-        raise ConfigError(str(config), "no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(str(config), f"not valid YAML: {err}") from None
+    raw = read_yaml(path)
     folder = path.resolve().parent
     parse_config(raw, base=folder, check_files=False)
     _check_paths(raw, folder)
