@@ -254,8 +254,15 @@ def test_a_run_whose_lease_is_taken_over_stops_and_leaves_the_status_alone(workd
     store = workdir / "out.zarr"
 
     def take_over() -> None:
+        # As a real run takes a lease: write it, let it settle, read it back, and only then write the
+        # attributes. A heartbeat that read the old lease just before our write may put its own back
+        # (the race the settle exists for); then take it again, as a retrying run would.
         _wait_for(lambda: _done(store) >= 2)
-        _fake_lease(store, host="another-node", age=0, ttl=600)
+        for _ in range(20):
+            _fake_lease(store, host="another-node", age=0, ttl=600)
+            time.sleep(0.5)  # > lease_seconds: the run's heartbeat has looked at least four times
+            if dict(zarr.open_group(store, mode="r")["lease"].attrs)["host"] == "another-node":
+                break
         meta = dict(zarr.open_group(store, mode="r").attrs["ntk_pipeline"])
         zarr.open_group(store, mode="r+").attrs["ntk_pipeline"] = {**meta, "status": "taken over"}
 
