@@ -103,8 +103,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the output store")
     ap.add_argument("--hidden", type=int, nargs="+", default=[32], help="the MLP's hidden widths")
     ap.add_argument("--config", help="run this config instead (its output path is replaced by a temporary one)")
+    ap.add_argument("--dir", help="where the output store goes (default: the system's temp folder); e.g. /dev/shm "
+                                  "to take the disk's file-system cost out of the figures")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ntk-scale-"))
+    work = Path(tempfile.mkdtemp(prefix="ntk-scale-", dir=args.dir))
     cfg = {
         "model": {"builtin": "mlp", "kwargs": {"in_features": 16, "hidden": args.hidden, "out_features": 10}},
         "data": {"x1": {"synthetic": {"n": args.n, "shape": [16], "seed": 0}}},
@@ -161,14 +163,26 @@ def main() -> None:
     print(f"in-process empirical_ntk on one block ({meta['method']}, {ref['threads']} thread(s), median of 3): "
           f"diagonal {ref['diagonal']:.3f} s, off-diagonal {ref['off_diagonal']:.3f} s; sum over the plan "
           f"{ref['sum']:.1f} s / ({meta['seconds']:.1f} s x {args.workers} workers) = efficiency {ref_eff:.2f}")
+    # A run pays its workers' start-up once (process, imports, model); a long run's efficiency tends to the
+    # steady state's: the same sums over the execution after the first block started.
+    startup = meta.get("startup_seconds", 0.0)
+    steady = meta["seconds"] - startup
+    print(f"start-up: {startup:.1f} s before the first block started; steady state (the {steady:.1f} s after): "
+          f"efficiency {meta['block_seconds'] / (steady * args.workers):.2f} (workers' compute), "
+          f"{ref['sum'] / (steady * args.workers):.2f} (in-process)")
     by_label: dict[str, int] = defaultdict(int)
     for rss, cmd in peaks.values():
         by_label[_label(cmd)] = max(by_label[_label(cmd)], rss)
     print("peak RSS by process kind (max over processes of that kind):")
     for label, rss in sorted(by_label.items(), key=lambda kv: -kv[1]):
         print(f"  {label:<28} {rss / 2**20:8.0f} MiB")
-    print(json.dumps({"n": args.n, "block": args.block, "wall_s": round(wall, 1), "efficiency": round(eff, 3),
-                      "efficiency_in_process": round(ref_eff, 3),
+    print(json.dumps({"n": args.n, "block": args.block, "dir": str(work.parent), "wall_s": round(wall, 1),
+                      "execution_s": meta["seconds"], "startup_s": startup,
+                      "compute_s_per_block": round(meta["block_seconds"] / meta["blocks_total"], 3),
+                      "write_s_per_block": round(meta["write_seconds"] / meta["blocks_total"], 3),
+                      "efficiency": round(eff, 3), "efficiency_in_process": round(ref_eff, 3),
+                      "steady_efficiency": round(meta["block_seconds"] / (steady * args.workers), 3),
+                      "steady_efficiency_in_process": round(ref["sum"] / (steady * args.workers), 3),
                       "peak_rss_mib": {k: round(v / 2**20) for k, v in by_label.items()}}))
     if not args.keep:
         shutil.rmtree(work)

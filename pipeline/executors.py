@@ -52,6 +52,7 @@ class BlockResult:
     seconds: float  # compute only: read + kernel math, not the write
     node: str
     write_seconds: float = 0.0  # writing the block (and its mirror) and its marker
+    started: float = 0.0  # wall clock (time.time(), the worker's) when its strip began
 
 
 _DEVICE_MODELS: dict[str, FunctionalModel] = {}  # per worker process: token -> model on its device
@@ -90,6 +91,7 @@ def run_strip(task: BlockTask, blocks: Sequence[Block]) -> list[BlockResult]:
     first = blocks[0]
     if any((b.i0, b.i1) != (first.i0, first.i1) for b in blocks):
         raise ValueError("a strip's blocks must share their rows")  # a planner bug, not user input
+    started = time.time()
     fm, device, dtype = _device_model(task, first)
     t0 = time.perf_counter()
     s1 = side(fm, cast_input(task.x1.read(first.i0, first.i1), dtype, device), task.method, task.mode)
@@ -100,7 +102,7 @@ def run_strip(task: BlockTask, blocks: Sequence[Block]) -> list[BlockResult]:
     def write(block: Block, values: np.ndarray, seconds: float) -> None:
         t = time.perf_counter()
         task.writer.write(block, values)
-        results.append(BlockResult(block.index, seconds, host, time.perf_counter() - t))
+        results.append(BlockResult(block.index, seconds, host, time.perf_counter() - t, started))
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ntk-write") as pool:
         pending: Future[None] | None = None

@@ -329,6 +329,7 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
                          gpu=cfg.ray.gpus_per_task > 0 and executor == "ray")
         results: list[BlockResult] = []
         t0 = last = time.perf_counter()
+        t0_wall = time.time()
         with tqdm(total=len(p.plan.blocks), initial=skipped, unit="block", desc="ntk", disable=not progress) as bar:
             recorded = 0
 
@@ -362,6 +363,8 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
         meta.update(status="complete", blocks_done=len(p.plan.blocks), seconds=round(seconds, 3),
                     block_seconds=round(sum(r.seconds for r in results), 3),
                     write_seconds=round(sum(r.write_seconds for r in results), 3), finished=_now(), updated=_now())
+        if results:  # workers' start-up: from the run's first task to its first block starting (clocks may differ)
+            meta["startup_seconds"] = round(max(0.0, min(r.started for r in results) - t0_wall), 3)
         update_meta(path, meta, opts)
     finally:
         lease.release()

@@ -183,6 +183,10 @@ def test_auto_records_its_choice_estimates_and_timings(tmp_path, write_config):
     assert auto["timings"], "the plausible methods are timed on a probe of the first block"
     assert auto["method"] in auto["timings"]
     assert auto["method"] == min(auto["timings"], key=auto["timings"].get)
+    # The run's own timings: execution, the blocks' compute and writes, and the start-up before the first block.
+    assert 0 <= meta["startup_seconds"] <= meta["seconds"]
+    assert 0 < meta["block_seconds"] and 0 < meta["write_seconds"]
+    assert meta["block_seconds"] <= meta["seconds"]  # one process: the blocks' compute is inside the execution
 
 
 def test_pntk_store_has_two_dimensions(tmp_path, write_config):
@@ -266,3 +270,14 @@ def test_strip_length_rules(tmp_path, monkeypatch):
     cfg["tiling"]["strip"] = 5
     p = run_module.prepare(parse_config(cfg, base=tmp_path), fingerprint=False)
     assert run_module.strip_length(p, blocks=42, slots=1) == {"length": 5, "reason": "tiling.strip"}
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 70), (300, 257), (129, 5, 3, 3), (40, 41, 2, 4)])
+def test_the_mirror_is_copied_tile_by_tile_exactly(shape):
+    from pipeline.store import transposed_copy
+
+    values = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    axes = (1, 0, *reversed(range(2, len(shape))))
+    out = transposed_copy(values)
+    assert out.flags.c_contiguous and out.dtype == values.dtype
+    np.testing.assert_array_equal(out, np.transpose(values, axes))
