@@ -176,7 +176,7 @@ def main() -> None:
     print("peak RSS by process kind (max over processes of that kind):")
     for label, rss in sorted(by_label.items(), key=lambda kv: -kv[1]):
         print(f"  {label:<28} {rss / 2**20:8.0f} MiB")
-    print(json.dumps({"n": args.n, "block": args.block, "dir": str(work.parent), "wall_s": round(wall, 1),
+    print(json.dumps({"n": args.n, "block": meta["block"][0], "dir": str(work.parent), "wall_s": round(wall, 1),
                       "execution_s": meta["seconds"], "startup_s": startup,
                       "compute_s_per_block": round(meta["block_seconds"] / meta["blocks_total"], 3),
                       "write_s_per_block": round(meta["write_seconds"] / meta["blocks_total"], 3),

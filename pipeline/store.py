@@ -150,17 +150,36 @@ def transpose(values: np.ndarray) -> np.ndarray:
     return values.transpose(1, 0, *reversed(range(2, values.ndim)))
 
 
-def transposed_copy(values: np.ndarray) -> np.ndarray:
-    """``transpose(values)`` as a C-contiguous array, copied tile by tile so that both sides stay in
-    cache: about twice as fast as numpy's strided copy of a large block (0.025 s vs 0.05 s for
-    3000 x 3000 float32 here), which zarr would otherwise make when writing the mirror."""
-    out = np.empty(transpose(values).shape, values.dtype)
+def transposed_copy(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``transpose(values)`` as a C-contiguous array (into ``out`` when given), copied tile by tile so
+    that both sides stay in cache: about twice as fast as numpy's strided copy of a large block
+    (0.025 s vs 0.05 s for 3000 x 3000 float32 here), which zarr would otherwise make."""
+    shape = transpose(values).shape
+    if out is None:
+        out = np.empty(shape, values.dtype)
+    elif out.shape != shape or out.dtype != values.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"expected a C-contiguous {values.dtype} buffer of {shape}, got {out.dtype} {out.shape}")
     inner = int(np.prod(values.shape[2:], dtype=np.int64))
     t = max(8, int((2**16 / inner) ** 0.5))  # a tile of about 64 Ki entries
     for i in range(0, values.shape[0], t):
         for j in range(0, values.shape[1], t):
             out[j : j + t, i : i + t] = transpose(values[i : i + t, j : j + t])
     return out
+
+
+# One mirror buffer per worker process, reused from block to block: on the development VM's disk,
+# writing a 3000 x 3000 float32 mirror copied into fresh memory cost 0.30 s of CPU against 0.06 s
+# into a reused buffer (medians of 25, interleaved). Writers hold the lock while they use it.
+_MIRROR_LOCK = threading.Lock()
+_MIRROR: dict[str, np.ndarray] = {}
+
+
+def _mirror_buffer(values: np.ndarray) -> np.ndarray:
+    shape = transpose(values).shape
+    buf = _MIRROR.get("buf")
+    if buf is None or buf.dtype != values.dtype or buf.size < values.size:
+        buf = _MIRROR["buf"] = np.empty(values.size, values.dtype)
+    return buf[: values.size].reshape(shape)
 
 
 class BlockWriter:
@@ -187,7 +206,9 @@ class BlockWriter:
             kernel[block.i0 : block.i1, block.j0 : block.j1] = values
             if block.mirrored:
                 # K(x_j, x_i)[b, a] = K(x_i, x_j)[a, b]: swap the sample axes and the output axes.
-                kernel[block.j0 : block.j1, block.i0 : block.i1] = transposed_copy(values)
+                with _MIRROR_LOCK:
+                    mirror = transposed_copy(values, _mirror_buffer(values))
+                    kernel[block.j0 : block.j1, block.i0 : block.i1] = mirror
             # Markers only after all of the block's data is written.
             done[block.row, block.col] = 1
             if block.mirrored:

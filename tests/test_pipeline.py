@@ -281,3 +281,8 @@ def test_the_mirror_is_copied_tile_by_tile_exactly(shape):
     out = transposed_copy(values)
     assert out.flags.c_contiguous and out.dtype == values.dtype
     np.testing.assert_array_equal(out, np.transpose(values, axes))
+    buffer = np.full(out.shape, np.nan, np.float32)  # a reused buffer holding an earlier block
+    assert transposed_copy(values, buffer) is buffer
+    np.testing.assert_array_equal(buffer, np.transpose(values, axes))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        transposed_copy(values, np.empty(out.shape, np.float64))
