@@ -177,16 +177,17 @@ def block_flops(method: str, b1: int, b2: int, o: int, p: int, fp: int, mode: st
     raise ValueError(f"unknown method {method!r}")
 
 
-BLOCKS_HELD = 3  # kernel blocks a task holds at once (see task_memory)
+def held_kernel_bytes(b1: int, b2: int, o: int, mode: str, itemsize: int) -> int:
+    """Kernel bytes a block task holds at once: the block being computed, the one before it being
+    written by the background thread, and the worker's mirror buffer (its transposed copy)."""
+    return 3 * kernel_bytes(b1, b2, o, mode, itemsize)
 
 
 def task_memory(method: str, b1: int, b2: int, o: int, p: int, sample_numel: int, mode: str, itemsize: int,
                 vps_chunk_bytes: int) -> int:
     """Estimated peak bytes of one block task: inputs, Jacobians (or VP chunks) and the block."""
     inputs = (b1 + b2) * sample_numel * itemsize
-    # The block being computed, the one before it being written by the background thread, and the
-    # worker's mirror buffer (its transposed copy).
-    block = BLOCKS_HELD * kernel_bytes(b1, b2, o, mode, itemsize)
+    block = held_kernel_bytes(b1, b2, o, mode, itemsize)
     if method == "jacobian_contraction":
         work = (b1 + b2) * o * p * itemsize
     else:

@@ -29,7 +29,7 @@ from pipeline.errors import ConfigError, DataError, PipelineError, StoreError, b
 from pipeline.executors import BlockResult, BlockTask, InProcessExecutor, RayExecutor, strips
 from pipeline.methods import VPS_CHUNK_BYTES, auto_method, estimate_flops
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
-from pipeline.plan import BLOCKS_HELD, METHODS, Plan, kernel_bytes, kernel_entries, layout, task_memory, tile
+from pipeline.plan import METHODS, Plan, held_kernel_bytes, kernel_bytes, kernel_entries, layout, task_memory, tile
 from pipeline.store import (
     BlockWriter,
     Lease,
@@ -387,8 +387,7 @@ def _block_memory(p: Prepared, method: str, b1: int, b2: int, x: torch.Tensor) -
     o = 1 if mode == "pntk" else p.o
     if method == "structured":
         fm = p.fm.sum_of_logits() if mode == "pntk" else p.fm
-        return structured_memory(fm, x, b1, b2, mode) + BLOCKS_HELD * kernel_bytes(b1, b2, o, mode,
-                                                                                 p.fm.itemsize)
+        return structured_memory(fm, x, b1, b2, mode) + held_kernel_bytes(b1, b2, o, mode, p.fm.itemsize)
     return task_memory(method, b1, b2, o, p.fm.p, math.prod(p.x1.sample_shape), mode, p.fm.itemsize,
                        VPS_CHUNK_BYTES)
 
