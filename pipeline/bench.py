@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from pipeline.methods import auto_method, compute_block, estimate_flops
+from pipeline.config import Method, Mode
+from pipeline.methods import METHODS, compute_block, estimate_flops, outputs
+from pipeline.methods.auto import auto_method
 from pipeline.models import FunctionalModel, cast_input
-from pipeline.plan import METHODS, kernel_entries
+from pipeline.plan import kernel_entries
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def _reset_peak() -> None:
         pass
 
 
-def _measure(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, method: str, mode: str,
+def _measure(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, method: Method, mode: Mode,
              repeats: int, threads: int | None) -> tuple[list[float], int, int, int | None]:
     """Runs in the measuring process: (run times, peak RSS, RSS before, peak GPU bytes)."""
     if threads:
@@ -78,8 +80,8 @@ def _measure(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, met
     return runs, peak, base, torch.cuda.max_memory_allocated() if gpu else None
 
 
-def bench_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: str, *,
-                methods: tuple[str, ...] = METHODS, repeats: int = 3, isolate: bool = True,
+def bench_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: Mode, *,
+                methods: tuple[Method, ...] = METHODS, repeats: int = 3, isolate: bool = True,
                 threads: int | None = None) -> dict[str, Any]:
     """Time each method on one block; returns the rows and the ``auto`` decision for that block.
 
@@ -89,7 +91,7 @@ def bench_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, 
     """
     n2 = x1.shape[0] if x2 is None else x2.shape[0]
     flops = estimate_flops(fm, x1, x1.shape[0], n2, mode, diagonal=x2 is None)
-    o = 1 if mode == "pntk" else fm(fm.params, x1[:1]).shape[1]
+    o = outputs(fm, x1, mode)
     entries = kernel_entries(x1.shape[0], n2, o, mode)
     rows = []
     for m in methods:
@@ -105,7 +107,7 @@ def bench_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, 
     return {"rows": rows, "auto": auto, "entries": entries, "n1": x1.shape[0], "n2": n2, "mode": mode}
 
 
-def bench_config(config: Any, search_path: str | None, *, repeats: int = 3, methods: tuple[str, ...] = METHODS,
+def bench_config(config: Any, search_path: str | None, *, repeats: int = 3, methods: tuple[Method, ...] = METHODS,
                  isolate: bool = True) -> dict[str, Any]:
     """bench_block on the first block of a config's plan (a diagonal one for K(x1, x1))."""
     from pipeline.run import prepare

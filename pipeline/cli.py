@@ -156,12 +156,12 @@ def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool,
     from pathlib import Path
 
     from pipeline.bench import bench_config
-    from pipeline.config import load_config
-    from pipeline.plan import METHODS
+    from pipeline.config import Method, load_config
+    from pipeline.methods import METHODS
 
     cfg = load_config(config)
-    r = bench_config(cfg, str(Path(config).resolve().parent), repeats=repeats, methods=methods or METHODS,
-                     isolate=not in_process)
+    chosen = tuple(map(Method, methods)) or METHODS
+    r = bench_config(cfg, str(Path(config).resolve().parent), repeats=repeats, methods=chosen, isolate=not in_process)
     if as_json:
         click.echo(json.dumps({**r, "rows": [asdict(row) for row in r["rows"]]}, indent=2, default=str))
         return

@@ -1,4 +1,4 @@
-"""Pure tiling arithmetic: the x1 x x2 pair space cut into chunk-aligned blocks, and cost estimates.
+"""Pure tiling arithmetic: the x1 x x2 pair space cut into chunk-aligned blocks, and their sizes.
 
     plan = tile(n1=1000, n2=1000, block=(256, 256), symmetric=True)
     len(plan.blocks)   # 10: the 4 x 4 grid's diagonal and upper triangle
@@ -14,8 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-MODES = ("full", "trace", "diagonal", "pntk")
-METHODS = ("structured", "jacobian_contraction", "ntk_vector_products")  # ties in ``auto`` go in this order
+from pipeline.config import Mode
 
 
 @dataclass(frozen=True)
@@ -123,7 +122,7 @@ def tile(n1: int, n2: int, block: tuple[int, int], symmetric: bool, chunk: tuple
     return Plan(n1, n2, rows, cols, symmetric, tuple(blocks), chunk_rows, chunk_cols)
 
 
-def layout(plan: Plan, o: int, mode: str, itemsize: int) -> dict[str, int]:
+def layout(plan: Plan, o: int, mode: Mode, itemsize: int) -> dict[str, int]:
     """File counts and sizes of a plan's store, from the arithmetic alone (for 10^6 x 10^6 too).
 
     Returns:
@@ -145,51 +144,20 @@ def layout(plan: Plan, o: int, mode: str, itemsize: int) -> dict[str, int]:
     }
 
 
-def trailing_shape(mode: str, o: int) -> tuple[int, ...]:
+def trailing_shape(mode: Mode, o: int) -> tuple[int, ...]:
     """Axes after (x1, x2): (o, o) for full, () for trace and pntk, (o,) for diagonal."""
-    return {"full": (o, o), "trace": (), "diagonal": (o,), "pntk": ()}[mode]
+    return {Mode.FULL: (o, o), Mode.TRACE: (), Mode.DIAGONAL: (o,), Mode.PNTK: ()}[mode]
 
 
-def kernel_bytes(n1: int, n2: int, o: int, mode: str, itemsize: int) -> int:
+def kernel_bytes(n1: int, n2: int, o: int, mode: Mode, itemsize: int) -> int:
     return n1 * n2 * math.prod(trailing_shape(mode, o)) * itemsize
 
 
-def kernel_entries(n1: int, n2: int, o: int, mode: str) -> int:
+def kernel_entries(n1: int, n2: int, o: int, mode: Mode) -> int:
     return n1 * n2 * math.prod(trailing_shape(mode, o))
 
 
-def block_flops(method: str, b1: int, b2: int, o: int, p: int, fp: int, mode: str, diagonal: bool) -> float:
-    """Estimated FLOPs of one b1 x b2 block (the cost models of the tutorial and Novak et al. 2022).
-
-    jacobian_contraction: Jacobians of b1 (+ b2 unless diagonal) samples, each o reverse passes of
-      ~2 FP after one forward FP, then a contraction of 2 b1 b2 o^2 P (full) or 2 b1 b2 o P (trace,
-      diagonal). Wins when P is small next to the forward pass.
-    ntk_vector_products: per pair, one forward and o (vjp ~2 FP + jvp ~3 FP): b1 b2 FP (1 + 5 o),
-      no contraction. Wins when o P is large next to FP.
-    """
-    if method == "jacobian_contraction":
-        samples = b1 if diagonal else b1 + b2
-        jac = samples * fp * (1 + 2 * o)
-        contract = 2 * b1 * b2 * p * (o * o if mode == "full" else o)
-        return float(jac + contract)
-    if method == "ntk_vector_products":
-        return float(b1 * b2 * fp * (1 + 5 * o))
-    raise ValueError(f"unknown method {method!r}")
-
-
-def held_kernel_bytes(b1: int, b2: int, o: int, mode: str, itemsize: int) -> int:
+def held_kernel_bytes(b1: int, b2: int, o: int, mode: Mode, itemsize: int) -> int:
     """Kernel bytes a block task holds at once: the block being computed, the one before it being
     written by the background thread, and the worker's mirror buffer (its transposed copy)."""
     return 3 * kernel_bytes(b1, b2, o, mode, itemsize)
-
-
-def task_memory(method: str, b1: int, b2: int, o: int, p: int, sample_numel: int, mode: str, itemsize: int,
-                vps_chunk_bytes: int) -> int:
-    """Estimated peak bytes of one block task: inputs, Jacobians (or VP chunks) and the block."""
-    inputs = (b1 + b2) * sample_numel * itemsize
-    block = held_kernel_bytes(b1, b2, o, mode, itemsize)
-    if method == "jacobian_contraction":
-        work = (b1 + b2) * o * p * itemsize
-    else:
-        work = min(b2 * o * p * itemsize * 3, vps_chunk_bytes + 3 * o * p * itemsize)
-    return inputs + block + work

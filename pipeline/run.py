@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import heapq
-import math
 import os
 import time
 from collections import Counter
@@ -27,9 +26,10 @@ from pipeline.config import RunConfig, is_url, load_config
 from pipeline.data import Source, open_source
 from pipeline.errors import ConfigError, DataError, PipelineError, StoreError, brief
 from pipeline.executors import BlockResult, BlockTask, InProcessExecutor, RayExecutor, strips
-from pipeline.methods import VPS_CHUNK_BYTES, auto_method, estimate_flops
+from pipeline.methods import METHODS, estimate_flops, task_memory
+from pipeline.methods.auto import auto_method
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
-from pipeline.plan import METHODS, Plan, held_kernel_bytes, kernel_bytes, kernel_entries, layout, task_memory, tile
+from pipeline.plan import Plan, kernel_bytes, kernel_entries, layout, tile
 from pipeline.store import (
     BlockWriter,
     Lease,
@@ -42,7 +42,6 @@ from pipeline.store import (
     read_meta,
     update_meta,
 )
-from pipeline.structured import structured_memory
 
 EXECUTORS = ("ray", "local")
 
@@ -383,13 +382,7 @@ def _shape_flops(p: Prepared, x: torch.Tensor, plan: Plan) -> tuple[Counter[tupl
 
 def _block_memory(p: Prepared, method: str, b1: int, b2: int, x: torch.Tensor) -> int:
     """Estimated peak bytes of one b1 x b2 block task with ``method``."""
-    mode = p.config.ntk.mode
-    o = 1 if mode == "pntk" else p.o
-    if method == "structured":
-        fm = p.fm.sum_of_logits() if mode == "pntk" else p.fm
-        return structured_memory(fm, x, b1, b2, mode) + held_kernel_bytes(b1, b2, o, mode, p.fm.itemsize)
-    return task_memory(method, b1, b2, o, p.fm.p, math.prod(p.x1.sample_shape), mode, p.fm.itemsize,
-                       VPS_CHUNK_BYTES)
+    return task_memory(p.fm, x, method, b1, b2, p.config.ntk.mode)
 
 
 def describe_plan(config: RunConfig | str | os.PathLike[str], *, workers: int | None = None,

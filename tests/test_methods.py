@@ -19,9 +19,10 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import pipeline
-from pipeline import methods, plan, structured
+from pipeline import methods
+from pipeline.methods import auto, jacobian_contraction, ntk_vector_products, structured
+from pipeline.methods.structured.rules import linear
 from pipeline.models import FunctionalModel, forward_flops
-from pipeline.plan import block_flops
 
 import nets
 from conftest import TOLERANCES
@@ -248,12 +249,12 @@ def test_layers_without_a_valid_rule_fall_back(model_name, fallback, sites):
 @pytest.mark.parametrize("form", ["structured", "materialized"])
 @pytest.mark.parametrize("model_name", ["mlp", "convbn", "embed_ln", "conv_gn"])
 def test_both_forms_of_the_linear_rule_are_exact(monkeypatch, model_name, form):
-    real = structured.linear_costs
+    real = linear.linear_costs
 
     def forced(*args):
         return {k: 0.0 if k == form else 1.0 for k in real(*args)}
 
-    monkeypatch.setattr(structured, "linear_costs", forced)
+    monkeypatch.setattr(linear, "linear_costs", forced)
     model, lay = layout_of(model_name)  # checked under the forced form: a wrong form would fall back
     assert lay.fallback == []
     x1, x2 = make_inputs(model_name, 3, seed=14), make_inputs(model_name, 2, seed=15)
@@ -329,15 +330,20 @@ def test_batchnorm_uses_running_stats_and_training_flags_are_restored(method):
 
 
 def _spy_on_methods(monkeypatch) -> tuple[list[str], list[tuple]]:
-    """Replace each method in methods._METHODS by a spy: the names called, and their arguments."""
-    calls: list[str] = []
+    """Wrap each registered method's ``side`` and ``combine`` in a spy: the calls as (method, function),
+    and their arguments."""
+    calls: list[tuple[str, str]] = []
     seen: list[tuple] = []
-    for name, fn in list(methods._METHODS.items()):
-        def spy(*args, _name=name, _fn=fn):
-            calls.append(_name)
+    def spy_on(name: str, what: str, fn):
+        def spy(*args):
+            calls.append((name, what))
             seen.append(args)
-            return _fn(*args)
-        monkeypatch.setitem(methods._METHODS, name, spy)
+            return fn(*args)
+        return spy
+
+    for name, module in methods.REGISTRY.items():
+        for what in ("side", "combine"):
+            monkeypatch.setattr(module, what, spy_on(str(name), what, getattr(module, what)))
     return calls, seen
 
 
@@ -347,8 +353,8 @@ def test_token_ids_reach_the_method_as_integers(monkeypatch, method):
     model = make_model("embed_ln").to(torch.float32)
     x1, x2 = make_inputs("embed_ln", 3, seed=18), make_inputs("embed_ln", 2, seed=19)
     k = pipeline.empirical_ntk(model, x1, x2, method=method, mode="trace")
-    assert calls == [method]
-    _, a1, a2, _ = seen[0]
+    assert calls == [(method, "side"), (method, "side"), (method, "combine")]
+    (_, a1), (_, a2) = seen[0], seen[1]
     assert a1.dtype == a2.dtype == torch.int64
     assert torch.equal(a1, x1) and torch.equal(a2, x2)
     assert k.dtype == torch.float32
@@ -385,9 +391,9 @@ def test_pntk_is_the_trace_kernel_of_the_summed_model(monkeypatch, model_name, m
     assert_kernel_close(k, full.sum((2, 3)) / full.shape[2], torch.float64)
     assert_kernel_close(k, summed, torch.float64)
     # it costs an o = 1 kernel: the method runs once, in trace mode, on a model with one output
-    assert calls == [method]
-    fm, a1, _, mode = seen[0]
-    assert mode == "trace"
+    assert calls == [(method, "side"), (method, "side"), (method, "combine")]
+    fm, a1 = seen[0]
+    assert seen[2][0].summed and seen[2][3] == "trace"
     assert fm(fm.params, as_compute(a1, torch.float64)).shape == (3, 1)
 
 
@@ -403,9 +409,11 @@ def test_estimate_flops_per_method(mode, diagonal):
     efm, emode, o = (fm.sum_of_logits(), "trace", 1) if mode == "pntk" else (fm, mode, 3)
     fp = forward_flops(efm, x)
     assert fp == 2 * (6 * 8 + 8 * 3)
-    for m in ("jacobian_contraction", "ntk_vector_products"):
-        assert flops[m] == block_flops(m, 4, b2, o, 83, fp, emode, diagonal)
-    assert flops["structured"] == structured.structured_flops(efm, x, 4, b2, emode, diagonal)
+    for module in (jacobian_contraction, ntk_vector_products):
+        assert flops[module.__name__.rsplit(".", 1)[1]] == module.block_flops(4, b2, o, 83, fp, emode, diagonal)
+    probe, probe_mode = methods.probe(fm, x, mode)
+    assert probe_mode == emode and probe.o == o and probe.fp == fp and probe.fm.summed == (mode == "pntk")
+    assert flops["structured"] == structured.flops(probe, 4, b2, emode, diagonal)
     if mode == "pntk":
         full = methods.estimate_flops(fm, x, 4, b2, "full", diagonal)
         assert all(flops[m] < full[m] for m in METHODS)
@@ -437,86 +445,91 @@ FLOPS = {"structured": 300.0, "jacobian_contraction": 100.0, "ntk_vector_product
 
 
 def test_methods_order():
-    assert plan.METHODS == METHODS
-    assert plan.MODES == MODES
-    assert tuple(methods._METHODS) == METHODS
+    assert methods.METHODS == METHODS
+    assert methods.MODES == MODES
+    assert tuple(methods.REGISTRY) == METHODS
 
 
 def test_choose_method_by_fewest_flops():
-    choice = methods.choose_method(FLOPS, 0)
+    choice = auto.choose_method(FLOPS, 0)
     assert choice == {"method": "jacobian_contraction", "reason": "fewest estimated FLOPs per block",
                       "flops": FLOPS, "timings": {}}
-    assert methods.choose_method({**FLOPS, "structured": 99.0}, 0)["method"] == "structured"
-    assert methods.choose_method({**FLOPS, "ntk_vector_products": 99.0}, 0)["method"] == "ntk_vector_products"
-    assert methods.choose_method(FLOPS, 0, timings={})["method"] == "jacobian_contraction"  # no timings: FLOPs
+    assert auto.choose_method({**FLOPS, "structured": 99.0}, 0)["method"] == "structured"
+    assert auto.choose_method({**FLOPS, "ntk_vector_products": 99.0}, 0)["method"] == "ntk_vector_products"
+    assert auto.choose_method(FLOPS, 0, timings={})["method"] == "jacobian_contraction"  # no timings: FLOPs
 
 
 def test_choose_method_rules_out_the_contraction_over_the_jacobian_budget(monkeypatch):
-    budget = methods.JACOBIAN_BUDGET_BYTES
-    over = methods.choose_method(FLOPS, budget + 1)
+    budget = auto.JACOBIAN_BUDGET_BYTES
+    over = auto.choose_method(FLOPS, budget + 1)
     assert over["method"] == "ntk_vector_products"
     assert "jacobian_contraction ruled out" in over["reason"]
     assert over["flops"] == FLOPS  # the estimates are recorded as given
     # exactly at the budget the Jacobians still fit
-    at = methods.choose_method(FLOPS, budget)
+    at = auto.choose_method(FLOPS, budget)
     assert at["method"] == "jacobian_contraction"
     assert at["reason"] == "fewest estimated FLOPs per block"
     # the budget rules out nothing else
-    assert methods.choose_method({**FLOPS, "structured": 1.0}, 100 * budget)["method"] == "structured"
+    assert auto.choose_method({**FLOPS, "structured": 1.0}, 100 * budget)["method"] == "structured"
     # the budget is read when choosing
-    monkeypatch.setattr(methods, "JACOBIAN_BUDGET_BYTES", 1000)
-    assert methods.choose_method(FLOPS, 1000)["method"] == "jacobian_contraction"
-    assert methods.choose_method(FLOPS, 1001)["method"] == "ntk_vector_products"
+    monkeypatch.setattr(auto, "JACOBIAN_BUDGET_BYTES", 1000)
+    assert auto.choose_method(FLOPS, 1000)["method"] == "jacobian_contraction"
+    assert auto.choose_method(FLOPS, 1001)["method"] == "ntk_vector_products"
 
 
 def test_choose_method_takes_the_fastest_timed_method_over_the_flops():
     timings = {"structured": 0.3, "jacobian_contraction": 0.2, "ntk_vector_products": 0.1}
-    choice = methods.choose_method(FLOPS, 0, timings)
+    choice = auto.choose_method(FLOPS, 0, timings)
     assert choice["method"] == "ntk_vector_products"  # twice the contraction's FLOPs, but fastest
     assert choice["reason"].startswith("fastest")
     assert choice["timings"] == timings and choice["flops"] == FLOPS
     # only timed methods compete: an untimed method's fewer FLOPs do not count
-    partial = methods.choose_method(FLOPS, 0, {"structured": 5.0, "ntk_vector_products": 9.0})
+    partial = auto.choose_method(FLOPS, 0, {"structured": 5.0, "ntk_vector_products": 9.0})
     assert partial["method"] == "structured"
 
 
 def test_a_timed_contraction_over_the_budget_never_wins():
-    over = methods.JACOBIAN_BUDGET_BYTES + 1
+    over = auto.JACOBIAN_BUDGET_BYTES + 1
     timings = {"structured": 0.3, "jacobian_contraction": 0.001, "ntk_vector_products": 0.2}
-    choice = methods.choose_method(FLOPS, over, timings)
+    choice = auto.choose_method(FLOPS, over, timings)
     assert choice["method"] == "ntk_vector_products"
     assert choice["reason"].startswith("fastest") and "jacobian_contraction ruled out" in choice["reason"]
     # the contraction the only one timed: it still cannot win; the FLOPs decide among the others
-    alone = methods.choose_method(FLOPS, over, {"jacobian_contraction": 0.001})
+    alone = auto.choose_method(FLOPS, over, {"jacobian_contraction": 0.001})
     assert alone["method"] == "ntk_vector_products"
     assert "jacobian_contraction ruled out" in alone["reason"]
 
 
 def test_choose_method_is_deterministic_and_breaks_ties_in_methods_order():
     flops, timings = dict(FLOPS), {"structured": 0.2, "ntk_vector_products": 0.1}
-    first = methods.choose_method(flops, 123, timings)
-    assert all(methods.choose_method(dict(flops), 123, dict(timings)) == first for _ in range(3))
+    first = auto.choose_method(flops, 123, timings)
+    assert all(auto.choose_method(dict(flops), 123, dict(timings)) == first for _ in range(3))
     assert flops == FLOPS and timings == {"structured": 0.2, "ntk_vector_products": 0.1}  # inputs untouched
     # the order of the dictionaries' keys does not matter
     backwards = dict(reversed(list(FLOPS.items())))
-    assert methods.choose_method(backwards, 0)["method"] == "jacobian_contraction"
+    assert auto.choose_method(backwards, 0)["method"] == "jacobian_contraction"
 
-    over = methods.JACOBIAN_BUDGET_BYTES + 1
+    over = auto.JACOBIAN_BUDGET_BYTES + 1
     tie = dict.fromkeys(METHODS, 7.0)
-    assert methods.choose_method(tie, 0)["method"] == "structured"
-    assert methods.choose_method(dict(reversed(list(tie.items()))), 0)["method"] == "structured"
-    assert methods.choose_method({**tie, "structured": 8.0}, 0)["method"] == "jacobian_contraction"
-    assert methods.choose_method({**tie, "structured": 8.0}, over)["method"] == "ntk_vector_products"
+    assert auto.choose_method(tie, 0)["method"] == "structured"
+    assert auto.choose_method(dict(reversed(list(tie.items()))), 0)["method"] == "structured"
+    assert auto.choose_method({**tie, "structured": 8.0}, 0)["method"] == "jacobian_contraction"
+    assert auto.choose_method({**tie, "structured": 8.0}, over)["method"] == "ntk_vector_products"
     same = dict.fromkeys(METHODS, 0.5)
-    assert methods.choose_method(FLOPS, 0, same)["method"] == "structured"
-    assert methods.choose_method(FLOPS, 0, dict(reversed(list(same.items()))))["method"] == "structured"
-    assert methods.choose_method(FLOPS, 0, {"ntk_vector_products": 0.5, "jacobian_contraction": 0.5})["method"] \
+    assert auto.choose_method(FLOPS, 0, same)["method"] == "structured"
+    assert auto.choose_method(FLOPS, 0, dict(reversed(list(same.items()))))["method"] == "structured"
+    assert auto.choose_method(FLOPS, 0, {"ntk_vector_products": 0.5, "jacobian_contraction": 0.5})["method"] \
         == "jacobian_contraction"
-    assert methods.choose_method(FLOPS, over, same)["method"] == "structured"
+    assert auto.choose_method(FLOPS, over, same)["method"] == "structured"
 
 
 # ---------------------------------------------------------------------------------------------
 # auto
+
+
+def combined(calls: list[tuple[str, str]]) -> list[str]:
+    """The methods whose combine ran, in order: one per block computed."""
+    return [method for method, what in calls if what == "combine"]
 
 
 def _no_timing(*args, **kwargs):
@@ -525,41 +538,41 @@ def _no_timing(*args, **kwargs):
 
 def test_auto_picks_structured_for_the_mlp(monkeypatch):
     calls, _ = _spy_on_methods(monkeypatch)
-    monkeypatch.setattr(methods, "time_methods", _no_timing)
+    monkeypatch.setattr(auto, "time_methods", _no_timing)
     model = make_model("mlp").to(torch.float64)
     x = make_inputs("mlp", 4, seed=10)
     k = pipeline.empirical_ntk(model, x, method="auto", mode="full")
-    assert calls == ["structured"]
+    assert combined(calls) == ["structured"]
     assert_kernel_close(k, reference_ntk(model, x, None, "full"), torch.float64)
 
 
 def test_auto_without_structured_takes_the_contraction_then_vector_products(monkeypatch):
     calls, _ = _spy_on_methods(monkeypatch)
-    monkeypatch.setattr(methods, "time_methods", _no_timing)
-    monkeypatch.setattr(pipeline.methods, "structured_flops", lambda *args, **kwargs: 1e30)
+    monkeypatch.setattr(auto, "time_methods", _no_timing)
+    monkeypatch.setattr(structured, "flops", lambda *args, **kwargs: 1e30)
     model = make_model("mlp").to(torch.float64)
     x1, x2 = make_inputs("mlp", 3, seed=11), make_inputs("mlp", 2, seed=12)
     expected = reference_ntk(model, x1, x2, "diagonal")
     k = pipeline.empirical_ntk(model, x1, x2, method="auto", mode="diagonal")
-    assert calls == ["jacobian_contraction"]  # fewer FLOPs than vector products for this tiny model
+    assert combined(calls) == ["jacobian_contraction"]  # fewer FLOPs than vector products for this tiny model
     assert_kernel_close(k, expected, torch.float64)
-    monkeypatch.setattr(methods, "JACOBIAN_BUDGET_BYTES", 64)
+    monkeypatch.setattr(auto, "JACOBIAN_BUDGET_BYTES", 64)
     k = pipeline.empirical_ntk(model, x1, x2, method="auto", mode="diagonal")
-    assert calls == ["jacobian_contraction", "ntk_vector_products"]
+    assert combined(calls) == ["jacobian_contraction", "ntk_vector_products"]
     assert_kernel_close(k, expected, torch.float64)
 
 
 def test_auto_counts_one_set_of_jacobians_for_x2_none(monkeypatch):
     calls, _ = _spy_on_methods(monkeypatch)
-    monkeypatch.setattr(pipeline.methods, "structured_flops", lambda *args, **kwargs: 1e30)
+    monkeypatch.setattr(structured, "flops", lambda *args, **kwargs: 1e30)
     # small_mlp in float64, n = 4: one set of Jacobians is 4 * 3 * 83 * 8 bytes, two sets twice that
-    monkeypatch.setattr(methods, "JACOBIAN_BUDGET_BYTES", 4 * 3 * 83 * 8)
+    monkeypatch.setattr(auto, "JACOBIAN_BUDGET_BYTES", 4 * 3 * 83 * 8)
     model = make_model("mlp").to(torch.float64)
     assert FunctionalModel(model).p == 83
     x = make_inputs("mlp", 4, seed=13)
     k_none = pipeline.empirical_ntk(model, x, None, method="auto", mode="full")
     k_same = pipeline.empirical_ntk(model, x, x, method="auto", mode="full")
-    assert calls == ["jacobian_contraction", "ntk_vector_products"]
+    assert combined(calls) == ["jacobian_contraction", "ntk_vector_products"]
     assert_kernel_close(k_none, k_same.to(torch.float64), torch.float64)
 
 
@@ -568,18 +581,18 @@ def test_auto_method_times_the_plausible_methods_and_picks_a_timed_one(monkeypat
     x1, x2 = make_inputs("mlp", 3, seed=22).to(torch.float64), make_inputs("mlp", 2, seed=23).to(torch.float64)
     jac = methods.jacobian_bytes(fm, x1, 3, 2, "trace", False)
 
-    monkeypatch.setattr(methods, "PROBE_SPREAD", 1e12)  # every method is plausible: all are timed
-    choice = methods.auto_method(fm, x1, x2, "trace", measure=True)
+    monkeypatch.setattr(auto, "PROBE_SPREAD", 1e12)  # every method is plausible: all are timed
+    choice = auto.auto_method(fm, x1, x2, "trace", measure=True)
     assert set(choice["timings"]) == set(METHODS)
     assert all(t > 0 for t in choice["timings"].values())
     assert choice["method"] in choice["timings"]
     assert choice["reason"].startswith("fastest")
-    assert choice["method"] == methods.choose_method(choice["flops"], jac, choice["timings"])["method"]
+    assert choice["method"] == auto.choose_method(choice["flops"], jac, choice["timings"])["method"]
     assert choice["flops"] == methods.estimate_flops(fm, x1, 3, 2, "trace", False)
 
     # over the Jacobian budget the contraction is neither timed nor chosen
-    monkeypatch.setattr(methods, "JACOBIAN_BUDGET_BYTES", 64)
-    choice = methods.auto_method(fm, x1, x2, "trace", measure=True)
+    monkeypatch.setattr(auto, "JACOBIAN_BUDGET_BYTES", 64)
+    choice = auto.auto_method(fm, x1, x2, "trace", measure=True)
     assert set(choice["timings"]) == {"structured", "ntk_vector_products"}
     assert choice["method"] in choice["timings"]
 
@@ -587,14 +600,14 @@ def test_auto_method_times_the_plausible_methods_and_picks_a_timed_one(monkeypat
 def test_auto_method_times_only_estimates_near_the_cheapest(monkeypatch):
     fm = FunctionalModel(make_model("mlp").to(torch.float64).eval())
     x1, x2 = make_inputs("mlp", 3, seed=22).to(torch.float64), make_inputs("mlp", 2, seed=23).to(torch.float64)
-    monkeypatch.setattr(pipeline.methods, "structured_flops", lambda *args, **kwargs: 1e30)  # far off: not timed
-    choice = methods.auto_method(fm, x1, x2, "trace", measure=True)
+    monkeypatch.setattr(structured, "flops", lambda *args, **kwargs: 1e30)  # far off: not timed
+    choice = auto.auto_method(fm, x1, x2, "trace", measure=True)
     assert set(choice["timings"]) == {"jacobian_contraction", "ntk_vector_products"}
     assert choice["method"] in choice["timings"]
     # one plausible method left: nothing to time
-    monkeypatch.setattr(methods, "JACOBIAN_BUDGET_BYTES", 64)
-    monkeypatch.setattr(methods, "time_methods", _no_timing)
-    choice = methods.auto_method(fm, x1, x2, "trace", measure=True)
+    monkeypatch.setattr(auto, "JACOBIAN_BUDGET_BYTES", 64)
+    monkeypatch.setattr(auto, "time_methods", _no_timing)
+    choice = auto.auto_method(fm, x1, x2, "trace", measure=True)
     assert choice["method"] == "ntk_vector_products"
     assert choice["timings"] == {}
 

@@ -13,13 +13,20 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.plan import METHODS, MODES, block_flops, kernel_bytes, kernel_entries, tile, trailing_shape
+from pipeline.methods import METHODS, MODES, jacobian_contraction, ntk_vector_products, parse_method
+from pipeline.plan import kernel_bytes, kernel_entries, tile, trailing_shape
 
 sizes = st.integers(min_value=1, max_value=60)
 block_sizes = st.integers(min_value=1, max_value=70)  # beyond n too: clipped
 PROPERTY = settings(max_examples=50, deadline=None)
-# block_flops models these two; structured's cost is per layer (pipeline.structured.structured_flops)
-BLOCK_FLOPS_METHODS = ("jacobian_contraction", "ntk_vector_products")
+# These two methods' costs are formulas of the block's shape (structured's is per layer: its rules' costs).
+BLOCK_FLOPS = {"jacobian_contraction": jacobian_contraction.block_flops,
+               "ntk_vector_products": ntk_vector_products.block_flops}
+BLOCK_FLOPS_METHODS = tuple(BLOCK_FLOPS)
+
+
+def block_flops(method: str, *args) -> float:
+    return BLOCK_FLOPS[method](*args)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -194,10 +201,11 @@ def test_block_flops_by_hand():
     assert block_flops("ntk_vector_products", 4, 4, 3, 83, 144, "diagonal", False) == 16 * 144 * 16
 
 
-@pytest.mark.parametrize("method", ["bogus", "auto", "", "structured"])  # structured's cost is per layer
-def test_block_flops_rejects_an_unknown_method(method):
-    with pytest.raises(ValueError, match=rf"unknown method '{method}'"):
-        block_flops(method, 2, 2, 3, 10, 10, "full", False)
+@pytest.mark.parametrize("method", ["bogus", "auto", "", "Structured"])  # auto chooses a method; it is none
+def test_the_registry_rejects_an_unknown_method(method):
+    with pytest.raises(ValueError, match=rf"method: expected one of structured, jacobian_contraction, "
+                                         rf"ntk_vector_products, got '{method}'"):
+        parse_method(method)
 
 
 def test_grid_uses_ceiling_division():

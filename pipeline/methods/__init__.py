@@ -1,0 +1,165 @@
+"""The NTK methods: one module per method behind one registry, four modes, one pntk normalisation.
+
+    K = empirical_ntk(model, x1, x2, method="structured", mode="full")            # (n1, n2, o, o)
+    K == empirical_ntk(model, x1, x2, method="jacobian_contraction", mode="full")  # to float tolerance
+
+K[i, j, a, b] = <d f_a(x1_i) / d theta, d f_b(x2_j) / d theta>, theta = the trainable parameters.
+Modes (pipeline.config.Mode): full (n1, n2, o, o); trace (n1, n2), the sum over a = b; diagonal
+(n1, n2, o), the a = b entries; pntk (n1, n2), the NTK of sum_a f_a / sqrt(o) (Mohamadi, Bae,
+Sutherland, ICML 2023), at the cost of an o = 1 kernel: ``normalise`` is the one place it becomes that.
+
+Methods (``REGISTRY``; each module's docstring gives its cost model and when it wins):
+- structured: per-layer rules from the layers' inputs and output cotangents (Novak et al. 2022); the
+  default choice wherever most parameters sit in Linear, Conv, norm or Embedding layers.
+- jacobian_contraction: per-sample Jacobians, contracted: N·O·[FP] + N²·O²·P.
+- ntk_vector_products: a vjp and O jvps per pair: N²·O·[FP], no Jacobians in memory.
+``auto`` (pipeline.methods.auto) picks one per run from these modules' cost estimates and a timing.
+
+Adding a method: one module with ``side``, ``combine``, ``flops`` and ``memory`` (pipeline.methods.base),
+and one line in ``REGISTRY``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import Method, Mode
+from pipeline.jacobians import single
+from pipeline.methods import jacobian_contraction, ntk_vector_products, structured
+from pipeline.methods.base import NtkMethod, Probe
+from pipeline.models import FunctionalModel, cast_input, eval_mode, forward_flops
+from pipeline.plan import held_kernel_bytes
+
+# Ties in ``auto`` go in this order.
+REGISTRY: dict[Method, NtkMethod] = {
+    Method.STRUCTURED: structured,
+    Method.JACOBIAN_CONTRACTION: jacobian_contraction,
+    Method.NTK_VECTOR_PRODUCTS: ntk_vector_products,
+}
+METHODS: tuple[Method, ...] = tuple(REGISTRY)
+MODES: tuple[Mode, ...] = tuple(Mode)
+
+
+def parse_method(method: str) -> Method:
+    """A registered method by name; ValueError naming the choices (``auto`` is not a method module)."""
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {str(method)!r}")
+    return Method(method)
+
+
+def parse_mode(mode: str) -> Mode:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {str(mode)!r}")
+    return Mode(mode)
+
+
+def normalise(fm: FunctionalModel, mode: str) -> tuple[FunctionalModel, Mode]:
+    """The model and mode a method computes: pntk is the trace kernel of x -> sum_a f_a(x) / sqrt(o)."""
+    if parse_mode(mode) == Mode.PNTK:
+        return fm.sum_of_logits(), Mode.TRACE
+    return fm, Mode(mode)
+
+
+def side(fm: FunctionalModel, x: torch.Tensor, method: str, mode: str) -> Any:
+    """What a block needs from one side (its rows or columns), computed once and reused across the
+    blocks of a strip: per-layer inputs and cotangents (structured), per-sample Jacobians
+    (jacobian_contraction), or the inputs themselves (ntk_vector_products)."""
+    impl = REGISTRY[parse_method(method)]
+    fm, _ = normalise(fm, mode)
+    with torch.no_grad():  # the methods switch gradients on where they need them
+        return impl.side(fm, x)
+
+
+def combine(fm: FunctionalModel, s1: Any, s2: Any | None, method: str, mode: str) -> torch.Tensor:
+    """The block between two sides (``s2=None``: K(x1, x1)).
+
+    Returns:
+      (n1, n2, o, o) for full, (n1, n2) for trace and pntk, (n1, n2, o) for diagonal.
+    """
+    impl = REGISTRY[parse_method(method)]
+    fm, mode = normalise(fm, mode)
+    with torch.no_grad():
+        return impl.combine(fm, s1, s2, mode).contiguous()
+
+
+def compute_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, method: str,
+                  mode: str) -> torch.Tensor:
+    """One block of the kernel; ``x2=None`` means K(x1, x1): one side serves both.
+
+    Returns:
+      (n1, n2, o, o) for full, (n1, n2) for trace and pntk, (n1, n2, o) for diagonal.
+    """
+    parse_method(method), parse_mode(mode)
+    s1 = side(fm, x1, method, mode)
+    return combine(fm, s1, None if x2 is None else side(fm, x2, method, mode), method, mode)
+
+
+def probe(fm: FunctionalModel, x: torch.Tensor, mode: str) -> tuple[Probe, Mode]:
+    """The (pntk-normalised) model on a block's first samples, for the cost estimates."""
+    fm, mode = normalise(fm, mode)
+    o = single(fm, fm.params, x[0]).numel()
+    return Probe(fm, x[:2], o, forward_flops(fm, x)), mode
+
+
+def estimate_flops(fm: FunctionalModel, x: torch.Tensor, b1: int, b2: int, mode: str,
+                   diagonal: bool = False) -> dict[Method, float]:
+    """Estimated FLOPs of one b1 x b2 block for each method, in ``METHODS`` order."""
+    pr, mode = probe(fm, x, mode)
+    return {m: impl.flops(pr, b1, b2, mode, diagonal) for m, impl in REGISTRY.items()}
+
+
+def task_memory(fm: FunctionalModel, x: torch.Tensor, method: str, b1: int, b2: int, mode: str) -> int:
+    """Estimated peak bytes of one b1 x b2 block task: its inputs, the kernel blocks it holds
+    (``plan.held_kernel_bytes``) and the method's working memory."""
+    impl = REGISTRY[parse_method(method)]
+    pr, mode = probe(fm, x, mode)
+    inputs = (b1 + b2) * pr.sample_numel * pr.itemsize
+    return inputs + held_kernel_bytes(b1, b2, pr.o, mode, pr.itemsize) + impl.memory(pr, b1, b2, mode)
+
+
+def jacobian_bytes(fm: FunctionalModel, x: torch.Tensor, b1: int, b2: int, mode: str, diagonal: bool) -> int:
+    """Bytes of a block's per-sample Jacobians (one set on a diagonal block): ``auto``'s memory guard."""
+    return jacobian_contraction.jacobian_bytes(probe(fm, x, mode)[0], b1, b2, diagonal)
+
+
+def outputs(fm: FunctionalModel, x: torch.Tensor, mode: str) -> int:
+    """o as the stored kernel counts it: the model's outputs per sample, 1 for pntk."""
+    return single(normalise(fm, mode)[0], fm.params, x[0]).numel()
+
+
+def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *, method: str = "auto",
+                  mode: str = "full") -> torch.Tensor:
+    """The empirical NTK of ``model`` between x1 and x2, in memory.
+
+    The model runs in eval mode (its training flags are restored after); the kernel is taken over
+    parameters with ``requires_grad=True``; frozen parameters and buffers are held fixed. Computes
+    in the dtype and on the device of the model's parameters.
+
+    Args:
+      model: any nn.Module mapping a batch (n, ...) to outputs (n, ...), flattened to (n, o).
+      x1: (n1, ...) inputs.
+      x2: (n2, ...) inputs, or None for K(x1, x1).
+      method: "auto" (by the cost model alone, no timing), "structured", "jacobian_contraction" or
+        "ntk_vector_products".
+      mode: "full", "trace", "diagonal" or "pntk".
+
+    Returns:
+      (n1, n2, o, o) for full, (n1, n2) for trace and pntk, (n1, n2, o) for diagonal.
+    """
+    from pipeline.methods.auto import auto_method  # auto reads this registry
+
+    with eval_mode(model):
+        fm = FunctionalModel(model)
+        ref = next(iter(fm.params.values()), x1)
+        x1 = cast_input(x1, ref.dtype, ref.device)
+        x2 = None if x2 is None else cast_input(x2, ref.dtype, ref.device)
+        if method == Method.AUTO:
+            method = auto_method(fm, x1, x2, parse_mode(mode), measure=False)["method"]
+        return compute_block(fm, x1, x2, method, mode)
+
+
+__all__ = ["METHODS", "MODES", "REGISTRY", "combine", "compute_block", "empirical_ntk", "estimate_flops",
+           "jacobian_bytes", "normalise", "outputs", "side", "task_memory"]

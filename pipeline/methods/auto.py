@@ -1,0 +1,83 @@
+"""``ntk.method: auto``: the registry's cost estimates on a block's shape, confirmed by timing.
+
+    choice = auto_method(fm, x1, x2, Mode.TRACE)
+    choice["method"], choice["reason"]      # recorded in the output's provenance
+
+``choose_method`` is a pure function of the estimates, the Jacobians' size and the timings.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from pipeline.config import Method, Mode
+from pipeline.methods import METHODS, compute_block, estimate_flops, jacobian_bytes
+from pipeline.models import FunctionalModel
+
+# Bytes of a block's Jacobians above which ``auto`` rules out the contraction.
+JACOBIAN_BUDGET_BYTES = 4 << 30
+# Methods whose estimate is more than this many times the cheapest are not timed.
+PROBE_SPREAD = 10.0
+PROBE_ROWS = 8
+
+
+def choose_method(flops: dict[Method, float], jacobian_bytes: int,
+                  timings: dict[Method, float] | None = None) -> dict[str, Any]:
+    """The ``auto`` choice, a pure function of the cost estimates and (optionally) measured timings.
+
+    Jacobian contraction is ruled out when a block's Jacobians exceed JACOBIAN_BUDGET_BYTES. With
+    timings (seconds of each method on the same probe block), the fastest timed method wins;
+    without, the fewest estimated FLOPs. Ties go to the order of ``METHODS``.
+
+    Returns:
+      ``{"method", "reason", "flops", "timings"}``, recorded in the output.
+    """
+    allowed = [m for m in METHODS if m in flops]
+    reason = "fewest estimated FLOPs per block"
+    if jacobian_bytes > JACOBIAN_BUDGET_BYTES and Method.JACOBIAN_CONTRACTION in allowed:
+        allowed.remove(Method.JACOBIAN_CONTRACTION)
+        reason += (f" (jacobian_contraction ruled out: a block's Jacobians take {jacobian_bytes / 2**30:.1f} GiB,"
+                   f" over {JACOBIAN_BUDGET_BYTES / 2**30:.0f} GiB)")
+    timed = {m: timings[m] for m in allowed if timings and m in timings}
+    if timed:
+        method = min(timed, key=lambda m: (timed[m], allowed.index(m)))
+        reason = "fastest on a probe of the first block" + reason.removeprefix("fewest estimated FLOPs per block")
+    else:
+        method = min(allowed, key=lambda m: (flops[m], allowed.index(m)))
+    return {"method": method, "reason": reason, "flops": flops, "timings": timings or {}}
+
+
+def time_methods(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: Mode,
+                 methods: list[Method], repeats: int = 2) -> dict[Method, float]:
+    """Median-free quick timing: the best of ``repeats`` runs of each method after one warm-up."""
+    out = {}
+    for m in methods:
+        compute_block(fm, x1, x2, m, mode)  # warm-up: first-call costs, caches, the layout check
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            compute_block(fm, x1, x2, m, mode)
+            best = min(best, time.perf_counter() - t0)
+        out[m] = best
+    return out
+
+
+def auto_method(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: Mode,
+                measure: bool = True) -> dict[str, Any]:
+    """Cost model on the block's shape, confirmed by timing the plausible methods on a probe of it."""
+    n2 = x1.shape[0] if x2 is None else x2.shape[0]
+    flops = estimate_flops(fm, x1, x1.shape[0], n2, mode, diagonal=x2 is None)
+    jac = jacobian_bytes(fm, x1, x1.shape[0], n2, mode, diagonal=x2 is None)
+    timings = None
+    if measure:
+        best = min(flops.values())
+        candidates = [m for m in METHODS if flops[m] <= PROBE_SPREAD * best
+                      and not (m == Method.JACOBIAN_CONTRACTION and jac > JACOBIAN_BUDGET_BYTES)]
+        if len(candidates) > 1:
+            p1 = x1[:PROBE_ROWS]
+            p2 = None if x2 is None else x2[:PROBE_ROWS]
+            timings = time_methods(fm, p1, p2, mode, candidates)
+    return choose_method(flops, jac, timings)

@@ -1,0 +1,65 @@
+"""The structured method: per-layer rules (``rules/``, one file per layer family) from the layers'
+inputs and output cotangents, Jacobian contraction for the parameters no rule covers (``core``).
+
+Cost: one forward and one o-batched backward per side, then per layer the cheaper of its structured
+and materialized forms (for a Linear: n1 n2 (K + o^2 C) against (n1 + n2) o C K + n1 n2 o^2 C K);
+memory: the inputs and cotangents of every layer for the block, plus the fallback parameters'
+Jacobians. Fastest whenever most parameters sit in layers with a rule; never forms per-sample
+Jacobians of Linear, Conv, norm or Embedding layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import Mode
+from pipeline.methods.base import Probe
+from pipeline.methods.structured.core import Layout, Side, layout, structured_combine, structured_side, tangents
+from pipeline.models import FunctionalModel, forward_flops
+
+
+def side(fm: FunctionalModel, x: torch.Tensor) -> Side:
+    """Every rule site's inputs and cotangents for x, and the fallback parameters' Jacobians."""
+    return structured_side(fm, x)
+
+
+def combine(fm: FunctionalModel, s1: Side, s2: Side | None, mode: Mode) -> torch.Tensor:
+    """The block from per-layer terms (``s2=None``: K(x1, x1))."""
+    return structured_combine(fm, s1, s2, mode)
+
+
+def flops(probe: Probe, b1: int, b2: int, mode: Mode, diagonal: bool) -> float:
+    """Estimated FLOPs of a b1 x b2 block, layer by layer.
+
+    One forward and an o-batched backward (~2 o FP) per sample; per site its rule's cost; the
+    fallback parameters as a Jacobian contraction.
+    """
+    fm, o = probe.fm, probe.o
+    lay = layout(fm, probe.x)
+    one = probe.x[:1]
+    oo = o * o if mode == Mode.FULL else o
+    samples = b1 if diagonal else b1 + b2
+    fp = forward_flops(fm, one)
+    total = samples * fp * (1.0 + o)  # forward, o backward passes to activations only
+    if lay.sites:
+        inputs, gs, _ = tangents(fm, lay.sites, one)
+        for site, a, g in zip(lay.sites, inputs, gs, strict=True):
+            total += site.rule.cost(site, a, g, b1, b2, mode, samples)
+    if lay.fallback:
+        p_rest = sum(fm.params[k].numel() for k in lay.fallback)
+        total += samples * fp * (1.0 + 2.0 * o) + 2.0 * b1 * b2 * oo * p_rest
+    return total
+
+
+def memory(probe: Probe, b1: int, b2: int, mode: Mode) -> int:
+    """Working bytes of a b1 x b2 block: every site's inputs and o cotangents, fallback Jacobians."""
+    fm = probe.fm
+    lay = layout(fm, probe.x)
+    inputs, gs, o = tangents(fm, lay.sites, probe.x[:1])
+    per_sample = sum(a.numel() + g.numel() for a, g in zip(inputs, gs, strict=True))
+    if lay.fallback:
+        per_sample += o * sum(fm.params[k].numel() for k in lay.fallback)
+    return int((b1 + b2) * per_sample * fm.itemsize)
+
+
+__all__ = ["Layout", "Side", "combine", "flops", "layout", "memory", "side"]

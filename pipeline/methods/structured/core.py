@@ -1,0 +1,209 @@
+"""Structured derivatives (Novak, Sohl-Dickstein, Schoenholz, ICML 2022) in PyTorch: the machinery
+every rule shares.
+
+The kernel is a sum over parameter tensors. For a layer whose Jacobian has structure, its term is
+built from the layer's inputs ``a`` and the cotangents ``g`` of each output at the layer's output,
+without forming per-sample Jacobians (the rules, one file per layer family: ``rules/``). One forward
+pass with hooks records every rule site's input and adds a zero perturbation to its output; one
+batched backward pass (is_grads_batched, over the o basis vectors) gives every site's cotangents at
+once. Any other parameter is contracted as per-sample Jacobians (vmap(jacrev)) for those parameters only.
+
+Each site's rule is checked once per model against plain autograd on two samples (``layout``); a
+layer whose parameters are also used outside the module (tied weights), that runs more than once per
+forward, or whose rule does not fit fails that check and falls back, so every model gets a correct kernel.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import Mode
+from pipeline.jacobians import accumulate, contract, jacobians, single
+from pipeline.methods.structured.rules import Site, rule_for
+from pipeline.models import FunctionalModel
+
+
+def find_sites(fm: FunctionalModel) -> list[Site]:
+    """Modules with an eligible rule and at least one trainable direct parameter."""
+    sites = []
+    for name, m in fm.module.named_modules():
+        rule = rule_for(m)
+        if rule is None:
+            continue
+        prefix = f"{name}." if name else ""
+        params = {local: prefix + local for local, _ in m.named_parameters(recurse=False)
+                  if prefix + local in fm.params}
+        if params:
+            sites.append(Site(name, m, params, rule))
+    return sites
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward with hooks, batched backward: inputs and output cotangents of every site
+
+
+def tangents(fm: FunctionalModel, sites: list[Site], x: torch.Tensor) -> tuple[list[Any], list[torch.Tensor], int]:
+    """Each site's input and its cotangents g (o, n, *z.shape[1:]), from one forward and one batched backward."""
+    inputs: list[Any] = [None] * len(sites)
+    eps: list[torch.Tensor | None] = [None] * len(sites)
+    calls = [0] * len(sites)
+    handles = []
+
+    def hook(i: int) -> Callable[..., torch.Tensor]:
+        def h(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            calls[i] += 1
+            inputs[i] = args[0].detach()
+            e = torch.zeros_like(out, requires_grad=True)
+            eps[i] = e
+            return out + e
+
+        return h
+
+    for i, site in enumerate(sites):
+        handles.append(site.module.register_forward_hook(hook(i)))
+    try:
+        with torch.enable_grad():
+            out = fm(fm.params, x)  # (n, o)
+            if any(c != 1 for c in calls):
+                raise _Unsupported([s.name for s, c in zip(sites, calls, strict=True) if c != 1])
+            n, o = out.shape
+            if not sites:
+                return [], [], o
+            basis = torch.eye(o, dtype=out.dtype, device=out.device)[:, None, :].expand(o, n, o)  # (o, n, o)
+            leaves = [e for e in eps if e is not None]
+            try:
+                grads = torch.autograd.grad(out, leaves, grad_outputs=basis, is_grads_batched=True,
+                                            retain_graph=True, allow_unused=True)
+            except RuntimeError:  # an op without a batching rule for its backward: one pass per output
+                per_a = [torch.autograd.grad(out, leaves, grad_outputs=basis[a], retain_graph=True, allow_unused=True)
+                         for a in range(o)]
+                grads = tuple(torch.stack([_zeros_if_none(g[k], leaves[k]) for g in per_a])
+                              for k in range(len(leaves)))
+    finally:
+        for h in handles:
+            h.remove()
+    gs = [_zeros_if_none(g, e, batch=o) for g, e in zip(grads, leaves, strict=True)]
+    return inputs, gs, o
+
+
+def _zeros_if_none(g: torch.Tensor | None, like: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    if g is not None:
+        return g
+    return torch.zeros(((batch,) if batch else ()) + tuple(like.shape), dtype=like.dtype, device=like.device)
+
+
+class _Unsupported(Exception):
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(names)
+        self.names = names
+
+
+@dataclass
+class Layout:
+    """Which parameters a model's structured kernel takes by rule and which by Jacobian."""
+
+    sites: list[Site]
+    fallback: list[str]  # trainable parameter names contracted as per-sample Jacobians
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, Layout]] = weakref.WeakKeyDictionary()
+
+
+def _structure(fm: FunctionalModel) -> tuple[Any, ...]:
+    """What a layout depends on: the module tree and which parameters are trainable, with shapes."""
+    mods = tuple((name, type(m).__name__) for name, m in fm.module.named_modules())
+    return mods, tuple((k, tuple(v.shape)) for k, v in fm.params.items())
+
+
+def layout(fm: FunctionalModel, x: torch.Tensor) -> Layout:
+    """Sites whose rule passes a check on two samples; everything else falls back.
+
+    The check is exact and cheap: for a random output direction v, the Gram matrix of the ordinary
+    gradients of v . f(x_i) with respect to a site's parameters (autograd, every use of the
+    parameters included) must equal v^T K_site(x_i, x_j) v from the rule. Tied weights, a module
+    run twice, or a rule that does not fit the module all fail it.
+    """
+    # Cached per module object (weakly: it goes when the module goes) and its structure, so that
+    # repeated empirical_ntk calls on one model check it once.
+    cache = _LAYOUTS.setdefault(fm.module, {})
+    key = (tuple(x.shape[1:]), x.dtype, x.device.type, fm.summed, _structure(fm))
+    if key in cache:
+        return cache[key]
+    sites = find_sites(fm)
+    probe = x[:2]
+    try:
+        inputs, gs, o = tangents(fm, sites, probe)
+    except _Unsupported as err:  # modules that run more than once (or never) per forward
+        sites = [s for s in sites if s.name not in err.names]
+        inputs, gs, o = tangents(fm, sites, probe)
+    dtype = next(iter(fm.params.values())).dtype
+    v = torch.randn(o, generator=torch.Generator().manual_seed(0)).to(device=x.device, dtype=dtype)
+    grads = _direction_gradients(fm, sites, probe, v)
+    tol = 1e-3 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
+    kept = []
+    for site, a, g, grad in zip(sites, inputs, gs, grads, strict=True):
+        k = site.rule.term(site, a, g, a, g, Mode.FULL)  # (m, m, o, o)
+        got = torch.einsum("ijab,a,b->ij", k, v, v)
+        want = grad @ grad.T  # (m, m)
+        if torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1e-30))):
+            kept.append(site)
+    covered = {p for s in kept for p in s.params.values()}
+    result = Layout(kept, [k for k in fm.params if k not in covered])
+    cache[key] = result
+    return result
+
+
+def _direction_gradients(fm: FunctionalModel, sites: list[Site], x: torch.Tensor,
+                         v: torch.Tensor) -> list[torch.Tensor]:
+    """Per site, the (m, p_site) gradients of v . f(x_i) for each of the m samples, by plain autograd."""
+    rows: list[list[torch.Tensor]] = [[] for _ in sites]
+    for i in range(x.shape[0]):
+        params = {k: t.detach().requires_grad_(True) for k, t in fm.params.items()}
+        with torch.enable_grad():
+            out = fm(params, x[i : i + 1])[0]
+            leaves = [params[p] for s in sites for p in s.params.values()]
+            grads = torch.autograd.grad(out @ v, leaves, allow_unused=True) if leaves else ()
+        it = iter(grads)
+        for k, site in enumerate(sites):
+            parts = [next(it) for _ in site.params]
+            rows[k].append(torch.cat([(torch.zeros_like(params[p]) if t is None else t).reshape(-1)
+                                      for t, p in zip(parts, site.params.values(), strict=True)]))
+    return [torch.stack(r) for r in rows]
+
+
+@dataclass
+class Side:
+    """What one side of a block needs: every site's inputs and cotangents, the fallback Jacobians."""
+
+    x: torch.Tensor
+    inputs: list[Any]
+    gs: list[torch.Tensor]
+    jac: list[torch.Tensor]
+
+
+def structured_side(fm: FunctionalModel, x: torch.Tensor) -> Side:
+    """One forward and one o-batched backward (and the fallback parameters' Jacobians) for x."""
+    lay = layout(fm, x)
+    inputs, gs = tangents(fm, lay.sites, x)[:2] if lay.sites else ([], [])
+    return Side(x, inputs, gs, jacobians(fm, x, lay.fallback) if lay.fallback else [])
+
+
+def structured_combine(fm: FunctionalModel, s1: Side, s2: Side | None, mode: Mode) -> torch.Tensor:
+    """The block between two sides (``s2=None``: K(x1, x1)) from per-layer terms."""
+    lay = layout(fm, s1.x)
+    s2 = s1 if s2 is None else s2
+    terms = [site.rule.term(site, s1.inputs[k], s1.gs[k], s2.inputs[k], s2.gs[k], mode)
+             for k, site in enumerate(lay.sites)]
+    if lay.fallback:
+        terms.append(contract(s1.jac, s2.jac, mode))
+    if not terms:
+        o = single(fm, fm.params, s1.x[0]).numel()
+        shape = {Mode.FULL: (o, o), Mode.TRACE: (), Mode.DIAGONAL: (o,)}[mode]
+        return s1.x.new_zeros((s1.x.shape[0], s2.x.shape[0], *shape), dtype=fm.params_dtype)
+    return accumulate(t.contiguous() if i == 0 else t for i, t in enumerate(terms))

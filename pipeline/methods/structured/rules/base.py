@@ -1,0 +1,56 @@
+"""What a structured rule is: a layer family's eligibility test, its kernel term and its cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from pipeline.config import Mode
+
+
+@dataclass
+class Site:
+    """A module handled by a structured rule: its trainable direct parameters, by local name."""
+
+    name: str
+    module: nn.Module
+    params: dict[str, str]  # "weight" / "bias" -> full parameter name (trainable only)
+    rule: Rule
+
+    @property
+    def kind(self) -> str:
+        """The rule family: "linear", "conv", "affine", "embedding", ..."""
+        return self.rule.kind
+
+    @property
+    def numel(self) -> int:
+        """Trainable parameters the rule covers."""
+        return sum(getattr(self.module, local).numel() for local in self.params)
+
+
+class Rule(Protocol):
+    """One layer family. ``a`` is the layer's input for n samples, ``g`` (o, n, *out.shape[1:]) the
+    cotangents of each of the o outputs at the layer's output."""
+
+    kind: str
+    types: tuple[type[nn.Module], ...]  # the module types it may take (subclasses included)
+
+    def eligible(self, module: nn.Module) -> bool:
+        """Whether the rule fits this module's configuration (before the numeric check)."""
+        ...
+
+    def term(self, site: Site, a1: Any, g1: torch.Tensor, a2: Any, g2: torch.Tensor, mode: Mode) -> torch.Tensor:
+        """The site's parameters' share of the block: (n1, n2, o, o) full, (n1, n2) trace, (n1, n2, o) diagonal."""
+        ...
+
+    def cost(self, site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode, samples: int) -> float:
+        """FLOPs of ``term`` for a b1 x b2 block (``samples`` sides' rows), from one sample's a and g."""
+        ...
+
+
+def outer(mode: Mode, o: int) -> int:
+    """Output pairs a term sums per sample pair: o^2 for full, o otherwise."""
+    return o * o if mode == Mode.FULL else o
