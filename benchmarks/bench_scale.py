@@ -78,7 +78,7 @@ def _in_process_reference(config_path: Path, meta: dict, workers: int) -> tuple[
     from pipeline.bench import bench_block
     from pipeline.config import load_config
     from pipeline.models import cast_input
-    from pipeline.run import prepare
+    from pipeline.prepare import prepare
 
     config = load_config(config_path)
     p = prepare(config, str(config_path.parent), measure=False, fingerprint=False)

@@ -21,6 +21,7 @@ from pipeline.methods import METHODS, compute_block, estimate_flops, outputs
 from pipeline.methods.auto import auto_method
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import kernel_entries
+from pipeline.prepare import prepare
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,6 @@ def bench_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, 
 def bench_config(config: Any, search_path: str | None, *, repeats: int = 3, methods: tuple[Method, ...] = METHODS,
                  isolate: bool = True) -> dict[str, Any]:
     """bench_block on the first block of a config's plan (a diagonal one for K(x1, x1))."""
-    from pipeline.run import prepare
-
     p = prepare(config, search_path, measure=False, fingerprint=False)
     dtype = getattr(torch, config.ntk.dtype)
     device = "cuda" if config.ray.gpus_per_task > 0 and torch.cuda.is_available() else "cpu"

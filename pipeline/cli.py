@@ -57,7 +57,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k
           "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-class ByteSize(click.ParamType):
+class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic in click 8.2+, not in 8.1
     """80GB, 80GiB, 80G (= GiB), 512MiB, or a number of bytes."""
 
     name = "size"
@@ -97,7 +97,7 @@ def _bench_file(ctx: click.Context, param: click.Parameter, value: str | None) -
 def plan(config: str, as_json: bool, workers: int | None, memory: int | None, bench: dict[str, Any] | None) -> None:
     """Show the blocks, kernel size, task memory and FLOPs of CONFIG, computing nothing; with
     --workers/--gpu-memory/--from-bench, also the block that fits, its tasks and the wall time."""
-    from pipeline.run import describe_plan
+    from pipeline.describe import describe_plan
 
     d = describe_plan(config, workers=workers, memory_bytes=memory, bench=bench)
     if as_json:

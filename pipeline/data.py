@@ -93,7 +93,8 @@ class NpySource(Source):
 
     def _array(self) -> np.ndarray:
         try:
-            return np.load(self.path, mmap_mode="r", allow_pickle=False)
+            array: np.ndarray = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            return array
         except Exception as err:
             raise DataError(f"{self.key}.path", f"cannot read {self.path} as .npy: {brief(err)}") from None
 
@@ -128,12 +129,15 @@ class NpySource(Source):
 
 @lru_cache(maxsize=4)
 def _load_pt(path: str, options: str = "{}") -> torch.Tensor:
+    loaded: torch.Tensor  # checked by the caller: torch.load gives whatever the file holds
     if not is_url(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return loaded
     import fsspec
 
     with fsspec.open(path, "rb", **json.loads(options)) as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        loaded = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    return loaded
 
 
 class PtSource(Source):

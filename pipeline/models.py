@@ -152,7 +152,8 @@ class FunctionalModel:
         return sum(v.numel() for v in self.params.values())
 
     def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.module, (params, self.fixed), (x,)).reshape(x.shape[0], -1)  # (n, o)
+        out: torch.Tensor = functional_call(self.module, (params, self.fixed), (x,))
+        out = out.reshape(x.shape[0], -1)  # (n, o)
         if self.summed:
             return out.sum(1, keepdim=True) / math.sqrt(out.shape[1])  # (n, 1)
         return out

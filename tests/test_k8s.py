@@ -164,7 +164,7 @@ def test_run_config_is_accepted_by_the_package():
 
 def test_run_config_plans():
     """The model takes the data and the blocks tile it (the config's model, data, ntk and tiling, as `plan` does)."""
-    from pipeline.run import describe_plan
+    from pipeline.describe import describe_plan
 
     plan = describe_plan(parse_config(_run_yaml()))
     assert plan["n1"] == plan["n2"] == 20000 and plan["blocks"] == 55

@@ -251,27 +251,6 @@ def test_auto_strip_length_is_recorded_with_its_reason(tmp_path, write_config):
     assert "worker slots" in strip["reason"]
 
 
-def test_strip_length_rules(tmp_path, monkeypatch):
-    import importlib
-
-    from pipeline.config import parse_config
-
-    run_module = importlib.import_module("pipeline.run")  # the module, not pipeline.run the function
-    cfg = _config(tmp_path, x2=True, mode="full", block=[2, 1], method="jacobian_contraction")
-    p = run_module.prepare(parse_config(cfg, base=tmp_path), fingerprint=False)  # a 6 x 7 grid
-    costs = {False: 100.0, True: 100.0 * (1 - 0.04)}  # a side saves 4%: below the 5% floor
-    monkeypatch.setattr(run_module, "estimate_flops",
-                        lambda fm, x, b1, b2, mode, diagonal: {"jacobian_contraction": costs[diagonal]})
-    assert run_module.strip_length(p, blocks=42, slots=1)["length"] == 1
-    costs[True] = 50.0  # a side is half a block's cost
-    assert run_module.strip_length(p, blocks=42, slots=1)["length"] == 7  # a whole row
-    assert run_module.strip_length(p, blocks=42, slots=4)["length"] == 2  # 42 // (4 * 4): keep workers busy
-    assert run_module.strip_length(p, blocks=3, slots=4)["length"] == 1
-    cfg["tiling"]["strip"] = 5
-    p = run_module.prepare(parse_config(cfg, base=tmp_path), fingerprint=False)
-    assert run_module.strip_length(p, blocks=42, slots=1) == {"length": 5, "reason": "tiling.strip"}
-
-
 @pytest.mark.parametrize("shape", [(1, 1), (3, 70), (300, 257), (129, 5, 3, 3), (40, 41, 2, 4)])
 def test_the_mirror_is_copied_tile_by_tile_exactly(shape):
     from pipeline.store import transposed_copy

@@ -12,7 +12,9 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.plan import tile
-from pipeline.run import MEMORY_HEADROOM, _block_memory, prepare
+from pipeline.describe import block_memory
+from pipeline.policy import MEMORY_HEADROOM
+from pipeline.prepare import prepare
 
 
 @pytest.fixture
@@ -39,9 +41,9 @@ def test_the_block_is_the_largest_multiple_of_64_whose_task_fits(config):
     assert z["block_limited_by"] == "memory" and b % 64 == 0
     cfg = load_config(config)
     p = prepare(cfg, str(config.parent), fingerprint=False)
-    x = p.x1.read(0, 2)
+    x = p.rows(0, 2)
     budget = MEMORY_HEADROOM * memory
-    assert _block_memory(p, "jacobian_contraction", b, b, x) <= budget < _block_memory(p, "jacobian_contraction",
+    assert block_memory(p, "jacobian_contraction", b, b, x) <= budget < block_memory(p, "jacobian_contraction",
                                                                                         b + 64, b + 64, x)
     # The contraction holds (b1 + b2) Jacobians of o x P floats: check the search against that by hand.
     jac = 2 * b * 10 * p.fm.p * 4

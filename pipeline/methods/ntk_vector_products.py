@@ -47,7 +47,7 @@ def combine(fm: FunctionalModel, s1: torch.Tensor, s2: torch.Tensor | None, mode
             return tangent
 
         basis = torch.eye(out.numel(), dtype=out.dtype, device=out.device)
-        return vmap(one)(basis)  # type: ignore[no-any-return]  # (o, o): [a, b] = <J_a(x1_i), J_b(x2_j)>
+        return vmap(one)(basis)  # (o, o): [a, b] = <J_a(x1_i), J_b(x2_j)>
 
     o = single(fm, params, x1[0]).numel()
     chunk = max(1, VPS_CHUNK_BYTES // (3 * o * max(fm.p, 1) * fm.itemsize))

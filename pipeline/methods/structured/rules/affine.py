@@ -24,7 +24,8 @@ def _normalized(m: Any, a: torch.Tensor) -> torch.Tensor:
     if isinstance(m, nn.GroupNorm):
         return F.group_norm(a, m.num_groups, None, None, m.eps)
     view = (1, -1) + (1,) * (a.ndim - 2)  # BatchNorm with running statistics (see ``eligible``)
-    return (a - m.running_mean.view(view)) / torch.sqrt(m.running_var.view(view) + m.eps)
+    x_hat: torch.Tensor = (a - m.running_mean.view(view)) / torch.sqrt(m.running_var.view(view) + m.eps)
+    return x_hat
 
 
 def affine_jacobians(site: Site, a: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:

@@ -37,7 +37,7 @@ class EmbeddingRule:
 
     def cost(self, site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode, samples: int) -> float:
         s, d = a.numel(), g[0].numel() // max(a.numel(), 1)
-        return 2.0 * b1 * b2 * s * s * (1 + outer(mode, g.shape[0]) * d)
+        return float(2.0 * b1 * b2 * s * s * (1 + outer(mode, g.shape[0]) * d))
 
 
 RULE = EmbeddingRule()

@@ -1,0 +1,142 @@
+"""Config -> a validated, ready run (``Prepared``): the model as a function, the inputs, the plan and
+the method, all checked before anything touches the output.
+
+    p = prepare(load_config("configs/quickstart.yaml"))
+    p.plan.grid, p.method, p.o        # (4, 4), Method.JACOBIAN_CONTRACTION, 10
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Method, RunConfig, is_url, load_config
+from pipeline.data import Source, open_source
+from pipeline.errors import ConfigError, DataError, StoreError, brief
+from pipeline.methods.auto import auto_method
+from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
+from pipeline.plan import Plan, tile
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated run: the model as a function, the inputs, the plan and the method."""
+
+    config: RunConfig
+    fm: FunctionalModel  # in the compute dtype, on the CPU
+    module: torch.nn.Module
+    x1: Source
+    x2: Source | None
+    o: int  # outputs per sample
+    fp: int  # forward FLOPs of one sample
+    plan: Plan
+    method: Method
+    auto: dict[str, Any] | None  # auto's decision (estimates, timings, reason); None for a configured method
+    search_path: str | None
+    fingerprints: dict[str, str | None]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        dtype: torch.dtype = getattr(torch, self.config.ntk.dtype)
+        return dtype
+
+    def rows(self, i0: int, i1: int, source: Source | None = None) -> torch.Tensor:
+        """Rows i0:i1 of ``source`` (default x1) in the compute dtype (token ids stay integers)."""
+        return cast_input((source or self.x1).read(i0, i1), self.dtype)
+
+
+def resolve(config: RunConfig | str | os.PathLike[str]) -> tuple[RunConfig, str | None]:
+    """A config and the folder its ``model.target`` imports from (the config file's, or the working one)."""
+    if isinstance(config, RunConfig):
+        return config, os.getcwd()
+    return load_config(config), str(Path(config).resolve().parent)
+
+
+def _check_runs(fm: FunctionalModel, source: Source, key: str, dtype: torch.dtype) -> int:
+    """Run the model on one sample of ``source``; returns o, the outputs per sample."""
+    x = cast_input(source.read(0, 1), dtype)
+    try:
+        with torch.no_grad():
+            out = fm(fm.params, x)
+    except Exception as err:
+        raise DataError(key, f"the model rejects samples of shape {tuple(source.sample_shape)}: {brief(err)}") from None
+    if out.shape[1] == 0:
+        raise DataError(key, "the model gives no outputs for these samples")
+    return int(out.shape[1])
+
+
+def _plan(config: RunConfig, x1: Source, x2: Source | None) -> Plan:
+    try:
+        return tile(x1.n, x1.n if x2 is None else x2.n, config.tiling.shape, symmetric=x2 is None,
+                    chunk=config.tiling.chunk_shape)
+    except ValueError as err:
+        raise ConfigError("tiling.chunk" if "chunk" in str(err) else "tiling.block", str(err)) from None
+
+
+def prepare(config: RunConfig, search_path: str | None = None, *, measure: bool = False,
+            recorded: tuple[Method, dict[str, Any] | None] | None = None, fingerprint: bool = True) -> Prepared:
+    """Build and check everything a run needs, without touching the output.
+
+    Args:
+      measure: for ``method: auto``, time the plausible methods on a probe of the first block (a
+        run); else the cost model alone (``plan`` computes nothing).
+      recorded: the method (and auto's record) a store was written with: a resume keeps it, so that
+        its blocks are the same bits as the earlier run's.
+      fingerprint: read every input row once for the fingerprints (refusing NaN or Inf).
+
+    Raises:
+      PipelineError: naming the key and the bad value.
+    """
+    dtype = getattr(torch, config.ntk.dtype)
+    module = build_model(config.model, search_path)
+    fm = FunctionalModel(module.to(dtype))
+    if fm.p == 0:
+        raise ConfigError("model", "the model has no trainable parameters (requires_grad=True); the NTK is empty")
+    x1 = open_source(config.data.x1, "data.x1")
+    x2 = None if config.data.x2 is None else open_source(config.data.x2, "data.x2")
+    if x2 is not None and x2.sample_shape != x1.sample_shape:
+        raise DataError("data.x2", f"per-sample shape {x2.sample_shape} differs from data.x1's {x1.sample_shape}")
+    o = _check_runs(fm, x1, "data.x1", dtype)
+    if x2 is not None:
+        _check_runs(fm, x2, "data.x2", dtype)
+    plan = _plan(config, x1, x2)
+    fp = forward_flops(fm, cast_input(x1.read(0, 1), dtype))
+    method, auto = recorded or choose_method(config, fm, x1, x2, plan, measure)
+    fingerprints: dict[str, str | None] = {}
+    if fingerprint:
+        fingerprints = {"parameters": fingerprint_module(module), "x1": x1.fingerprint(),
+                        "x2": None if x2 is None else x2.fingerprint()}
+    return Prepared(config, fm, module, x1, x2, o, fp, plan, Method(method), auto, search_path, fingerprints)
+
+
+def choose_method(config: RunConfig, fm: FunctionalModel, x1: Source, x2: Source | None, plan: Plan,
+                  measure: bool) -> tuple[Method, dict[str, Any] | None]:
+    """The configured method, or ``auto``'s choice on the first block's shape (see methods.auto)."""
+    if config.ntk.method != Method.AUTO:
+        return config.ntk.method, None
+    dtype = getattr(torch, config.ntk.dtype)
+    first = plan.blocks[0]
+    b1 = cast_input(x1.read(first.i0, first.i1), dtype)
+    b2 = None if plan.symmetric and first.diagonal else cast_input((x2 or x1).read(first.j0, first.j1), dtype)
+    auto = auto_method(fm, b1, b2, config.ntk.mode, measure=measure)
+    return auto["method"], auto
+
+
+def check_not_an_input(cfg: RunConfig) -> None:
+    """Refuse an output path that is, or holds, one of the run's own input files."""
+    if is_url(cfg.output.path):
+        return
+    out = os.path.realpath(cfg.output.path)
+    inputs = {"data.x1": cfg.data.x1.path, "data.x2": cfg.data.x2.path if cfg.data.x2 else None,
+              "model.checkpoint": cfg.model.checkpoint}
+    for key, path in inputs.items():
+        if path is None or is_url(path):
+            continue
+        real = os.path.realpath(path)
+        if real == out or real.startswith(out + os.sep) or out.startswith(real + os.sep):
+            raise StoreError("output.path", f"{cfg.output.path} overlaps the input {key} ({path}); "
+                             "choose another output path")
