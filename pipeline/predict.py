@@ -132,7 +132,7 @@ def check_kernels(train: Kernel, test: Kernel) -> None:
                          "kernel is K(test, train)")
     if test.o != train.o:
         raise StoreError(test.path, f"the model has o = {test.o} outputs, the train kernel's {train.o}")
-    ours, theirs = test.meta.get("fingerprints") or {}, train.meta.get("fingerprints") or {}
+    ours, theirs = test.provenance.fingerprints, train.provenance.fingerprints
     if ours.get("parameters") and theirs.get("parameters") and ours["parameters"] != theirs["parameters"]:
         raise StoreError(test.path, "computed with other model parameters than the train kernel (fingerprint "
                          f"{ours['parameters']} vs {theirs['parameters']})")

@@ -27,20 +27,22 @@ from pipeline.config import RunConfig, is_url, load_config
 from pipeline.data import Source, open_source
 from pipeline.errors import ConfigError, DataError, PipelineError, StoreError, brief
 from pipeline.executors import BlockResult, BlockTask, InProcessExecutor, RayExecutor, strips
+from pipeline.kernel import open_kernel
 from pipeline.methods import VPS_CHUNK_BYTES, auto_method, estimate_flops
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
 from pipeline.plan import METHODS, Plan, held_kernel_bytes, kernel_bytes, kernel_entries, layout, task_memory, tile
 from pipeline.store import (
     BlockWriter,
     Lease,
+    Provenance,
+    Strip,
     check_output,
     create,
     describe_lease,
     done_mask,
     lease_alive,
     lease_holder,
-    read_meta,
-    update_meta,
+    update_provenance,
 )
 from pipeline.structured import structured_memory
 
@@ -162,42 +164,42 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _meta(p: Prepared) -> dict[str, Any]:
-    """The provenance attributes of a new output (resolved config, method, versions, fingerprints)."""
-    return {
-        "config": p.config.model_dump(mode="json"),
-        "method": p.method,
-        "auto": p.auto,
-        "mode": p.config.ntk.mode,
-        "dtype": p.config.ntk.dtype,
-        "n1": p.plan.n1,
-        "n2": p.plan.n2,
-        "o": p.o,
-        "p": p.fm.p,
-        "symmetric": p.plan.symmetric,
-        "block": list(p.plan.block),
-        "chunk": list(p.plan.chunks),
-        "compression": p.config.output.compression,
-        "grid": list(p.plan.grid),
-        "blocks_total": len(p.plan.blocks),
-        "versions": _versions(),
-        "fingerprints": p.fingerprints,
-        "status": "running",
-        "started": _now(),
-        "blocks_done": 0,
-    }
+def _meta(p: Prepared) -> Provenance:
+    """The provenance record of a new output (resolved config, method, versions, fingerprints)."""
+    return Provenance(
+        config=p.config.model_dump(mode="json"),
+        method=p.method,
+        auto=p.auto,
+        mode=p.config.ntk.mode,
+        dtype=p.config.ntk.dtype,
+        n1=p.plan.n1,
+        n2=p.plan.n2,
+        o=p.o,
+        p=p.fm.p,
+        symmetric=p.plan.symmetric,
+        block=p.plan.block,
+        chunk=p.plan.chunks,
+        compression=p.config.output.compression,
+        grid=p.plan.grid,
+        blocks_total=len(p.plan.blocks),
+        versions=_versions(),
+        fingerprints=p.fingerprints,
+        status="running",
+        started=_now(),
+        blocks_done=0,
+    )
 
 
-def record_nodes(meta: dict[str, Any], results: list[BlockResult]) -> None:
-    """Record which node computed each block: ``nodes`` (names) and ``block_nodes`` (per block
+def record_nodes(meta: Provenance, results: list[BlockResult]) -> Provenance:
+    """``meta`` with which node computed each block: ``nodes`` (names) and ``block_nodes`` (per block
     index, an index into ``nodes``, or -1 for a block not computed yet). Earlier runs' entries stay."""
-    nodes: list[str] = list(meta.get("nodes", []))
-    per_block: list[int] = list(meta.get("block_nodes", [-1] * int(meta["blocks_total"])))
+    nodes: list[str] = list(meta.nodes or ())
+    per_block: list[int] = list(meta.block_nodes or [-1] * meta.blocks_total)
     for r in results:
         if r.node not in nodes:
             nodes.append(r.node)
         per_block[r.index] = nodes.index(r.node)
-    meta.update(nodes=nodes, block_nodes=per_block)
+    return meta.model_copy(update={"nodes": tuple(nodes), "block_nodes": tuple(per_block)})
 
 
 # Most blocks of one row a task computes together, and the least share of a block's cost that
@@ -248,16 +250,16 @@ def _first_difference(recorded: Any, now: Any, key: str) -> str | None:
     return None if recorded == now else f"{key} differs (recorded {recorded!r}, now {now!r})"
 
 
-def resume_mismatch(meta: dict[str, Any], p: Prepared) -> str | None:
+def resume_mismatch(meta: Provenance, p: Prepared) -> str | None:
     """What differs between a store's recorded run and this one, or None."""
     now = p.config.model_dump(mode="json")
     for section in _RESUME_SECTIONS:
-        found = _first_difference(meta["config"].get(section), now[section], section)
+        found = _first_difference(meta.config.get(section), now[section], section)
         if found:
             return found
     for key, what in _FINGERPRINTS.items():
-        if meta["fingerprints"].get(key) != p.fingerprints[key]:
-            return (f"the {what} differ from those recorded (fingerprint {meta['fingerprints'].get(key)}, "
+        if meta.fingerprints.get(key) != p.fingerprints[key]:
+            return (f"the {what} differ from those recorded (fingerprint {meta.fingerprints.get(key)}, "
                     f"now {p.fingerprints[key]})")
     return None
 
@@ -298,14 +300,14 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
     p = prepare(cfg, search_path, measure=action != "resume")
     todo = list(p.plan.blocks)
     if action == "resume":
-        meta = read_meta(path, opts)
+        stored = open_kernel(path, opts)  # the one reader: a malformed or newer-format record is refused
+        meta = stored.provenance
         mismatch = resume_mismatch(meta, p)
         if mismatch:
             raise StoreError("output.path", f"cannot resume {path}: {mismatch}; use --overwrite to start afresh")
-        p.method, p.auto = meta["method"], meta.get("auto")  # the recorded choice: the same bits as before
-        done = done_mask(path, opts)
-        todo = [b for b in p.plan.blocks if not done[b.row, b.col]]
-        if not todo and meta.get("status") == "complete":
+        p.method, p.auto = meta.method, meta.auto  # the recorded choice: the same bits as before
+        todo = [b for b in p.plan.blocks if not stored.done[b.row, b.col]]
+        if not todo and meta.status == "complete":
             return RunSummary(path, p.method, 0, 0.0, kernel_entries(p.plan.n1, p.plan.n2, p.o, cfg.ntk.mode),
                               0.0, skipped=len(p.plan.blocks))
     elif action == "overwrite" and lease_alive(holder := lease_holder(path, opts)):
@@ -321,10 +323,10 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
             create(path, p.plan, cfg.ntk.mode, p.o, cfg.ntk.dtype, meta, overwrite=action == "overwrite",
                    compression=cfg.output.compression, options=opts)
         lease.acquire()
-        meta.update(status="running", last_started=_now(), runs=int(meta.get("runs", 0)) + 1,
-                    strip=strip_length(p, len(todo), ex.slots()))
-        meta.pop("error", None)
-        update_meta(path, meta, opts)
+        strip = Strip.model_validate(strip_length(p, len(todo), ex.slots()))
+        meta = meta.model_copy(update={"status": "running", "last_started": _now(), "runs": (meta.runs or 0) + 1,
+                                       "strip": strip, "error": None})
+        update_provenance(path, meta, opts)
         task = BlockTask(p.fm, p.x1, p.x2, p.method, cfg.ntk.mode, cfg.ntk.dtype, BlockWriter(path, opts),
                          gpu=cfg.ray.gpus_per_task > 0 and executor == "ray")
         results: list[BlockResult] = []
@@ -334,38 +336,40 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
             recorded = 0
 
             def on_done(result: BlockResult) -> None:
-                nonlocal last, recorded
+                nonlocal last, recorded, meta
                 results.append(result)
                 bar.update(1)
                 lease.check()
                 if time.perf_counter() - last > PROGRESS_EVERY_S:
                     last = time.perf_counter()
-                    record_nodes(meta, results[recorded:])
+                    meta = record_nodes(meta, results[recorded:])
                     recorded = len(results)
-                    update_meta(path, {**meta, "blocks_done": skipped + len(results), "updated": _now()}, opts)
+                    update_provenance(path, meta.model_copy(update={"blocks_done": skipped + len(results),
+                                                                    "updated": _now()}), opts)
 
             try:
-                ex.run(task, strips(todo, meta["strip"]["length"]), on_done)
+                ex.run(task, strips(todo, strip.length), on_done)
                 lease.check(read=True)
                 missing = int((~done_mask(path, opts)).sum())
                 if missing:  # never report success that is not true
                     raise StoreError("output.path", f"{missing} block markers of {path} are not set after the run")
             except BaseException as err:
-                record_nodes(meta, results[recorded:])
-                meta.update(status="failed" if isinstance(err, Exception) else "interrupted",
-                            error=str(err), blocks_done=skipped + len(results), updated=_now())
+                meta = record_nodes(meta, results[recorded:]).model_copy(update={
+                    "status": "failed" if isinstance(err, Exception) else "interrupted", "error": str(err),
+                    "blocks_done": skipped + len(results), "updated": _now()})
                 if not lease.lost:  # a run that lost its lease leaves the attributes to the run that took it
                     with contextlib.suppress(Exception):  # the store itself may be what failed
-                        update_meta(path, meta, opts)
+                        update_provenance(path, meta, opts)
                 raise
         seconds = time.perf_counter() - t0
-        record_nodes(meta, results[recorded:])
-        meta.update(status="complete", blocks_done=len(p.plan.blocks), seconds=round(seconds, 3),
-                    block_seconds=round(sum(r.seconds for r in results), 3),
-                    write_seconds=round(sum(r.write_seconds for r in results), 3), finished=_now(), updated=_now())
+        meta = record_nodes(meta, results[recorded:]).model_copy(update={
+            "status": "complete", "blocks_done": len(p.plan.blocks), "seconds": round(seconds, 3),
+            "block_seconds": round(sum(r.seconds for r in results), 3),
+            "write_seconds": round(sum(r.write_seconds for r in results), 3), "finished": _now(), "updated": _now()})
         if results:  # workers' start-up: from the run's first task to its first block starting (clocks may differ)
-            meta["startup_seconds"] = round(max(0.0, min(r.started for r in results) - t0_wall), 3)
-        update_meta(path, meta, opts)
+            startup = round(max(0.0, min(r.started for r in results) - t0_wall), 3)
+            meta = meta.model_copy(update={"startup_seconds": startup})
+        update_provenance(path, meta, opts)
     finally:
         lease.release()
         ex.stop()
