@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import os
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ import numpy as np
 
 from pipeline.config import is_url, url_options
 from pipeline.errors import StoreError, brief
+from pipeline.execute.ray_session import RaySession, unwrapped
 from pipeline.plan import Block, Plan, tile
 from pipeline.store import DONE, KERNEL, Provenance, existing, open_group, read_provenance
 
@@ -385,20 +385,10 @@ class Products:
             else:
                 self.bands.append([t])
         self.passes = 0
-        self._started_ray = False
+        self._session = RaySession(ray_address, "ray_address", StoreError)
         if executor == "ray":
-            self._start_ray(ray_address)
-
-    def _start_ray(self, address: str | None) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            try:
-                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-            except ConnectionError as err:
-                raise StoreError("ray_address", f"cannot connect to {address!r}: {err}") from None
-            self._started_ray = True
-        self._remote = ray.remote(_remote_band).options(num_cpus=1)
+            self._session.start()
+            self._remote = self._session.ray.remote(_remote_band).options(num_cpus=1)
 
     def matmat(self, x: np.ndarray) -> np.ndarray:
         """K @ x: x (n2 m, c) -> (n1 m, c) float64."""
@@ -412,30 +402,20 @@ class Products:
             for (i0, i1, j0, j1), values in k.read_tiles(self.tiles):
                 y[i0 * k.m : i1 * k.m] += tile_product(values, x[j0 * k.m : j1 * k.m], k.mode)
             return y
-        import ray
-        from ray.exceptions import RayTaskError
-
         y = np.empty((k.n1 * k.m, x.shape[1]))
+        ray = self._session.ray
         x_ref = ray.put(x)
         path = k.path if is_url(k.path) else os.path.abspath(k.path)  # workers may start elsewhere
         options = url_options(k.path, k.options)
         refs = [self._remote.remote(path, options, k.provenance.started, band, x_ref) for band in self.bands]
-        try:
+        with unwrapped(StoreError, k.path, "a product task failed: "):  # a task's StoreError as itself
             for i0, part in ray.get(refs):
                 y[i0 * k.m : i0 * k.m + part.shape[0]] = part
-        except RayTaskError as err:
-            cause: BaseException = getattr(err, "cause", None) or err
-            if isinstance(cause, StoreError):
-                raise cause from None
-            raise StoreError(k.path, f"a product task failed: {brief(cause)}") from None
         return y
 
     def close(self) -> None:
-        if self._started_ray:
-            import ray
-
-            ray.shutdown()
-            self._started_ray = False
+        """Shut Ray down if this Products started it."""
+        self._session.stop()
 
     def __enter__(self) -> Products:
         return self

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from pipeline.config import RunConfig, is_url, load_config
 from pipeline.data import Source, open_source
 from pipeline.errors import ConfigError, DataError, PipelineError, StoreError, brief
-from pipeline.executors import BlockResult, BlockTask, InProcessExecutor, RayExecutor, strips
+from pipeline.execute import EXECUTORS, BlockResult, BlockTask, strips
 from pipeline.kernel import open_kernel
 from pipeline.methods import VPS_CHUNK_BYTES, auto_method, estimate_flops
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
@@ -45,8 +45,6 @@ from pipeline.store import (
     update_provenance,
 )
 from pipeline.structured import structured_memory
-
-EXECUTORS = ("ray", "local")
 
 
 @dataclass
@@ -314,7 +312,7 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
         raise StoreError("output.path", f"another run is writing {path}: {describe_lease(holder or {})}; "
                          "not overwriting it")
     skipped = len(p.plan.blocks) - len(todo)
-    ex = RayExecutor(cfg.ray, search_path) if executor == "ray" else InProcessExecutor()
+    ex = EXECUTORS[executor](cfg.ray, search_path)
     ex.start()  # a missing GPU or an unreachable cluster is refused before the output is written
     lease = Lease(path, cfg.output.lease_seconds, opts)
     try:
