@@ -4,7 +4,6 @@ the Ray lifecycle helper joins and leaves an instance it did not start, and unwr
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import zarr
 

@@ -172,3 +172,12 @@ def test_unknown_keys_are_kept_and_run_state_is_written_only_once_set():
     assert "error" not in cleared.record() and "finished" not in cleared.record()
     failed = prov.model_copy(update={"status": "failed", "error": "block 3: boom"})
     assert parse(failed.record(), "s.zarr").error == "block 3: boom"
+
+
+def test_a_kernel_reopened_sees_the_markers_and_record_written_since(v0):
+    k = open_kernel(str(v0))
+    zarr.open_group(str(v0), mode="r+")["done"][0, 1] = 0  # as a run rewriting block 1 would leave it
+    _set_record(v0, {**_record(V0), "status": "running"})
+    assert k.done.all() and k.provenance.status == "complete"  # read once, when opened
+    again = k.reopen()
+    assert again.missing_blocks() == [1] and again.provenance.status == "running"
