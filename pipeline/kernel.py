@@ -133,7 +133,10 @@ class Kernel:
     def plan(self) -> Plan:
         """The plan the store was written with: its blocks, in the order and places the run wrote them."""
         p = self.provenance
-        return tile(p.n1, p.n2, p.block, p.symmetric)
+        try:
+            return tile(p.n1, p.n2, p.block, p.symmetric)
+        except ValueError as err:  # a record of the right types whose numbers no run could have written
+            raise StoreError(self.path, f"its recorded plan is impossible: {err}") from None
 
     def reopen(self) -> Kernel:
         """The store read again: its provenance and markers as they are now (a run may be writing it)."""

@@ -181,3 +181,11 @@ def test_a_kernel_reopened_sees_the_markers_and_record_written_since(v0):
     assert k.done.all() and k.provenance.status == "complete"  # read once, when opened
     again = k.reopen()
     assert again.missing_blocks() == [1] and again.provenance.status == "running"
+
+
+def test_a_well_typed_record_of_an_impossible_plan_is_refused_naming_the_store(v0):
+    _set_record(v0, {**_record(V0), "block": [2, 3]})  # a symmetric kernel's blocks are square
+    result = _invoke("status", str(v0))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [f"Error: {v0}: its recorded plan is impossible: a symmetric kernel needs "
+                                          "square blocks, got 2 x 3"]
