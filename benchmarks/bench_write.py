@@ -24,8 +24,16 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from pipeline.plan import tile
-from pipeline.store import BlockWriter, create
+from pipeline.plan import Plan, tile
+from pipeline.store import BlockWriter, Provenance, create
+
+
+def _provenance(plan: Plan) -> Provenance:
+    """The record of a store made only to time writes: the plan's shape, nothing computed."""
+    return Provenance(config={}, method="structured", auto=None, mode="trace", dtype="float32", n1=plan.n1,
+                      n2=plan.n2, o=1, p=0, symmetric=plan.symmetric, block=plan.block, chunk=plan.chunks,
+                      compression="none", grid=plan.grid, blocks_total=len(plan.blocks), versions={},
+                      fingerprints={}, status="running", started="", blocks_done=0)
 
 
 def _folder(folder: str, values: np.ndarray, n: int) -> dict:
@@ -45,7 +53,7 @@ def _folder(folder: str, values: np.ndarray, n: int) -> dict:
             kernel[k * b : (k + 1) * b, 0:b] = values
 
         plan = tile(b * n * 2, b * n * 2, (b, b), symmetric=True)
-        create(str(work / "run.zarr"), plan, "trace", 1, "float32", {}, overwrite=True)
+        create(str(work / "run.zarr"), plan, "trace", 1, "float32", _provenance(plan), overwrite=True)
         writer = BlockWriter(str(work / "run.zarr"))
         mirrored = [blk for blk in plan.blocks if blk.mirrored]
 

@@ -1,5 +1,6 @@
 """What is in an output store: ``status`` (progress, lease) and ``verify`` (markers, checksums, and
-blocks recomputed independently in float64 with another method).
+blocks recomputed independently in float64 with another method). Both read the store through
+``open_kernel``, afresh at each call, so they see a run that is writing it as it is now.
 
     status("out/kernel.zarr")["blocks_done"]     # 10
     verify("out/kernel.zarr", sample=2)["ok"]    # True
@@ -15,63 +16,48 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import parse_config
+from pipeline.config import Method, parse_config
 from pipeline.data import open_source
-from pipeline.errors import PipelineError, StoreError, brief
+from pipeline.errors import PipelineError, brief
+from pipeline.kernel import Kernel, open_kernel
 from pipeline.methods import compute_block
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module
-from pipeline.plan import Plan
-from pipeline.store import (
-    describe_lease,
-    done_mask,
-    existing,
-    lease_alive,
-    lease_holder,
-    read_block,
-    read_meta,
-    recorded_plan,
-    transpose,
-)
+from pipeline.plan import Block
+from pipeline.store import describe_lease, lease_alive, lease_holder, transpose
 
 # verify's tolerance, relative to the largest magnitude in the block, by the stored dtype.
 VERIFY_TOLERANCE = {"float32": 1e-3, "float64": 1e-8}
 # verify recomputes with a method other than the recorded one.
-OTHER_METHOD = {"structured": "jacobian_contraction", "jacobian_contraction": "structured",
-                "ntk_vector_products": "structured"}
-
-
-def _open(path: str, options: dict[str, Any] | None = None) -> tuple[dict[str, Any], Plan]:
-    if existing(path, options) != "kernel":
-        raise StoreError("OUTPUT", f"{path} is not an ntk-pipeline output")
-    meta = read_meta(path, options)
-    return meta, recorded_plan(meta)
+OTHER_METHOD = {Method.STRUCTURED: Method.JACOBIAN_CONTRACTION, Method.JACOBIAN_CONTRACTION: Method.STRUCTURED,
+                Method.NTK_VECTOR_PRODUCTS: Method.STRUCTURED}
 
 
 def status(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Blocks done / total, method, dtype, shapes, times, nodes and the lease; safe while a run writes.
     ``options``: fsspec storage options for a URL."""
-    meta, plan = _open(path, options)
-    done = done_mask(path, options)
+    k = open_kernel(path, options)
+    prov, plan = k.provenance, k.plan
     lease = lease_holder(path, options)
     alive = lease_alive(lease)
+    nodes = prov.nodes or ()
     return {
         "path": path,
-        "status": meta.get("status"),
-        "complete": meta.get("status") == "complete",
-        "blocks_done": sum(bool(done[b.row, b.col]) for b in plan.blocks),
+        "status": prov.status,
+        "complete": prov.status == "complete",
+        "blocks_done": sum(bool(k.done[b.row, b.col]) for b in plan.blocks),
         "blocks_total": len(plan.blocks),
-        "method": meta["method"],
-        "mode": meta["mode"],
-        "dtype": meta["dtype"],
-        "n1": meta["n1"], "n2": meta["n2"], "o": meta["o"],
-        "symmetric": meta["symmetric"],
-        "block": meta["block"],
-        "started": meta.get("started"),
-        "last_started": meta.get("last_started"),
-        "last_write": meta.get("updated"),
-        "finished": meta.get("finished"),
-        "error": meta.get("error"),
-        "nodes": dict(Counter(meta["nodes"][i] for i in meta.get("block_nodes", []) if i >= 0)),
+        "method": prov.method,
+        "mode": prov.mode,
+        "dtype": prov.dtype,
+        "n1": prov.n1, "n2": prov.n2, "o": prov.o,
+        "symmetric": prov.symmetric,
+        "block": list(prov.block),
+        "started": prov.started,
+        "last_started": prov.last_started,
+        "last_write": prov.updated,
+        "finished": prov.finished,
+        "error": prov.error,
+        "nodes": dict(Counter(nodes[i] for i in prov.block_nodes or () if i >= 0)),
         "lease": {"held": alive, "holder": describe_lease(lease) if lease and alive else None,
                   "heartbeat_age_s": round(time.time() - float(lease["heartbeat"]), 1) if lease else None},
     }
@@ -84,8 +70,8 @@ def verify(path: str, sample: int = 2, seed: int = 0, options: dict[str, Any] | 
     Returns:
       ``{"ok": bool, "checked": [...what was checked...], "failures": [...one line each...]}``.
     """
-    meta, plan = _open(path, options)
-    done = done_mask(path, options)
+    k = open_kernel(path, options)
+    plan, done = k.plan, k.done
     checked: list[str] = []
     failures: list[str] = []
     missing = [b.index for b in plan.blocks if not done[b.row, b.col]]
@@ -95,7 +81,7 @@ def verify(path: str, sample: int = 2, seed: int = 0, options: dict[str, Any] | 
     readable = []
     for b in plan.blocks:
         try:
-            values, mirror = read_block(path, b, options)
+            values, mirror = k.read_block(b)
         except Exception as err:
             failures.append(f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}): unreadable: {brief(err)}")
             continue
@@ -110,17 +96,16 @@ def verify(path: str, sample: int = 2, seed: int = 0, options: dict[str, Any] | 
             readable.append(b)
     checked.append(f"read all {len(plan.blocks)} blocks (crc32c checksums)")
     if sample > 0 and readable:
-        failures += _recompute(meta, random.Random(seed).sample(readable, min(sample, len(readable))), checked, path,
-                               options)
+        failures += _recompute(k, random.Random(seed).sample(readable, min(sample, len(readable))), checked)
     return {"ok": not failures, "checked": checked, "failures": failures}
 
 
-def _recompute(meta: dict[str, Any], blocks: list[Any], checked: list[str], path: str,
-               options: dict[str, Any] | None) -> list[str]:
+def _recompute(k: Kernel, blocks: list[Block], checked: list[str]) -> list[str]:
+    prov = k.provenance
     try:
-        cfg = parse_config(meta["config"])
-        module = build_model(cfg.model).to(getattr(torch, meta["dtype"]))  # as the run fingerprinted it
-        if fingerprint_module(module) != meta["fingerprints"]["parameters"]:
+        cfg = parse_config(prov.config)
+        module = build_model(cfg.model).to(getattr(torch, prov.dtype))  # as the run fingerprinted it
+        if fingerprint_module(module) != prov.fingerprints.get("parameters"):
             return ["cannot recompute: the model the recorded config builds differs from the recorded parameters"]
         module = module.double()
         x1 = open_source(cfg.data.x1, "data.x1")
@@ -128,14 +113,14 @@ def _recompute(meta: dict[str, Any], blocks: list[Any], checked: list[str], path
     except PipelineError as err:
         return [f"cannot recompute blocks: {err}"]
     fm = FunctionalModel(module)
-    method = OTHER_METHOD[meta["method"]]
-    tol = VERIFY_TOLERANCE[meta["dtype"]]
+    method = OTHER_METHOD[prov.method]
+    tol = VERIFY_TOLERANCE[prov.dtype]
     failures = []
     for b in blocks:
         a = cast_input(x1.read(b.i0, b.i1), torch.float64)
         c = None if b.diagonal and x2 is None else cast_input((x2 or x1).read(b.j0, b.j1), torch.float64)
-        ref = compute_block(fm, a, c, method, meta["mode"]).numpy()
-        stored, _ = read_block(path, b, options)
+        ref = compute_block(fm, a, c, method, prov.mode).numpy()
+        stored, _ = k.read_block(b)
         scale = max(float(np.abs(ref).max()), 1e-30)
         rel = float(np.abs(stored - ref).max()) / scale
         if rel > tol:

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from pipeline.cli_common import fails_cleanly, size, storage_options_option
+from pipeline.config import Method, Mode
 
 
 def _flops(n: float) -> str:
@@ -145,7 +146,7 @@ def _echo_sizing(z: dict[str, Any]) -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per method.")
 @click.option("--method", "methods", multiple=True,
-              type=click.Choice(["structured", "jacobian_contraction", "ntk_vector_products"]),
+              type=click.Choice([m.value for m in Method if m != Method.AUTO]),
               help="Time only these methods (repeatable); all by default.")
 @click.option("--in-process", is_flag=True, help="Time in this process (faster; peak memory is then shared).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
@@ -156,7 +157,7 @@ def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool,
     from pathlib import Path
 
     from pipeline.bench import bench_config
-    from pipeline.config import Method, load_config
+    from pipeline.config import load_config
     from pipeline.methods import METHODS
 
     cfg = load_config(config)
@@ -224,7 +225,7 @@ def status(output: str, as_json: bool, options: dict[str, Any] | None) -> None:
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
-    trailing = {"full": f" x {s['o']} x {s['o']}", "diagonal": f" x {s['o']}"}
+    trailing = {Mode.FULL: f" x {s['o']} x {s['o']}", Mode.DIAGONAL: f" x {s['o']}"}
     shape = f"{s['n1']} x {s['n2']}" + trailing.get(s["mode"], "")
     click.echo(f"status     {s['status']}{'' if s['complete'] else ' (incomplete)'}")
     click.echo(f"blocks     {s['blocks_done']} of {s['blocks_total']} done")

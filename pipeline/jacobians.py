@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch.func import jacrev, vmap
 
+from pipeline.config import Mode
 from pipeline.models import FunctionalModel
 
 # Bytes of intermediate Jacobian rows jacrev may hold at once for one sample; beyond it, jacrev
@@ -54,7 +55,7 @@ def accumulate(terms: Iterable[torch.Tensor]) -> torch.Tensor:
     return acc
 
 
-def contract(j1: Sequence[torch.Tensor], j2: Sequence[torch.Tensor], mode: str) -> torch.Tensor:
+def contract(j1: Sequence[torch.Tensor], j2: Sequence[torch.Tensor], mode: Mode) -> torch.Tensor:
     """Contract per-sample Jacobians [(n1, o, p_k)] and [(n2, o, p_k)] over the parameters.
 
     Returns:
@@ -63,10 +64,10 @@ def contract(j1: Sequence[torch.Tensor], j2: Sequence[torch.Tensor], mode: str) 
     n1, o = j1[0].shape[:2]
     n2 = j2[0].shape[0]
     pairs = list(zip(j1, j2, strict=True))
-    if mode == "full":  # one (n1 o, p_k) x (p_k, n2 o) product per parameter
+    if mode == Mode.FULL:  # one (n1 o, p_k) x (p_k, n2 o) product per parameter
         acc = accumulate(a.reshape(n1 * o, -1) @ b.reshape(n2 * o, -1).T for a, b in pairs)
         return acc.reshape(n1, o, n2, o).permute(0, 2, 1, 3)
-    if mode == "trace":  # sum over a = b and k: one (n1, o p_k) x (o p_k, n2) product per parameter
+    if mode == Mode.TRACE:  # sum over a = b and k: one (n1, o p_k) x (o p_k, n2) product per parameter
         return accumulate(a.reshape(n1, -1) @ b.reshape(n2, -1).T for a, b in pairs)
     # diagonal: (o, n1, p_k) @ (o, p_k, n2) -> (o, n1, n2), a = b only
     return accumulate(a.transpose(0, 1) @ b.permute(1, 2, 0) for a, b in pairs).permute(1, 2, 0)

@@ -1,8 +1,10 @@
-"""A stored kernel, opened for use: its metadata, readers, and out-of-core statistics and products.
+"""A stored kernel, opened for use: the one reader of a store (its provenance, markers, blocks, values),
+and out-of-core statistics and products.
 
     k = open_kernel("out/quickstart.zarr")
     k = open_kernel("s3://bucket/k.zarr", {"endpoint_url": "http://127.0.0.1:8333"})  # fsspec options
     k.mode, k.n1, k.method                  # "trace", 600, "structured"
+    k.provenance.fingerprints["x1"]         # the typed ntk_pipeline record (pipeline.store.Provenance)
     k.to_xarray().isel(x1=0)                # lazily read, dims ("x1", "x2")
     k.matmat(v)                             # K @ v tile by tile: never the whole kernel in memory
 
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import os
 from collections.abc import Iterator
@@ -24,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import is_url, url_options
+from pipeline.config import Method, Mode, is_url, url_options
 from pipeline.errors import StoreError, brief
-from pipeline.plan import Plan
-from pipeline.store import DONE, KERNEL, existing, open_group, read_meta, recorded_plan
+from pipeline.execute.ray_session import RaySession, unwrapped
+from pipeline.plan import Block, Plan, tile
+from pipeline.store import DONE, KERNEL, Provenance, existing, open_group, read_provenance
 
 # Bytes of kernel one tile read holds (at least one chunk, whatever this says).
 TILE_BYTES = 256 << 20
@@ -36,6 +38,8 @@ RAY_BYTES = 2 << 30
 EXECUTORS = ("auto", "local", "ray")
 
 Tile = tuple[int, int, int, int]  # rows i0:i1, columns j0:j1
+# The provenance ``describe`` (``ntk-pipeline inspect``) shows: where the kernel came from.
+DESCRIBED = ("config", "method", "auto", "p", "versions", "fingerprints", "status", "started", "finished")
 
 
 def open_kernel(path: str, options: dict[str, Any] | None = None) -> Kernel:
@@ -48,7 +52,8 @@ def open_kernel(path: str, options: dict[str, Any] | None = None) -> Kernel:
         come from the environment, as for the run that wrote the store.
 
     Raises:
-      StoreError: the path is not an ntk-pipeline store or cannot be read (named by the path).
+      StoreError: the path is not an ntk-pipeline store, cannot be read, or its provenance record is
+        malformed or of a newer store format (named by the path).
     """
     try:
         kind = existing(path, options)
@@ -60,49 +65,52 @@ def open_kernel(path: str, options: dict[str, Any] | None = None) -> Kernel:
         raise StoreError(path, what)
     try:
         group: Any = open_group(path, "r", options)
-        return Kernel(path, group[KERNEL], read_meta(path, options), np.asarray(group[DONE][...]).astype(bool),
+        return Kernel(path, group[KERNEL], read_provenance(group, path), np.asarray(group[DONE][...]).astype(bool),
                       options)
+    except StoreError:
+        raise
     except Exception as err:
         raise StoreError(path, f"cannot read it: {brief(err)}") from None
 
 
 @dataclass
 class Kernel:
-    """A stored NTK: the Zarr array, its provenance, and out-of-core reads of it.
+    """A stored NTK: the Zarr array, its provenance, its completion markers, and out-of-core reads of it.
 
-    Shape (n1, n2, o, o) for full, (n1, n2) for trace and pntk, (n1, n2, o) for diagonal.
+    Shape (n1, n2, o, o) for full, (n1, n2) for trace and pntk, (n1, n2, o) for diagonal. ``done`` is
+    read when the kernel is opened; ``reopen()`` reads the store again (a run may be writing it).
     """
 
     path: str
     array: Any  # zarr.Array
-    meta: dict[str, Any]  # the store's ``ntk_pipeline`` attributes
+    provenance: Provenance  # the store's ``ntk_pipeline`` record: config, method, versions, fingerprints, status
     done: np.ndarray = field(repr=False)  # (grid rows, grid cols) bool: blocks written
     options: dict[str, Any] | None = field(default=None, repr=False)  # fsspec storage options (URL paths)
 
     @property
-    def mode(self) -> str:
-        return str(self.meta["mode"])
+    def mode(self) -> Mode:
+        return self.provenance.mode
 
     @property
-    def method(self) -> str:
-        return str(self.meta["method"])
+    def method(self) -> Method:
+        return self.provenance.method
 
     @property
     def n1(self) -> int:
-        return int(self.meta["n1"])
+        return self.provenance.n1
 
     @property
     def n2(self) -> int:
-        return int(self.meta["n2"])
+        return self.provenance.n2
 
     @property
     def o(self) -> int:
-        return int(self.meta["o"])
+        return self.provenance.o
 
     @property
     def symmetric(self) -> bool:
         """K(x, x), computed with data.x2 left out."""
-        return bool(self.meta["symmetric"])
+        return self.provenance.symmetric
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -110,7 +118,8 @@ class Kernel:
 
     @property
     def dtype(self) -> np.dtype[Any]:
-        return np.dtype(self.array.dtype)
+        dtype: np.dtype[Any] = np.dtype(self.array.dtype)
+        return dtype
 
     @property
     def nbytes(self) -> int:
@@ -119,18 +128,27 @@ class Kernel:
     @property
     def m(self) -> int:
         """Values per sample in a vector the kernel acts on: o for full and diagonal, else 1."""
-        return self.o if self.mode in ("full", "diagonal") else 1
-
-    @property
-    def provenance(self) -> dict[str, Any]:
-        """Where the kernel came from: config, method (and auto's choice), versions, fingerprints, times."""
-        keys = ("config", "method", "auto", "p", "versions", "fingerprints", "status", "started", "finished")
-        return {k: self.meta.get(k) for k in keys}
+        return self.o if self.mode in (Mode.FULL, Mode.DIAGONAL) else 1
 
     @functools.cached_property
     def plan(self) -> Plan:
-        """The plan the store was written with."""
-        return recorded_plan(self.meta)
+        """The plan the store was written with: its blocks, in the order and places the run wrote them."""
+        p = self.provenance
+        try:
+            return tile(p.n1, p.n2, p.block, p.symmetric)
+        except ValueError as err:  # a record of the right types whose numbers no run could have written
+            raise StoreError(self.path, f"its recorded plan is impossible: {err}") from None
+
+    def reopen(self) -> Kernel:
+        """The store read again: its provenance and markers as they are now (a run may be writing it)."""
+        return open_kernel(self.path, self.options)
+
+    def read_block(self, block: Block) -> tuple[np.ndarray, np.ndarray | None]:
+        """A block's stored values, and for a mirrored block its transposed copy, read now; reading
+        checks the chunks' crc32c checksums (a corrupted chunk raises zarr's error, unwrapped)."""
+        values = np.asarray(self.array[block.i0 : block.i1, block.j0 : block.j1])
+        mirror = np.asarray(self.array[block.j0 : block.j1, block.i0 : block.i1]) if block.mirrored else None
+        return values, mirror
 
     def missing_blocks(self) -> list[int]:
         """Indices of the blocks of the run's plan not marked done."""
@@ -142,7 +160,7 @@ class Kernel:
         if missing:
             total = len(self.plan.blocks)
             raise StoreError(self.path, f"incomplete: {len(missing)} of {total} blocks are not done (status "
-                             f"{self.meta.get('status')}); finish it with `ntk-pipeline run` first")
+                             f"{self.provenance.status}); finish it with `ntk-pipeline run` first")
 
     def describe(self, stats: bool = True, tile_bytes: int = TILE_BYTES) -> dict[str, Any]:
         """What ``ntk-pipeline inspect`` shows: shape, dtype, chunks, bytes, method, provenance,
@@ -155,8 +173,9 @@ class Kernel:
             "shards": list(self.array.shards) if self.array.shards else None,
             "nbytes": self.nbytes, "stored_bytes": int(self.array.nbytes_stored()),
             "mode": self.mode, "method": self.method, "n1": self.n1, "n2": self.n2, "o": self.o,
-            "symmetric": self.symmetric, "status": self.meta.get("status"), "complete": not missing,
-            "blocks_done": total - len(missing), "blocks_total": total, "provenance": self.provenance,
+            "symmetric": self.symmetric, "status": self.provenance.status, "complete": not missing,
+            "blocks_done": total - len(missing), "blocks_total": total,
+            "provenance": {k: self.provenance.record().get(k) for k in DESCRIBED},
             "stats": self.stats(tile_bytes) if stats else None,
         }
 
@@ -164,7 +183,7 @@ class Kernel:
         """The kernel as a dask array, chunked like the store (needs dask)."""
         import dask.array as da
 
-        return da.from_zarr(self.array)
+        return da.from_zarr(self.array)  # type: ignore[no-untyped-call]  # dask ships no types for it
 
     def to_xarray(self) -> Any:
         """The kernel as a lazy xarray.DataArray with dims ``x1, x2[, o1, o2 | o]`` (needs xarray)."""
@@ -184,8 +203,7 @@ class Kernel:
 
     def _unit(self, tile_bytes: int) -> tuple[int, int]:
         """The store's file (a block) when one fits ``tile_bytes``, else its chunk."""
-        block = (int(self.meta["block"][0]), int(self.meta["block"][1]))
-        chunk = (int(self.meta["chunk"][0]), int(self.meta["chunk"][1]))
+        block, chunk = self.provenance.block, self.provenance.chunk
         return block if block[0] * block[1] * self._entry_bytes() <= tile_bytes else chunk
 
     def _entry_bytes(self) -> int:
@@ -290,35 +308,35 @@ def _bins(i0: int, i1: int, f: int) -> np.ndarray:
     return starts
 
 
-def _trace_over_outputs(values: np.ndarray, mode: str) -> np.ndarray:
-    if mode == "full":
-        return np.einsum("ijaa->ij", values)
-    if mode == "diagonal":
-        return values.sum(-1)
+def _trace_over_outputs(values: np.ndarray, mode: Mode) -> np.ndarray:
+    if mode == Mode.FULL:
+        return np.asarray(np.einsum("ijaa->ij", values))
+    if mode == Mode.DIAGONAL:
+        return np.asarray(values.sum(-1))
     return values
 
 
-def _diagonal_of(square: np.ndarray, mode: str) -> np.ndarray:
+def _diagonal_of(square: np.ndarray, mode: Mode) -> np.ndarray:
     """The diagonal of a square tile on the kernel's diagonal: (r,) or (r, o)."""
-    if mode == "full":
-        return np.einsum("iiaa->ia", square)
-    if mode == "diagonal":
-        return np.einsum("iia->ia", square)
+    if mode == Mode.FULL:
+        return np.asarray(np.einsum("iiaa->ia", square))
+    if mode == Mode.DIAGONAL:
+        return np.asarray(np.einsum("iia->ia", square))
     return np.diagonal(square).copy()
 
 
-def tile_product(values: np.ndarray, x: np.ndarray, mode: str) -> np.ndarray:
+def tile_product(values: np.ndarray, x: np.ndarray, mode: Mode) -> np.ndarray:
     """One tile's share of K @ x: values (r, s[, o[, o]]), x (s m, c) -> (r m, c), in float64."""
     r, s = values.shape[:2]
     c = x.shape[-1]
     v = values.astype(np.float64, copy=False)
-    if mode == "full":  # y[i, a] = sum_j,b K[i, j, a, b] x[j, b]
+    if mode == Mode.FULL:  # y[i, a] = sum_j,b K[i, j, a, b] x[j, b]
         o = v.shape[2]
-        return v.transpose(0, 2, 1, 3).reshape(r * o, s * o) @ x
-    if mode == "diagonal":  # y[i, a] = sum_j K[i, j, a] x[j, a]
+        return np.asarray(v.transpose(0, 2, 1, 3).reshape(r * o, s * o) @ x)
+    if mode == Mode.DIAGONAL:  # y[i, a] = sum_j K[i, j, a] x[j, a]
         o = v.shape[2]
-        return np.einsum("ija,jac->iac", v, x.reshape(s, o, c)).reshape(r * o, c)
-    return v @ x
+        return np.asarray(np.einsum("ija,jac->iac", v, x.reshape(s, o, c)).reshape(r * o, c))
+    return np.asarray(v @ x)
 
 
 def _band_product(kernel: Kernel, band: list[Tile], x: np.ndarray) -> np.ndarray:
@@ -371,20 +389,10 @@ class Products:
             else:
                 self.bands.append([t])
         self.passes = 0
-        self._started_ray = False
+        self._session = RaySession(ray_address, "ray_address", StoreError)
         if executor == "ray":
-            self._start_ray(ray_address)
-
-    def _start_ray(self, address: str | None) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            try:
-                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-            except ConnectionError as err:
-                raise StoreError("ray_address", f"cannot connect to {address!r}: {err}") from None
-            self._started_ray = True
-        self._remote = ray.remote(_remote_band).options(num_cpus=1)
+            self._session.start()
+            self._remote = self._session.ray.remote(_remote_band).options(num_cpus=1)
 
     def matmat(self, x: np.ndarray) -> np.ndarray:
         """K @ x: x (n2 m, c) -> (n1 m, c) float64."""
@@ -398,30 +406,20 @@ class Products:
             for (i0, i1, j0, j1), values in k.read_tiles(self.tiles):
                 y[i0 * k.m : i1 * k.m] += tile_product(values, x[j0 * k.m : j1 * k.m], k.mode)
             return y
-        import ray
-        from ray.exceptions import RayTaskError
-
         y = np.empty((k.n1 * k.m, x.shape[1]))
+        ray = self._session.ray
         x_ref = ray.put(x)
         path = k.path if is_url(k.path) else os.path.abspath(k.path)  # workers may start elsewhere
         options = url_options(k.path, k.options)
-        refs = [self._remote.remote(path, options, str(k.meta.get("started")), band, x_ref) for band in self.bands]
-        try:
+        refs = [self._remote.remote(path, options, k.provenance.started, band, x_ref) for band in self.bands]
+        with unwrapped(StoreError, k.path, "a product task failed: "):  # a task's StoreError as itself
             for i0, part in ray.get(refs):
                 y[i0 * k.m : i0 * k.m + part.shape[0]] = part
-        except RayTaskError as err:
-            cause: BaseException = getattr(err, "cause", None) or err
-            if isinstance(cause, StoreError):
-                raise cause from None
-            raise StoreError(k.path, f"a product task failed: {brief(cause)}") from None
         return y
 
     def close(self) -> None:
-        if self._started_ray:
-            import ray
-
-            ray.shutdown()
-            self._started_ray = False
+        """Shut Ray down if this Products started it."""
+        self._session.stop()
 
     def __enter__(self) -> Products:
         return self

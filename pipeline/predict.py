@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import Mode
 from pipeline.errors import ConfigError, DataError, PipelineError, StoreError, brief
 from pipeline.kernel import TILE_BYTES, Kernel, Products, open_kernel
 
@@ -111,7 +112,7 @@ def predict(train: Kernel | str, test: Kernel | str, targets: np.ndarray | str, 
         passes = a.passes
     if not np.isfinite(values).all():
         raise StoreError(k_test.path, "the predictions are not finite: the kernels hold non-finite values")
-    shape = (k_test.n1, k_test.o) if k_train.mode == "full" else (k_test.n1, y.shape[1])
+    shape = (k_test.n1, k_test.o) if k_train.mode == Mode.FULL else (k_test.n1, y.shape[1])
     return Prediction(values.reshape(shape), solver, iterations, residual, change, reg, passes, a.executor,
                       clock.perf_counter() - t0)
 
@@ -119,7 +120,7 @@ def predict(train: Kernel | str, test: Kernel | str, targets: np.ndarray | str, 
 def check_kernels(train: Kernel, test: Kernel) -> None:
     """Raise StoreError (naming the store) unless the two kernels fit together for predictions."""
     for k in (train, test):
-        if k.mode == "diagonal":
+        if k.mode == Mode.DIAGONAL:
             raise StoreError(k.path, "a diagonal-mode kernel (n1, n2, o) leaves out the NTK between different "
                              "outputs; compute a full or trace kernel for predictions")
     if test.mode != train.mode:
@@ -132,7 +133,7 @@ def check_kernels(train: Kernel, test: Kernel) -> None:
                          "kernel is K(test, train)")
     if test.o != train.o:
         raise StoreError(test.path, f"the model has o = {test.o} outputs, the train kernel's {train.o}")
-    ours, theirs = test.meta.get("fingerprints") or {}, train.meta.get("fingerprints") or {}
+    ours, theirs = test.provenance.fingerprints, train.provenance.fingerprints
     if ours.get("parameters") and theirs.get("parameters") and ours["parameters"] != theirs["parameters"]:
         raise StoreError(test.path, "computed with other model parameters than the train kernel (fingerprint "
                          f"{ours['parameters']} vs {theirs['parameters']})")
@@ -157,18 +158,18 @@ def read_targets(targets: np.ndarray | str, train: Kernel) -> np.ndarray:
         y = np.asarray(targets)
     if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool) or np.iscomplexobj(y):
         raise DataError(key, f"expected real numbers, got dtype {y.dtype}")
-    want = f"({train.n1}, {train.o})" if train.mode == "full" else f"({train.n1}, k)"
+    want = f"({train.n1}, {train.o})" if train.mode == Mode.FULL else f"({train.n1}, k)"
     if y.ndim != 2 or y.shape[0] != train.n1 or y.shape[1] < 1:
         raise DataError(key, f"expected shape {want} (rows: the train kernel's {train.n1} samples), got {y.shape}")
-    if train.mode == "full" and y.shape[1] != train.o:
+    if train.mode == Mode.FULL and y.shape[1] != train.o:
         raise DataError(key, f"expected shape {want}: a full kernel's targets have o = {train.o} columns, got "
                         f"{y.shape}")
     bad = ~np.isfinite(y)
     if bad.any():
         raise DataError(key, f"not all finite: {int(bad.sum())} NaN or Inf, the first in row "
                         f"{int(np.argwhere(bad)[0, 0])}")
-    y = y.astype(np.float64)
-    return y.reshape(-1, 1) if train.mode == "full" else y
+    rhs: np.ndarray = y.astype(np.float64)
+    return rhs.reshape(-1, 1) if train.mode == Mode.FULL else rhs
 
 
 def solve(apply: Apply, b: np.ndarray, diag: np.ndarray, tol: float, maxiter: int) -> tuple[np.ndarray, int, float]:

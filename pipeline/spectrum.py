@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import Mode
 from pipeline.errors import StoreError
 from pipeline.kernel import Kernel, Products
 
@@ -118,7 +119,7 @@ def plot_kernel(kernel: Kernel, *, size: int = 256, eigenvalues: int = 50, metho
     fig.colorbar(shown, ax=ax, shrink=0.85)
     binned = max(1, -(-max(kernel.n1, kernel.n2) // size))
     ax.set_title(f"{kernel.mode} NTK, {kernel.n1} x {kernel.n2}"
-                 + (", trace over outputs" if kernel.mode in ("full", "diagonal") else "")
+                 + (", trace over outputs" if kernel.mode in (Mode.FULL, Mode.DIAGONAL) else "")
                  + (f"\nmeans over {binned} x {binned} bins" if binned > 1 else ""), fontsize=10)
     ax.set_xlabel("x2")
     ax.set_ylabel("x1")

@@ -79,8 +79,8 @@ def test_open_kernel_reads_metadata_and_values(stores):
     assert (k.mode, k.method, k.n1, k.n2, k.o, k.symmetric) == ("full", "structured", 30, 30, 3, True)
     assert k.shape == (30, 30, 3, 3) and k.dtype == np.float32 and k.nbytes == 30 * 30 * 9 * 4
     prov = k.provenance
-    assert prov["config"]["ntk"]["mode"] == "full" and prov["fingerprints"]["parameters"].startswith("sha256:")
-    assert set(prov["versions"]) >= {"ntk-pipeline", "torch", "zarr"} and prov["status"] == "complete"
+    assert prov.config["ntk"]["mode"] == "full" and str(prov.fingerprints["parameters"]).startswith("sha256:")
+    assert set(prov.versions) >= {"ntk-pipeline", "torch", "zarr"} and prov.status == "complete"
     np.testing.assert_array_equal(k.array[...], _array(stores["full"]))
     rect = open_kernel(stores["rect"])
     assert (rect.n1, rect.n2, rect.symmetric) == (20, 30, False)
@@ -113,7 +113,7 @@ def test_not_a_store_is_refused(tmp_path):
 def test_tiles_cover_the_kernel_once_chunk_aligned(stores, name, tile_bytes):
     k = open_kernel(stores[name])
     count = np.zeros((k.n1, k.n2), dtype=int)
-    rows, cols = k.meta["chunk"]
+    rows, cols = k.provenance.chunk
     tiles = k.tiles(tile_bytes)
     for i0, i1, j0, j1 in tiles:
         count[i0:i1, j0:j1] += 1

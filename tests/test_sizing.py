@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.plan import tile
 from pipeline.describe import block_memory
+from pipeline.plan import tile
 from pipeline.policy import MEMORY_HEADROOM
 from pipeline.prepare import prepare
 

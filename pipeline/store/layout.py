@@ -1,36 +1,35 @@
-"""The Zarr v3 output: layout, provenance attributes, block writes and completion markers.
+"""The Zarr v3 output's nodes: the group, the kernel, the completion markers, and block writes.
 
-    <output.path>/            a Zarr v3 group; its attributes hold the provenance and run status
+    <output.path>/            a Zarr v3 group; its ``ntk_pipeline`` attribute holds the provenance (format.py)
       kernel                  (n1, n2[, o[, o]]) chunks = one block, NaN where not yet computed
       done                    (grid rows, grid cols) uint8, one chunk per block: 1 once its data is written
+      lease                   a group whose attributes name the run that writes the store (lease.py)
 
-Read it without this package: ``zarr.open_group(path)["kernel"]``. The only module that imports zarr
-for writing.
+Read it without this package: ``zarr.open_group(path)["kernel"]``; with it: ``pipeline.open_kernel``.
+The store package is the only one that imports zarr.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import threading
-import time
-import uuid
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from pipeline.config import is_url, url_options
+from pipeline.config import Mode, is_url, url_options
 from pipeline.errors import StoreError, brief
-from pipeline.plan import Block, Plan, tile, trailing_shape
+from pipeline.plan import Block, Plan, trailing_shape
+from pipeline.store.format import ATTRIBUTE, Provenance, attributes, write_provenance
 
 KERNEL = "kernel"
 DONE = "done"
 LEASE = "lease"  # a subgroup whose attributes say which run writes the store, and its heartbeat
-META = "ntk_pipeline"  # the group attribute that holds the provenance and the run's status
-DIMENSIONS = {
-    "full": ("x1", "x2", "o1", "o2"), "trace": ("x1", "x2"), "diagonal": ("x1", "x2", "o"), "pntk": ("x1", "x2"),
+DIMENSIONS: dict[Mode, tuple[str, ...]] = {
+    Mode.FULL: ("x1", "x2", "o1", "o2"), Mode.TRACE: ("x1", "x2"), Mode.DIAGONAL: ("x1", "x2", "o"),
+    Mode.PNTK: ("x1", "x2"),
 }
 
 
@@ -53,7 +52,7 @@ def existing(path: str, options: dict[str, Any] | None = None) -> str:
         return "none" if is_url(path) else "zarr"
     except Exception as err:
         raise StoreError("output.path", f"cannot read {path}: {brief(err)}") from None
-    return "kernel" if META in group.attrs and KERNEL in group and DONE in group else "zarr"
+    return "kernel" if ATTRIBUTE in group.attrs and KERNEL in group and DONE in group else "zarr"
 
 
 def check_output(path: str, overwrite: bool, options: dict[str, Any] | None = None) -> str:
@@ -75,18 +74,6 @@ def check_output(path: str, overwrite: bool, options: dict[str, Any] | None = No
     return "resume"
 
 
-def recorded_plan(meta: dict[str, Any]) -> Plan:
-    """The plan a store was written with, from its provenance attributes."""
-    rows, cols = meta["block"]
-    return tile(meta["n1"], meta["n2"], (rows, cols), meta["symmetric"])
-
-
-def read_meta(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The provenance attributes of an ntk-pipeline store."""
-    meta: Any = open_group(path, "r", options).attrs[META]
-    return dict(meta)
-
-
 def done_mask(path: str, options: dict[str, Any] | None = None) -> np.ndarray:
     """(grid rows, grid cols) bool: blocks whose data is written."""
     markers: Any = open_group(path, "r", options)[DONE]
@@ -100,7 +87,7 @@ COMPRESSORS: dict[str, list[Any]] = {
 }
 
 
-def create(path: str, plan: Plan, mode: str, o: int, dtype: str, meta: dict[str, Any], overwrite: bool,
+def create(path: str, plan: Plan, mode: Mode, o: int, dtype: str, prov: Provenance, overwrite: bool,
            compression: str = "none", options: dict[str, Any] | None = None) -> None:
     """Create the group, the kernel and the markers (replacing an old store; check_output first).
 
@@ -108,7 +95,7 @@ def create(path: str, plan: Plan, mode: str, o: int, dtype: str, meta: dict[str,
     plan is sharded; every chunk is checksummed (crc32c), compressed only when asked.
     """
     try:
-        group = open_group(path, "w" if overwrite else "w-", options, zarr_format=3, attributes={META: meta})
+        group = open_group(path, "w" if overwrite else "w-", options, zarr_format=3, attributes=attributes(prov))
         trailing = trailing_shape(mode, o)
         group.create_array(
             KERNEL,
@@ -137,10 +124,10 @@ def create(path: str, plan: Plan, mode: str, o: int, dtype: str, meta: dict[str,
         raise StoreError("output.path", f"cannot create {path}: {brief(err)}") from None
 
 
-def update_meta(path: str, meta: dict[str, Any], options: dict[str, Any] | None = None) -> None:
-    """Rewrite the provenance attributes (the driver alone writes them)."""
+def update_provenance(path: str, prov: Provenance, options: dict[str, Any] | None = None) -> None:
+    """Rewrite the provenance attribute (the driver alone writes it)."""
     try:
-        open_group(path, "r+", options).attrs.update({META: meta})
+        write_provenance(open_group(path, "r+", options), prov)
     except OSError as err:
         raise StoreError("output.path", f"cannot update the attributes of {path}: {brief(err)}") from None
 
@@ -216,121 +203,3 @@ class BlockWriter:
         except OSError as err:
             raise StoreError("output.path", f"writing block {block.index} to {self.path} failed: {brief(err)}; "
                              "the blocks written before it are kept, and a rerun resumes") from None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def lease_holder(path: str, options: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The lease of a store as its holder last wrote it, or None."""
-    group = open_group(path, "r", options)
-    if LEASE not in group:
-        return None
-    attrs = dict(group[LEASE].attrs)
-    return attrs or None
-
-
-def lease_alive(lease: dict[str, Any] | None, now: float | None = None) -> bool:
-    """Whether a lease still binds: not released, its heartbeat younger than its ttl, and (on this
-    host) its process still running. A run that died on another host is known by its expiry alone."""
-    if not lease or lease.get("released"):
-        return False
-    if lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", -1))):
-        return False
-    return (time.time() if now is None else now) - float(lease["heartbeat"]) < float(lease["ttl"])
-
-
-def describe_lease(lease: dict[str, Any]) -> str:
-    age = time.time() - float(lease["heartbeat"])
-    return f"run {lease['owner'][:8]} on {lease['host']} (pid {lease['pid']}), last heartbeat {age:.0f} s ago"
-
-
-class Lease:
-    """The right to write one store, held by one run and renewed by a heartbeat thread.
-
-    Kept in the store itself (a subgroup's attributes), so it works on a local folder, a shared
-    file system and an object store alike, without POSIX locks. Taking it: write our token, wait
-    ``SETTLE`` seconds, read it back: of two runs that raced, only the last writer finds its own.
-    """
-
-    SETTLE = 0.3
-
-    def __init__(self, path: str, ttl: float, options: dict[str, Any] | None = None) -> None:
-        self.path, self.ttl, self.options = path, ttl, options
-        self.owner = uuid.uuid4().hex
-        self.started = time.time()
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _write(self, **extra: Any) -> None:
-        record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "ttl": self.ttl,
-                  "started": self.started, "heartbeat": time.time(), **extra}
-        group = open_group(self.path, "r+", self.options)
-        node = group[LEASE] if LEASE in group else group.create_group(LEASE)
-        node.attrs.put(record)
-
-    def acquire(self) -> None:
-        """Take the lease, or raise StoreError naming the live run that holds it."""
-        current = lease_holder(self.path, self.options)
-        if lease_alive(current):
-            assert current is not None
-            raise StoreError("output.path", f"another run is writing {self.path}: {describe_lease(current)}; "
-                             f"a lease expires {current['ttl']:g} s after its last heartbeat")
-        try:
-            self._write()
-            time.sleep(self.SETTLE)
-            current = lease_holder(self.path, self.options)
-        except OSError as err:
-            raise StoreError("output.path", f"cannot take the lease of {self.path}: {brief(err)}") from None
-        if not current or current.get("owner") != self.owner:
-            raise StoreError("output.path", f"another run took the lease of {self.path} at the same moment")
-        self._thread = threading.Thread(target=self._beat, name="ntk-lease", daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.ttl / 4):
-            try:
-                current = lease_holder(self.path, self.options)
-                if not current or current.get("owner") != self.owner:
-                    self.lost = True
-                    return
-                self._write()
-            except Exception:  # a flaky store: try again at the next beat; expiry is the backstop
-                continue
-
-    def check(self, read: bool = False) -> None:
-        """Raise if another run took the lease over (this run's heartbeat stalled past the ttl);
-        ``read``: look at the store now rather than trust the heartbeat thread's last look."""
-        if read and not self.lost:
-            current = lease_holder(self.path, self.options)
-            self.lost = not current or current.get("owner") != self.owner
-        if self.lost:
-            raise StoreError("output.path", f"this run lost the lease of {self.path} to another run; stopping")
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        try:
-            current = lease_holder(self.path, self.options)
-            if current and current.get("owner") == self.owner:
-                self._write(released=True)
-        except Exception:  # an unreleased lease expires by itself
-            pass
-
-
-def read_block(path: str, block: Block, options: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """A block's stored values, and for a mirrored block its transposed copy; reading checks the
-    chunks' crc32c checksums (a corrupted chunk raises)."""
-    kernel: Any = open_group(path, "r", options)[KERNEL]
-    values = np.asarray(kernel[block.i0 : block.i1, block.j0 : block.j1])
-    mirror = np.asarray(kernel[block.j0 : block.j1, block.i0 : block.i1]) if block.mirrored else None
-    return values, mirror

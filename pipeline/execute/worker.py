@@ -1,15 +1,13 @@
-"""Executors: run every block of a plan, each reading its own rows and writing its own chunk.
+"""The work of one task, wherever it runs: a strip of blocks of one row, each computed, written and
+marked done. Every executor calls ``run_strip``, so every executor gives the same kernel.
 
-``InProcessExecutor`` is the reference (no Ray, for debugging and tests); ``RayExecutor`` runs one
-Ray task per strip of blocks with a bounded number in flight, the model put in the object store once.
-Both call ``run_strip``, so they give the same kernel. The only module that imports ray.
+    results = run_strip(task, blocks)      # [BlockResult(index, seconds, node, ...), ...]
+    strips(plan.blocks, 4)                 # the plan's blocks, at most 4 of one row to a strip
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import socket
 import sys
 import time
@@ -17,14 +15,12 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.config import RaySpec
 from pipeline.data import Source
-from pipeline.errors import BlockError, ConfigError, PipelineError, brief
+from pipeline.errors import BlockError
 from pipeline.methods import combine, side
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import Block
@@ -141,117 +137,4 @@ def strips(blocks: Iterable[Block], length: int) -> list[list[Block]]:
     return out
 
 
-OnDone = Callable[[BlockResult], None]
-
-
-class InProcessExecutor:
-    """Blocks one after another in this process: the reference executor."""
-
-    name = "local"
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def slots(self) -> int:
-        return 1
-
-    def run(self, task: BlockTask, work: Iterable[list[Block]], on_done: OnDone) -> None:
-        for strip in work:
-            for result in run_strip(task, strip):
-                on_done(result)
-
-
-class RayExecutor:
-    """One Ray task per strip of blocks (often one block), at most ``max_in_flight`` submitted at once.
-
-    ``ray.address`` None starts a local Ray instance for the run and stops it after (unless this
-    process already joined one, as a notebook or a test session may have); "auto" or an address
-    joins a running cluster.
-    """
-
-    name = "ray"
-
-    def __init__(self, spec: RaySpec, search_path: str | None = None) -> None:
-        self.spec = spec
-        self.search_path = search_path
-        self._started = False
-
-    def start(self) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            # Workers unpickle the user's model by reference: let them import from the config's folder.
-            paths = [p for p in (self.search_path, os.environ.get("PYTHONPATH")) if p]
-            runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}} if paths else None
-            try:
-                ray.init(address=self.spec.address, include_dashboard=False, runtime_env=runtime_env,
-                         logging_level=logging.WARNING, log_to_driver=True)
-            except ConnectionError as err:
-                raise ConfigError("ray.address", f"cannot connect to {self.spec.address!r}: {err}") from None
-            self._started = True
-        resources = ray.cluster_resources()
-        if self.spec.gpus_per_task > 0 and resources.get("GPU", 0) < self.spec.gpus_per_task:
-            raise ConfigError("ray.gpus_per_task", f"{self.spec.gpus_per_task} GPUs per task requested, but the Ray "
-                              f"cluster has {resources.get('GPU', 0):g} GPUs")
-        if resources.get("CPU", 0) < self.spec.cpus_per_task:
-            raise ConfigError("ray.cpus_per_task", f"{self.spec.cpus_per_task} CPUs per task requested, but the Ray "
-                              f"cluster has {resources.get('CPU', 0):g} CPUs")
-
-    def stop(self) -> None:
-        import ray
-
-        if self._started:
-            ray.shutdown()
-            self._started = False
-
-    def slots(self) -> int:
-        """Block tasks the cluster runs at once."""
-        import ray
-
-        resources = ray.cluster_resources()
-        slots = resources.get("CPU", 1) / self.spec.cpus_per_task
-        if self.spec.gpus_per_task > 0:
-            slots = min(slots, resources.get("GPU", 0) / self.spec.gpus_per_task)
-        return max(1, int(slots))
-
-    def run(self, task: BlockTask, work: Iterable[list[Block]], on_done: OnDone) -> None:
-        import ray
-        from ray.exceptions import RayError, RayTaskError
-
-        remote: Any = ray.remote(run_strip).options(
-            num_cpus=self.spec.cpus_per_task, num_gpus=self.spec.gpus_per_task, max_retries=self.spec.max_retries,
-        )
-        task_ref = ray.put(task)  # the model's parameters go to the object store once
-        todo = iter(work)
-        pending: dict[Any, list[Block]] = {}
-        limit = self.spec.max_in_flight or 2 * self.slots()  # keep every slot busy while results come back
-        try:
-            while True:
-                for strip in todo:
-                    pending[remote.remote(task_ref, strip)] = strip
-                    if len(pending) >= limit:
-                        break
-                if not pending:
-                    return
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    strip = pending.pop(ref)
-                    where = f"block {strip[0].index}" if len(strip) == 1 else \
-                        f"blocks {strip[0].index}-{strip[-1].index}"
-                    try:
-                        results = ray.get(ref)
-                    except RayTaskError as err:
-                        cause: BaseException = getattr(err, "cause", None) or err
-                        if isinstance(cause, PipelineError):
-                            raise cause from None
-                        raise BlockError(where, brief(cause, limit=500)) from None
-                    except RayError as err:  # the worker or its node died for good, after retries
-                        raise BlockError(where, brief(err, limit=500)) from None
-                    for result in results:
-                        on_done(result)
-        finally:
-            for ref in pending:
-                ray.cancel(ref)
+OnDone = Callable[[BlockResult], None]  # called in the driver's process with each block's result, as it finishes

@@ -1,0 +1,93 @@
+"""The Ray executor: one Ray task per strip of blocks, a bounded number in flight, the model put in
+the object store once. Ray is imported when the executor starts, not when this module is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from pipeline.config import RaySpec
+from pipeline.errors import BlockError, ConfigError
+from pipeline.execute.ray_session import RaySession, unwrapped
+from pipeline.execute.worker import BlockTask, OnDone, run_strip
+from pipeline.plan import Block
+
+
+class RayExecutor:
+    """One Ray task per strip of blocks (often one block), at most ``max_in_flight`` submitted at once.
+
+    ``ray.address`` None starts a local Ray instance for the run and stops it after (unless this
+    process already joined one, as a notebook or a test session may have); "auto" or an address
+    joins a running cluster.
+    """
+
+    name = "ray"
+
+    def __init__(self, spec: RaySpec, search_path: str | None = None) -> None:
+        self.spec = spec
+        self.search_path = search_path
+        # Workers unpickle the user's model by reference: let them import from the config's folder.
+        paths = [p for p in (search_path, os.environ.get("PYTHONPATH")) if p]
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}} if paths else None
+        self._session = RaySession(spec.address, "ray.address", ConfigError, runtime_env)
+
+    def start(self) -> None:
+        """Join or start Ray, and refuse a cluster without the CPUs or GPUs one task asks for."""
+        self._session.start()
+        resources = self._session.ray.cluster_resources()
+        if self.spec.gpus_per_task > 0 and resources.get("GPU", 0) < self.spec.gpus_per_task:
+            raise ConfigError("ray.gpus_per_task", f"{self.spec.gpus_per_task} GPUs per task requested, but the Ray "
+                              f"cluster has {resources.get('GPU', 0):g} GPUs")
+        if resources.get("CPU", 0) < self.spec.cpus_per_task:
+            raise ConfigError("ray.cpus_per_task", f"{self.spec.cpus_per_task} CPUs per task requested, but the Ray "
+                              f"cluster has {resources.get('CPU', 0):g} CPUs")
+
+    def stop(self) -> None:
+        self._session.stop()
+
+    def slots(self) -> int:
+        """Block tasks the cluster runs at once."""
+        resources = self._session.ray.cluster_resources()
+        slots = resources.get("CPU", 1) / self.spec.cpus_per_task
+        if self.spec.gpus_per_task > 0:
+            slots = min(slots, resources.get("GPU", 0) / self.spec.gpus_per_task)
+        return max(1, int(slots))
+
+    def run(self, task: BlockTask, strips: Iterable[list[Block]], on_done: OnDone) -> None:
+        """Submit the strips as Ray tasks, keeping at most ``max_in_flight`` (default: twice the slots)
+        pending, and call ``on_done`` with each block's result as its strip finishes.
+
+        Raises:
+          PipelineError: a task's own error, as itself; BlockError naming the blocks for any other
+            failure (after ``ray.max_retries`` retries of a worker that died).
+        """
+        ray = self._session.ray
+        remote: Any = ray.remote(run_strip).options(
+            num_cpus=self.spec.cpus_per_task, num_gpus=self.spec.gpus_per_task, max_retries=self.spec.max_retries,
+        )
+        task_ref = ray.put(task)  # the model's parameters go to the object store once
+        todo = iter(strips)
+        pending: dict[Any, list[Block]] = {}
+        limit = self.spec.max_in_flight or 2 * self.slots()  # keep every slot busy while results come back
+        try:
+            while True:
+                for strip in todo:
+                    pending[remote.remote(task_ref, strip)] = strip
+                    if len(pending) >= limit:
+                        break
+                if not pending:
+                    return
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    strip = pending.pop(ref)
+                    where = f"block {strip[0].index}" if len(strip) == 1 else \
+                        f"blocks {strip[0].index}-{strip[-1].index}"
+                    with unwrapped(BlockError, where):
+                        results = ray.get(ref)
+                    for result in results:
+                        on_done(result)
+        finally:
+            for ref in pending:
+                ray.cancel(ref)

@@ -1,0 +1,35 @@
+"""The Zarr v3 output: its provenance record (format), its nodes and block writes (layout), its lease (lease).
+
+    create(path, plan, mode, o, dtype, prov, overwrite=False)    # the group, kernel, markers and record
+    BlockWriter(path).write(block, values)                        # a block, then its marker
+    update_provenance(path, prov.model_copy(update={"status": "complete"}))
+
+Reading a store is ``pipeline.kernel.open_kernel``'s job; this package writes it and says what is there.
+"""
+
+from __future__ import annotations
+
+from pipeline.store.format import ATTRIBUTE, FORMAT_VERSION, Provenance, Strip, parse, read_provenance
+from pipeline.store.layout import (
+    COMPRESSORS,
+    DIMENSIONS,
+    DONE,
+    KERNEL,
+    LEASE,
+    BlockWriter,
+    check_output,
+    create,
+    done_mask,
+    existing,
+    open_group,
+    transpose,
+    transposed_copy,
+    update_provenance,
+)
+from pipeline.store.lease import Lease, describe_lease, lease_alive, lease_holder
+
+__all__ = [
+    "ATTRIBUTE", "COMPRESSORS", "DIMENSIONS", "DONE", "FORMAT_VERSION", "KERNEL", "LEASE", "BlockWriter", "Lease",
+    "Provenance", "Strip", "check_output", "create", "describe_lease", "done_mask", "existing", "lease_alive",
+    "lease_holder", "open_group", "parse", "read_provenance", "transpose", "transposed_copy", "update_provenance",
+]

@@ -1,0 +1,198 @@
+"""The store's provenance record: one typed, versioned model of the group attribute ``ntk_pipeline``.
+
+    prov = read_provenance(group, path)    # a Provenance, or one StoreError line naming the store
+    prov.n1, prov.method, prov.status      # 600, "structured", "complete"
+    write_provenance(group, prov.model_copy(update={"status": "failed", "error": "..."}))
+
+Versions: a record without ``format_version`` is format 0 (the stores written before the key existed)
+and is read as it is; format 1 is format 0 plus ``format_version``, so every key keeps its name and
+JSON shape and plain Zarr readers (``zarr.open_group(p).attrs["ntk_pipeline"]["status"]``) need no
+change. A record of a newer format than this code reads is refused, never guessed at.
+
+What a reader may trust: the record is data, written by whoever wrote the store. Parsing checks its
+shape and types (a malformed record is refused naming the store), not its truth: the config,
+fingerprints, versions and status are the writer's claims. Nothing in it is ever imported or
+executed by reading it; a resume recomputes the fingerprints and compares them with the recorded
+ones, and ``verify`` recomputes blocks from a model it builds itself. Keys this code does not know
+are kept as they are when the record is rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
+
+from pipeline.config import Method, Mode
+from pipeline.errors import StoreError
+
+ATTRIBUTE = "ntk_pipeline"  # the group attribute that holds the record
+FORMAT_VERSION = 1  # what this code writes, and the newest it reads
+
+# Typed, frozen and strict (a count that is a string is malformed, not converted); unknown keys are kept.
+_RECORD = ConfigDict(frozen=True, strict=True, extra="allow")
+
+
+def _drop_none(data: dict[str, Any], optional: frozenset[str]) -> dict[str, Any]:
+    """The record without its optional keys that hold None: they are absent from the JSON, not null."""
+    return {k: v for k, v in data.items() if not (k in optional and v is None)}
+
+
+class Strip(BaseModel):
+    """How many blocks of one row a task computes, and why (``saving``: a side's share of a block's cost)."""
+
+    model_config = _RECORD
+
+    length: int
+    reason: str
+    saving: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _drop_none(handler(self), frozenset({"saving"}))
+
+
+# The run-state keys a record may lack: absent until a run sets them, and written only when set.
+RUN_STATE = frozenset({
+    "last_started", "runs", "strip", "nodes", "block_nodes", "updated", "finished", "seconds", "block_seconds",
+    "write_seconds", "startup_seconds", "error",
+})
+
+
+class Provenance(BaseModel):
+    """Everything the ``ntk_pipeline`` attribute holds: what was computed, how, from what, and how far.
+
+    Shapes: ``block``, ``chunk`` (rows, cols) of a block and of a chunk; ``grid`` (blocks along x1,
+    along x2); ``block_nodes`` one entry per block of the plan, an index into ``nodes`` or -1.
+    """
+
+    model_config = _RECORD
+
+    format_version: int = FORMAT_VERSION
+    config: dict[str, Any]  # the resolved config, as JSON
+    method: Method = Field(strict=False)  # the method actually used (auto resolved)
+    auto: dict[str, Any] | None  # auto's decision with its estimates and timings; None when a method was named
+    mode: Mode = Field(strict=False)
+    dtype: str
+    n1: int
+    n2: int
+    o: int
+    p: int  # trainable parameters
+    symmetric: bool
+    block: tuple[int, int]
+    chunk: tuple[int, int]
+    compression: str
+    grid: tuple[int, int]
+    blocks_total: int
+    versions: dict[str, str]  # distribution -> version ("not installed")
+    fingerprints: dict[str, str | None]  # "parameters", "x1", "x2" -> sha256 or spec fingerprint; x2 None
+    status: str  # "running", "complete", "failed", "interrupted" (another writer may write another word)
+    started: str  # ISO 8601, UTC
+    blocks_done: int
+    # Run state, absent until a run sets it.
+    last_started: str | None = None
+    runs: int | None = None
+    strip: Strip | None = None
+    nodes: tuple[str, ...] | None = None
+    block_nodes: tuple[int, ...] | None = None
+    updated: str | None = None
+    finished: str | None = None
+    seconds: float | None = None
+    block_seconds: float | None = None
+    write_seconds: float | None = None
+    startup_seconds: float | None = None
+    error: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _drop_none(handler(self), RUN_STATE)
+
+    def resume_mismatch(self, config: Mapping[str, Any], fingerprints: Mapping[str, str | None]) -> str | None:
+        """What differs between this recorded run and one of ``config`` (the resolved config as JSON) over
+        inputs and parameters with these ``fingerprints``, or None: the record's own resume check."""
+        for section in RESUME_SECTIONS:
+            found = _first_difference(self.config.get(section), config[section], section)
+            if found:
+                return found
+        for key, what in _FINGERPRINTS.items():
+            if self.fingerprints.get(key) != fingerprints[key]:
+                return (f"the {what} differ from those recorded (fingerprint {self.fingerprints.get(key)}, "
+                        f"now {fingerprints[key]})")
+        return None
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record as this code writes it: the current ``format_version``, run-state keys only when set."""
+        data: dict[str, Any] = self.model_dump(mode="json")
+        return {**data, "format_version": FORMAT_VERSION}
+
+
+# What a resume must find unchanged: everything that decides the kernel's values and layout.
+RESUME_SECTIONS = ("model", "data", "ntk", "tiling")
+_FINGERPRINTS = {"parameters": "model parameters", "x1": "data.x1 values", "x2": "data.x2 values"}
+
+
+def _first_difference(recorded: Any, now: Any, key: str) -> str | None:
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        for k in sorted(set(recorded) | set(now)):
+            found = _first_difference(recorded.get(k), now.get(k), f"{key}.{k}")
+            if found:
+                return found
+        return None
+    return None if recorded == now else f"{key} differs (recorded {recorded!r}, now {now!r})"
+
+
+def write_provenance(group: Any, prov: Provenance) -> None:
+    """Write ``prov`` as the ``ntk_pipeline`` attribute of a Zarr group (the one writer of the record)."""
+    group.attrs.update(attributes(prov))
+
+
+def attributes(prov: Provenance) -> dict[str, Any]:
+    """The group attributes that hold ``prov``: ``{"ntk_pipeline": record}``, for a group being created."""
+    return {ATTRIBUTE: prov.record()}
+
+
+def read_provenance(group: Any, path: str) -> Provenance:
+    """The Provenance of a Zarr group (the store at ``path``), parsed from its ``ntk_pipeline`` attribute."""
+    return parse(group.attrs.get(ATTRIBUTE), path)
+
+
+def parse(record: object, path: str) -> Provenance:
+    """The Provenance of the store at ``path`` from its ``ntk_pipeline`` attribute (the one parser).
+
+    Raises:
+      StoreError: naming ``path``: the record is missing, malformed, or of a newer format than this code reads.
+    """
+    if not isinstance(record, Mapping):
+        what = "missing" if record is None else f"a {type(record).__name__}, not a record"
+        raise StoreError(path, f"its {ATTRIBUTE} attribute is {what}")
+    version = record.get("format_version", 0)
+    if type(version) is not int or version < 0:
+        raise StoreError(path, f"its {ATTRIBUTE} attribute is malformed: format_version: expected an integer "
+                         f">= 0, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise StoreError(path, f"written in store format {version}, newer than this ntk-pipeline reads "
+                         f"(format {FORMAT_VERSION}); upgrade ntk-pipeline to read it")
+    data = {**record, "format_version": version}
+    if version == 0:  # format 0 stores older than these keys: their chunk was the block, never compressed
+        data = {"chunk": record.get("block"), "compression": "none", **data}
+    try:
+        return Provenance.model_validate_json(json.dumps(data, allow_nan=True))
+    except (ValidationError, TypeError, ValueError) as err:
+        raise StoreError(path, f"its {ATTRIBUTE} attribute is malformed: {_first_error(err)}") from None
+
+
+def _first_error(err: Exception) -> str:
+    """A validation error as ``key: what is wrong (and N more)``; other errors as their message."""
+    if not isinstance(err, ValidationError):
+        return str(err)
+    errors = err.errors()
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"]) or "record"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+__all__ = ["ATTRIBUTE", "FORMAT_VERSION", "RESUME_SECTIONS", "RUN_STATE", "Provenance", "Strip", "attributes", "parse",
+           "read_provenance", "write_provenance"]

@@ -1,0 +1,131 @@
+"""The lease: the right to write one store, held by one run and renewed by a heartbeat thread.
+
+    lease = Lease(path, ttl=60.0)
+    lease.acquire()       # or StoreError naming the live run that holds it
+    ...
+    lease.release()
+
+The lease lives in the store itself (the ``lease`` subgroup's attributes), so it works on a local
+folder, a shared file system and an object store alike, without POSIX locks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from pipeline.errors import StoreError, brief
+from pipeline.store.layout import LEASE, open_group
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lease_holder(path: str, options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The lease of a store as its holder last wrote it, or None."""
+    group = open_group(path, "r", options)
+    if LEASE not in group:
+        return None
+    attrs = dict(group[LEASE].attrs)
+    return attrs or None
+
+
+def lease_alive(lease: dict[str, Any] | None, now: float | None = None) -> bool:
+    """Whether a lease still binds: not released, its heartbeat younger than its ttl, and (on this
+    host) its process still running. A run that died on another host is known by its expiry alone."""
+    if not lease or lease.get("released"):
+        return False
+    if lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", -1))):
+        return False
+    return (time.time() if now is None else now) - float(lease["heartbeat"]) < float(lease["ttl"])
+
+
+def describe_lease(lease: dict[str, Any]) -> str:
+    age = time.time() - float(lease["heartbeat"])
+    return f"run {lease['owner'][:8]} on {lease['host']} (pid {lease['pid']}), last heartbeat {age:.0f} s ago"
+
+
+class Lease:
+    """The right to write one store, held by one run and renewed by a heartbeat thread.
+
+    Kept in the store itself (a subgroup's attributes), so it works on a local folder, a shared
+    file system and an object store alike, without POSIX locks. Taking it: write our token, wait
+    ``SETTLE`` seconds, read it back: of two runs that raced, only the last writer finds its own.
+    """
+
+    SETTLE = 0.3
+
+    def __init__(self, path: str, ttl: float, options: dict[str, Any] | None = None) -> None:
+        self.path, self.ttl, self.options = path, ttl, options
+        self.owner = uuid.uuid4().hex
+        self.started = time.time()
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self, **extra: Any) -> None:
+        record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "ttl": self.ttl,
+                  "started": self.started, "heartbeat": time.time(), **extra}
+        group = open_group(self.path, "r+", self.options)
+        node = group[LEASE] if LEASE in group else group.create_group(LEASE)
+        node.attrs.put(record)
+
+    def acquire(self) -> None:
+        """Take the lease, or raise StoreError naming the live run that holds it."""
+        current = lease_holder(self.path, self.options)
+        if lease_alive(current):
+            assert current is not None
+            raise StoreError("output.path", f"another run is writing {self.path}: {describe_lease(current)}; "
+                             f"a lease expires {current['ttl']:g} s after its last heartbeat")
+        try:
+            self._write()
+            time.sleep(self.SETTLE)
+            current = lease_holder(self.path, self.options)
+        except OSError as err:
+            raise StoreError("output.path", f"cannot take the lease of {self.path}: {brief(err)}") from None
+        if not current or current.get("owner") != self.owner:
+            raise StoreError("output.path", f"another run took the lease of {self.path} at the same moment")
+        self._thread = threading.Thread(target=self._beat, name="ntk-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                current = lease_holder(self.path, self.options)
+                if not current or current.get("owner") != self.owner:
+                    self.lost = True
+                    return
+                self._write()
+            except Exception:  # a flaky store: try again at the next beat; expiry is the backstop
+                continue
+
+    def check(self, read: bool = False) -> None:
+        """Raise if another run took the lease over (this run's heartbeat stalled past the ttl);
+        ``read``: look at the store now rather than trust the heartbeat thread's last look."""
+        if read and not self.lost:
+            current = lease_holder(self.path, self.options)
+            self.lost = not current or current.get("owner") != self.owner
+        if self.lost:
+            raise StoreError("output.path", f"this run lost the lease of {self.path} to another run; stopping")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            current = lease_holder(self.path, self.options)
+            if current and current.get("owner") == self.owner:
+                self._write(released=True)
+        except Exception:  # an unreleased lease expires by itself
+            pass
