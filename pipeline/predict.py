@@ -93,21 +93,7 @@ def predict(train: Kernel | str, test: Kernel | str, targets: np.ndarray | str, 
         def apply(x: np.ndarray) -> np.ndarray:
             return a.matmat(x) + reg * x
 
-        residual: float | None = None
-        change: float | None = None
-        if time is None or math.isinf(time):
-            solver = "cg"
-            u, iterations, residual = solve(apply, y, diag + reg, tol, maxiter)
-            if not residual <= tol:  # also NaN
-                raise PipelineError("predict", f"conjugate gradients stopped after {iterations} iterations at a "
-                                    f"relative residual of {residual:.3g} (tol {tol:g}); raise maxiter or diag_reg")
-        else:
-            solver = "lanczos"
-            s = learning_rate * time / y.size
-            u, iterations, change = lanczos_function(apply, y, lambda theta: _flow(theta, s), tol, maxiter)
-            if not change <= tol:
-                raise PipelineError("predict", f"Lanczos stopped after {iterations} iterations with a relative "
-                                    f"change of {change:.3g} (tol {tol:g}); raise maxiter")
+        solver, u, iterations, residual, change = _solve(apply, y, diag + reg, time, learning_rate, tol, maxiter)
         values = b.matmat(u)  # (n_test m, c)
         passes = a.passes
     if not np.isfinite(values).all():
@@ -115,6 +101,28 @@ def predict(train: Kernel | str, test: Kernel | str, targets: np.ndarray | str, 
     shape = (k_test.n1, k_test.o) if k_train.mode == Mode.FULL else (k_test.n1, y.shape[1])
     return Prediction(values.reshape(shape), solver, iterations, residual, change, reg, passes, a.executor,
                       clock.perf_counter() - t0)
+
+
+def _solve(apply: Apply, y: np.ndarray, diag: np.ndarray, time: float | None, learning_rate: float, tol: float,
+           maxiter: int) -> tuple[str, np.ndarray, int, float | None, float | None]:
+    """K_reg^-1 y by conjugate gradients (t = infinity), or K_reg^-1 (I - exp(-lr t K_reg / y.size)) y by
+    Lanczos; raises unless the solver reached ``tol``.
+
+    Returns:
+      (solver, the solution (N, c), iterations, cg's residual or None, Lanczos' last change or None).
+    """
+    if time is None or math.isinf(time):
+        u, iterations, residual = solve(apply, y, diag, tol, maxiter)
+        if not residual <= tol:  # also NaN
+            raise PipelineError("predict", f"conjugate gradients stopped after {iterations} iterations at a "
+                                f"relative residual of {residual:.3g} (tol {tol:g}); raise maxiter or diag_reg")
+        return "cg", u, iterations, residual, None
+    s = learning_rate * time / y.size
+    u, iterations, change = lanczos_function(apply, y, lambda theta: _flow(theta, s), tol, maxiter)
+    if not change <= tol:
+        raise PipelineError("predict", f"Lanczos stopped after {iterations} iterations with a relative "
+                            f"change of {change:.3g} (tol {tol:g}); raise maxiter")
+    return "lanczos", u, iterations, None, change
 
 
 def check_kernels(train: Kernel, test: Kernel) -> None:
