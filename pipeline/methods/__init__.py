@@ -101,7 +101,7 @@ def probe(fm: FunctionalModel, x: torch.Tensor, mode: str) -> tuple[Probe, Mode]
     """The (pntk-normalised) model on a block's first samples, for the cost estimates."""
     fm, mode = normalise(fm, mode)
     o = single(fm, fm.params, x[0]).numel()
-    return Probe(fm, x[:2], o, forward_flops(fm, x)), mode
+    return Probe(fm, x[:2], o, forward_flops(fm, x), fm.p, fm.itemsize, int(x[0].numel())), mode
 
 
 def estimate_flops(fm: FunctionalModel, x: torch.Tensor, b1: int, b2: int, mode: str,

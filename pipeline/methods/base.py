@@ -29,18 +29,9 @@ class Probe:
     x: torch.Tensor  # (<= 2, ...): the block's first samples, in the compute dtype (token ids stay integers)
     o: int  # outputs per sample
     fp: int  # FLOPs of one forward pass on one sample
-
-    @property
-    def p(self) -> int:
-        return self.fm.p
-
-    @property
-    def itemsize(self) -> int:
-        return self.fm.itemsize
-
-    @property
-    def sample_numel(self) -> int:
-        return int(self.x[0].numel())
+    p: int  # trainable parameters
+    itemsize: int  # bytes per value of the parameters (and so of Jacobians and kernels)
+    sample_numel: int  # values per input sample
 
 
 class NtkMethod(Protocol):
