@@ -3,6 +3,13 @@
     import pipeline
     K = pipeline.empirical_ntk(model, x1, x2, mode="trace")      # in memory, (n1, n2)
     pipeline.run("configs/quickstart.yaml")                       # tiled, into a Zarr store
+
+Where things are (the full map, one line per module: pipeline/README.md):
+- the cost of method X: ``pipeline/methods/<X>.py`` (``flops``, ``memory``); the registry is ``methods.REGISTRY``.
+- the rule for layer Y: ``pipeline/methods/structured/rules/<family>.py``, found by ``rules.rule_for(module)``.
+- what the store records: ``pipeline/store/format.py`` (``Provenance``, versioned by ``format_version``).
+- reading a store: ``pipeline.open_kernel`` (``pipeline/kernel.py``), the only reader.
+- how blocks run: ``pipeline/execute/`` (the ``Executor`` protocol); the run itself: ``pipeline/run.py``.
 """
 
 from __future__ import annotations
