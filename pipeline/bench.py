@@ -26,7 +26,7 @@ from pipeline.prepare import prepare
 
 @dataclass(frozen=True)
 class BenchRow:
-    method: str
+    method: Method
     seconds: float  # median of the timed runs
     runs: list[float]
     entries_per_second: float

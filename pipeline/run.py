@@ -50,7 +50,7 @@ PROGRESS_EVERY_S = 5.0
 @dataclass(frozen=True)
 class RunSummary:
     path: str
-    method: str
+    method: Method
     blocks: int
     seconds: float
     entries: int

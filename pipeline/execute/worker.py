@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline.config import Method, Mode
 from pipeline.data import Source
 from pipeline.errors import BlockError
 from pipeline.methods import combine, side
@@ -34,8 +35,8 @@ class BlockTask:
     fm: FunctionalModel  # on the CPU, in the compute dtype
     x1: Source
     x2: Source | None  # None: K(x1, x1)
-    method: str
-    mode: str
+    method: Method
+    mode: Mode
     dtype: str
     writer: BlockWriter
     gpu: bool = False

@@ -63,6 +63,9 @@ def normalise(fm: FunctionalModel, mode: str) -> tuple[FunctionalModel, Mode]:
     return fm, Mode(mode)
 
 
+# The functions below take a Method and a Mode, or their names (users' strings), checked by parse_*.
+
+
 def side(fm: FunctionalModel, x: torch.Tensor, method: str, mode: str) -> Any:
     """What a block needs from one side (its rows or columns), computed once and reused across the
     blocks of a strip: per-layer inputs and cotangents (structured), per-sample Jacobians
