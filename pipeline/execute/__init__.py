@@ -7,7 +7,8 @@
 
 Every executor satisfies ``Executor`` and calls ``worker.run_strip`` for its tasks, so all give the
 same kernel, byte for byte: ``local`` (in this process, the reference) and ``ray`` (one Ray task per
-strip). Ray is imported only inside this package (``ray_executor``, ``ray_session``), and only when used.
+strip). Ray's task API is imported only inside this package (``ray_executor``, ``ray_session``), and only
+when used; ``pipeline.submit`` alone uses Ray's job client.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
       lease                   a group whose attributes name the run that writes the store (lease.py)
 
 Read it without this package: ``zarr.open_group(path)["kernel"]``; with it: ``pipeline.open_kernel``.
-The store package is the only one that imports zarr.
+Only this package writes with zarr (data.py reads Zarr inputs, kernel.py reads through this package).
 """
 
 from __future__ import annotations
