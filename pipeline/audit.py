@@ -20,7 +20,7 @@ from pipeline.config import Method, parse_config
 from pipeline.data import open_source
 from pipeline.errors import PipelineError, brief
 from pipeline.kernel import Kernel, open_kernel
-from pipeline.methods import compute_block
+from pipeline.methods import check_model, compute_block
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module
 from pipeline.plan import Block
 from pipeline.store import describe_lease, lease_alive, lease_holder, transpose
@@ -112,7 +112,8 @@ def _recompute(k: Kernel, blocks: list[Block], checked: list[str]) -> list[str]:
         x2 = None if cfg.data.x2 is None else open_source(cfg.data.x2, "data.x2")
     except PipelineError as err:
         return [f"cannot recompute blocks: {err}"]
-    fm = FunctionalModel(module)
+    fm = FunctionalModel(module, cfg.model.output)
+    check_model(fm, cast_input(x1.read(0, min(2, x1.n)), torch.float64))
     method = OTHER_METHOD[prov.method]
     tol = VERIFY_TOLERANCE[prov.dtype]
     failures = []

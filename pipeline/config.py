@@ -118,6 +118,9 @@ class ModelSpec(_Spec):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     seed: int = 0
+    # What to take from the model's output: an attribute or key ("logits" for Hugging Face models) or a
+    # tuple index; null: the output as it is (a tensor).
+    output: str | int | None = None
 
     @field_validator("target")
     @classmethod

@@ -55,7 +55,8 @@ def describe_plan(config: RunConfig | str | os.PathLike[str], *, workers: int | 
         "symmetric": plan.symmetric, "block": [b1, b2], "grid": list(plan.grid), "blocks": len(plan.blocks),
         "kernel_bytes": kernel_bytes(plan.n1, plan.n2, p.o, mode, item), "forward_flops_per_sample": p.fp,
         "chunk": list(plan.chunks), "sharded": plan.sharded, "layout": layout(plan, outputs(p.fm, x, mode), mode, item),
-        "method": p.method, "auto": p.auto, "methods": per_method, "output": cfg.output.path,
+        "method": p.method, "auto": p.auto, "fallbacks": p.fm.fallbacks, "methods": per_method,
+        "output": cfg.output.path,
     }
     if workers or memory_bytes or bench:
         out["sizing"] = size_plan(p, x, workers or 1, memory_bytes, bench)

@@ -25,7 +25,8 @@ def single(fm: FunctionalModel, params: dict[str, torch.Tensor], x: torch.Tensor
 
 
 def jacobians(fm: FunctionalModel, x: torch.Tensor, names: Sequence[str] | None = None) -> list[torch.Tensor]:
-    """Per-sample Jacobians with vmap(jacrev): one (n, o, p_k) tensor per trainable parameter.
+    """Per-sample Jacobians with vmap(jacrev) (by ``loop_jacobians`` where the model cannot be vmapped):
+    one (n, o, p_k) tensor per trainable parameter.
 
     Args:
       names: only these parameters (the others held fixed); all trainable ones if None.
@@ -33,6 +34,8 @@ def jacobians(fm: FunctionalModel, x: torch.Tensor, names: Sequence[str] | None 
     names = list(fm.params) if names is None else list(names)
     if not names:
         return []
+    if "vmap" in fm.fallbacks:
+        return loop_jacobians(fm, x, names)
     sub = {k: fm.params[k] for k in names}
     rest = {k: v for k, v in fm.params.items() if k not in sub}
 
@@ -44,6 +47,23 @@ def jacobians(fm: FunctionalModel, x: torch.Tensor, names: Sequence[str] | None 
     chunk = None if o * row_bytes <= JACREV_CHUNK_BYTES else max(1, JACREV_CHUNK_BYTES // max(row_bytes, 1))
     jac = vmap(jacrev(f, chunk_size=chunk), (None, 0))(sub, x)
     return [j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()]
+
+
+def loop_jacobians(fm: FunctionalModel, x: torch.Tensor, names: Sequence[str]) -> list[torch.Tensor]:
+    """Per-sample Jacobians without vmap: per sample, one forward pass and one backward pass per output
+    (n (FP + o BP)). For models vmap cannot trace: RNN kernels, data-dependent indexing, ``.item()``."""
+    rows: list[list[torch.Tensor]] = [[] for _ in names]  # per parameter: (o, p_k) per sample
+    for i in range(x.shape[0]):
+        params = {**fm.params, **{k: fm.params[k].detach().requires_grad_(True) for k in names}}
+        leaves = [params[k] for k in names]
+        with torch.enable_grad():
+            out = fm(params, x[i : i + 1])[0]  # (o,)
+            per_output = [torch.autograd.grad(out[a], leaves, retain_graph=a + 1 < out.numel(), allow_unused=True)
+                          for a in range(out.numel())]
+        for k, leaf in enumerate(leaves):
+            rows[k].append(torch.stack([(torch.zeros_like(leaf) if g[k] is None else g[k]).reshape(-1)
+                                        for g in per_output]))
+    return [torch.stack(r) for r in rows]
 
 
 def accumulate(terms: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -39,7 +39,8 @@ EXECUTORS = ("auto", "local", "ray")
 
 Tile = tuple[int, int, int, int]  # rows i0:i1, columns j0:j1
 # The provenance ``describe`` (``ntk-pipeline inspect``) shows: where the kernel came from.
-DESCRIBED = ("config", "method", "auto", "p", "versions", "fingerprints", "status", "started", "finished")
+DESCRIBED = ("config", "method", "auto", "fallbacks", "p", "versions", "fingerprints", "status", "started",
+             "finished")
 
 
 def open_kernel(path: str, options: dict[str, Any] | None = None) -> Kernel:

@@ -15,7 +15,7 @@ import hashlib
 import importlib
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -130,12 +130,16 @@ class FunctionalModel:
     Frozen parameters and buffers are closed over as constants. Picklable, so Ray can ship it.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, output: str | int | None = None) -> None:
         self.module = module
         self.params = {k: v.detach() for k, v in module.named_parameters() if v.requires_grad}
         frozen = {k: v.detach() for k, v in module.named_parameters() if not v.requires_grad}
         self.fixed = {**frozen, **{k: v.detach() for k, v in module.named_buffers()}}
         self.summed = False  # True: f(x) = sum_a f_a(x) / sqrt(o), whose NTK is the pNTK
+        self.output = output  # what to take from the module's output (``model.output``); None: it as it is
+        # Transforms the model does not support, decided on a probe (pipeline.methods.capabilities):
+        # "vmap" and/or "forward_ad" -> why; the methods then take their vmap-free / reverse-mode paths.
+        self.fallbacks: dict[str, str] = {}
 
     @property
     def itemsize(self) -> int:
@@ -152,7 +156,7 @@ class FunctionalModel:
         return sum(v.numel() for v in self.params.values())
 
     def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = functional_call(self.module, (params, self.fixed), (x,))
+        out = select_output(functional_call(self.module, (params, self.fixed), (x,)), self.output)
         out = out.reshape(x.shape[0], -1)  # (n, o)
         if self.summed:
             return out.sum(1, keepdim=True) / math.sqrt(out.shape[1])  # (n, 1)
@@ -166,9 +170,51 @@ class FunctionalModel:
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> FunctionalModel:
         """A copy on ``device`` in ``dtype`` (floating tensors only)."""
-        moved = FunctionalModel(copy.deepcopy(self.module).to(device=device, dtype=dtype))
-        moved.summed = self.summed
+        moved = FunctionalModel(copy.deepcopy(self.module).to(device=device, dtype=dtype), self.output)
+        moved.summed, moved.fallbacks = self.summed, dict(self.fallbacks)
         return moved
+
+
+def probe_key(fm: FunctionalModel, x: torch.Tensor) -> tuple[Any, ...]:
+    """What a probe of a model on inputs like x depends on (cached per module object under it): the
+    samples' shape, dtype and device, the module tree and which parameters are trainable, with shapes."""
+    mods = tuple((name, type(m).__name__) for name, m in fm.module.named_modules())
+    params = tuple((k, tuple(v.shape)) for k, v in fm.params.items())
+    return tuple(x.shape[1:]), x.dtype, x.device.type, fm.summed, fm.output, mods, params
+
+
+def select_output(out: Any, output: str | int | None) -> torch.Tensor:
+    """The tensor ``model.output`` names in a model's output: an attribute or key (``"logits"`` of a
+    Hugging Face ``ModelOutput``), a tuple index, or (None) the output itself.
+
+    Raises:
+      ModelError: naming ``model.output`` and what the output holds instead.
+    """
+    picked = out
+    if output is not None:
+        try:
+            if isinstance(out, Mapping):
+                picked = out[output]
+            elif isinstance(out, tuple | list) and isinstance(output, int):
+                picked = out[output]
+            else:
+                picked = getattr(out, str(output))
+        except (KeyError, IndexError, AttributeError, TypeError):
+            raise ModelError("model.output", f"the model's output has no {output!r}; it holds "
+                             f"{describe_output(out)}") from None
+    if not isinstance(picked, torch.Tensor):
+        hint = "set model.output to one of them" if output is None else "name a tensor in it"
+        raise ModelError("model.output", f"the model returns {describe_output(picked)}, not a tensor; {hint}")
+    return picked
+
+
+def describe_output(out: Any) -> str:
+    """What a model's output holds, for an error: its keys, or the types at its tuple indices."""
+    if isinstance(out, Mapping):
+        return f"a {type(out).__name__} with keys " + ", ".join(repr(k) for k in out)
+    if isinstance(out, tuple | list):
+        return f"a {type(out).__name__} of " + ", ".join(f"[{i}] {type(v).__name__}" for i, v in enumerate(out))
+    return f"a {type(out).__name__}"
 
 
 def cast_input(x: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:

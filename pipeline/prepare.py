@@ -16,7 +16,8 @@ import torch
 
 from pipeline.config import Method, RunConfig, is_url, load_config
 from pipeline.data import Source, open_source
-from pipeline.errors import ConfigError, DataError, StoreError, brief
+from pipeline.errors import ConfigError, DataError, ModelError, StoreError, brief
+from pipeline.methods import check_model
 from pipeline.methods.auto import auto_method
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
 from pipeline.plan import Plan, tile
@@ -62,6 +63,8 @@ def _check_runs(fm: FunctionalModel, source: Source, key: str, dtype: torch.dtyp
     try:
         with torch.no_grad():
             out = fm(fm.params, x)
+    except ModelError:
+        raise
     except Exception as err:
         raise DataError(key, f"the model rejects samples of shape {tuple(source.sample_shape)}: {brief(err)}") from None
     if out.shape[1] == 0:
@@ -93,7 +96,7 @@ def prepare(config: RunConfig, search_path: str | None = None, *, measure: bool 
     """
     dtype = getattr(torch, config.ntk.dtype)
     module = build_model(config.model, search_path)
-    fm = FunctionalModel(module.to(dtype))
+    fm = FunctionalModel(module.to(dtype), config.model.output)
     if fm.p == 0:
         raise ConfigError("model", "the model has no trainable parameters (requires_grad=True); the NTK is empty")
     x1 = open_source(config.data.x1, "data.x1")
@@ -103,6 +106,7 @@ def prepare(config: RunConfig, search_path: str | None = None, *, measure: bool 
     o = _check_runs(fm, x1, "data.x1", dtype)
     if x2 is not None:
         _check_runs(fm, x2, "data.x2", dtype)
+    check_model(fm, cast_input(x1.read(0, min(2, x1.n)), dtype))  # which transforms it takes: fm.fallbacks
     plan = _plan(config, x1, x2)
     fp = forward_flops(fm, cast_input(x1.read(0, 1), dtype))
     method, auto = recorded or choose_method(config, fm, x1, x2, plan, measure)

@@ -164,6 +164,7 @@ def _create(p: Prepared, action: str) -> Provenance:
         n1=p.plan.n1, n2=p.plan.n2, o=p.o, p=p.fm.p, symmetric=p.plan.symmetric, block=p.plan.block,
         chunk=p.plan.chunks, compression=cfg.output.compression, grid=p.plan.grid, blocks_total=len(p.plan.blocks),
         versions=_versions(), fingerprints=p.fingerprints, status="running", started=_now(), blocks_done=0,
+        fallbacks=dict(p.fm.fallbacks) or None,
     )
     create(cfg.output.path, p.plan, cfg.ntk.mode, p.o, cfg.ntk.dtype, prov, overwrite=action == "overwrite",
            compression=cfg.output.compression, options=cfg.output.storage_options)

@@ -166,3 +166,109 @@ class DieOnce(nn.Module):
                 return self.net(x)
             os._exit(1)
         return self.net(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real architectures (tests/test_real_models.py): torch's attention and recurrent layers, weight
+# norm, and Hugging Face models built from small configs (never downloaded)
+
+
+class AttentionClf(nn.Module):
+    """(n, S, d) -> nn.MultiheadAttention (self-attention, PyTorch's fused path in eval) -> mean -> Linear."""
+
+    def __init__(self, d: int = 8, heads: int = 2, o: int = 3) -> None:
+        super().__init__()
+        self.att = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.head = nn.Linear(d, o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.att(x, x, x, need_weights=False)[0].mean(1))
+
+
+class EncoderClf(nn.Module):
+    """(n, S, d) -> nn.TransformerEncoderLayer -> mean over positions -> Linear."""
+
+    def __init__(self, d: int = 8, heads: int = 2, norm_first: bool = False, o: int = 3) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.head = nn.Linear(d, o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x).mean(1))
+
+
+class WeightNormClf(nn.Module):
+    """(n, S, d) -> mean -> a weight-normed Linear (torch.nn.utils.parametrizations) -> tanh -> Linear."""
+
+    def __init__(self, d: int = 8, o: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.utils.parametrizations.weight_norm(nn.Linear(d, 6))
+        self.head = nn.Linear(6, o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inp(x.mean(1))))
+
+
+class RNNClf(nn.Module):
+    """(n, S, d) -> a 2-layer LSTM or GRU -> its last state -> Linear."""
+
+    def __init__(self, kind: str = "lstm", d: int = 8, hidden: int = 6, o: int = 3) -> None:
+        super().__init__()
+        self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(d, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+HF_VOCAB, HF_SEQ = 97, 6
+
+
+def gpt2_classifier(**config: object) -> nn.Module:
+    """Hugging Face's GPT2ForSequenceClassification from a GPT2Config (2 layers, width 32); returns a ModelOutput."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    defaults = dict(vocab_size=HF_VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=2, num_labels=3,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=1, use_cache=False)
+    return GPT2ForSequenceClassification(GPT2Config(**{**defaults, **config}))
+
+
+def bert_classifier(**config: object) -> nn.Module:
+    """Hugging Face's BertForSequenceClassification from a BertConfig (2 layers, width 32)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    defaults = dict(vocab_size=HF_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    return BertForSequenceClassification(BertConfig(**{**defaults, **config}))
+
+
+class BackwardFails(nn.Module):
+    """Runs forward, raises in backward: no method can differentiate it."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Broken.apply(self.lin(x))
+
+
+class _Broken(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        raise RuntimeError("this operator has no backward")
+
+
+class Pair(nn.Module):
+    """Returns a tuple (logits, features): model.output 0 takes the logits."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), x

@@ -220,7 +220,8 @@ CASES = [
                  r"Error: data\.x2\.pth: unknown key \(expected one of: path, array, synthetic, storage_options\)",
                  id="unknown-key-in-optional-x2"),
     pytest.param(_set("model.wieghts", "w.pt"),
-                 r"Error: model\.wieghts: unknown key \(expected one of: builtin, target, kwargs, checkpoint, seed\)",
+                 r"Error: model\.wieghts: unknown key \(expected one of: builtin, target, kwargs, checkpoint, seed, "
+                 r"output\)",
                  id="unknown-model-key"),
     # wrong types and values
     pytest.param(_set("tiling.block", "big"),

@@ -30,6 +30,7 @@ from pipeline.config import Method, Mode
 from pipeline.jacobians import single
 from pipeline.methods import jacobian_contraction, ntk_vector_products, structured
 from pipeline.methods.base import NtkMethod, Probe
+from pipeline.methods.capabilities import check_model
 from pipeline.models import FunctionalModel, cast_input, eval_mode, forward_flops
 from pipeline.plan import held_kernel_bytes
 
@@ -134,7 +135,7 @@ def outputs(fm: FunctionalModel, x: torch.Tensor, mode: str) -> int:
 
 
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *, method: str = "auto",
-                  mode: str = "full") -> torch.Tensor:
+                  mode: str = "full", output: str | int | None = None) -> torch.Tensor:
     """The empirical NTK of ``model`` between x1 and x2, in memory.
 
     The model runs in eval mode (its training flags are restored after); the kernel is taken over
@@ -148,6 +149,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
       method: "auto" (by the cost model alone, no timing), "structured", "jacobian_contraction" or
         "ntk_vector_products".
       mode: "full", "trace", "diagonal" or "pntk".
+      output: what to take from the model's output: an attribute or key (``"logits"`` of a Hugging
+        Face model), a tuple index, or None for a model that returns a tensor.
 
     Returns:
       (n1, n2, o, o) for full, (n1, n2) for trace and pntk, (n1, n2, o) for diagonal.
@@ -155,14 +158,15 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
     from pipeline.methods.auto import auto_method  # auto reads this registry
 
     with eval_mode(model):
-        fm = FunctionalModel(model)
+        fm = FunctionalModel(model, output)
         ref = next(iter(fm.params.values()), x1)
         x1 = cast_input(x1, ref.dtype, ref.device)
         x2 = None if x2 is None else cast_input(x2, ref.dtype, ref.device)
+        check_model(fm, x1)
         if method == Method.AUTO:
             method = auto_method(fm, x1, x2, parse_mode(mode), measure=False)["method"]
         return compute_block(fm, x1, x2, method, mode)
 
 
-__all__ = ["METHODS", "MODES", "REGISTRY", "combine", "compute_block", "empirical_ntk", "estimate_flops",
+__all__ = ["METHODS", "MODES", "REGISTRY", "check_model", "combine", "compute_block", "empirical_ntk", "estimate_flops",
            "jacobian_bytes", "normalise", "outputs", "side", "task_memory"]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Method, Mode
+from pipeline.errors import ModelError, brief
 from pipeline.methods import METHODS, compute_block, estimate_flops, jacobian_bytes
 from pipeline.models import FunctionalModel
 
@@ -24,18 +25,26 @@ PROBE_SPREAD = 10.0
 PROBE_ROWS = 8
 
 
-def choose_method(flops: dict[Method, float], jacobian_bytes: int,
-                  timings: dict[Method, float] | None = None) -> dict[str, Any]:
+def choose_method(flops: dict[Method, float], jacobian_bytes: int, timings: dict[Method, float] | None = None,
+                  failed: dict[Method, str] | None = None) -> dict[str, Any]:
     """The ``auto`` choice, a pure function of the cost estimates and (optionally) measured timings.
 
-    Jacobian contraction is ruled out when a block's Jacobians exceed JACOBIAN_BUDGET_BYTES. With
-    timings (seconds of each method on the same probe block), the fastest timed method wins;
-    without, the fewest estimated FLOPs. Ties go to the order of ``METHODS``.
+    Jacobian contraction is ruled out when a block's Jacobians exceed JACOBIAN_BUDGET_BYTES, and any
+    method that raised on the probe (``failed``: method -> why) is ruled out. With timings (seconds of
+    each method on the same probe block), the fastest timed method wins; without, the fewest estimated
+    FLOPs. Ties go to the order of ``METHODS``.
 
     Returns:
-      ``{"method", "reason", "flops", "timings"}``, recorded in the output.
+      ``{"method", "reason", "flops", "timings"}`` and ``"ruled_out"`` (method -> why) when a method
+      failed on the probe, recorded in the output.
+
+    Raises:
+      ModelError: every method failed on the probe.
     """
-    allowed = [m for m in METHODS if m in flops]
+    failed = failed or {}
+    allowed = [m for m in METHODS if m in flops and m not in failed]
+    if not allowed:
+        raise ModelError("model", "no method runs on it: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
     reason = "fewest estimated FLOPs per block"
     if jacobian_bytes > JACOBIAN_BUDGET_BYTES and Method.JACOBIAN_CONTRACTION in allowed:
         allowed.remove(Method.JACOBIAN_CONTRACTION)
@@ -47,15 +56,23 @@ def choose_method(flops: dict[Method, float], jacobian_bytes: int,
         reason = "fastest on a probe of the first block" + reason.removeprefix("fewest estimated FLOPs per block")
     else:
         method = min(allowed, key=lambda m: (flops[m], allowed.index(m)))
-    return {"method": method, "reason": reason, "flops": flops, "timings": timings or {}}
+    choice = {"method": method, "reason": reason, "flops": flops, "timings": timings or {}}
+    return {**choice, "ruled_out": dict(failed)} if failed else choice
 
 
-def time_methods(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: Mode,
-                 methods: list[Method], repeats: int = 2) -> dict[Method, float]:
-    """Median-free quick timing: the best of ``repeats`` runs of each method after one warm-up."""
+def time_methods(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: Mode, methods: list[Method],
+                 repeats: int = 2, failed: dict[Method, str] | None = None) -> dict[Method, float]:
+    """Median-free quick timing: the best of ``repeats`` runs of each method after one warm-up; a method
+    that raises is left out, and why goes into ``failed``."""
     out = {}
     for m in methods:
-        compute_block(fm, x1, x2, m, mode)  # warm-up: first-call costs, caches, the layout check
+        try:
+            compute_block(fm, x1, x2, m, mode)  # warm-up: first-call costs, caches, the layout check
+        except Exception as err:  # a model this method cannot take: ruled out, not a crash
+            if failed is None:
+                raise
+            failed[m] = brief(err)
+            continue
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -72,6 +89,7 @@ def auto_method(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, 
     flops = estimate_flops(fm, x1, x1.shape[0], n2, mode, diagonal=x2 is None)
     jac = jacobian_bytes(fm, x1, x1.shape[0], n2, mode, diagonal=x2 is None)
     timings = None
+    failed: dict[Method, str] = {}
     if measure:
         best = min(flops.values())
         candidates = [m for m in METHODS if flops[m] <= PROBE_SPREAD * best
@@ -79,5 +97,5 @@ def auto_method(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, 
         if len(candidates) > 1:
             p1 = x1[:PROBE_ROWS]
             p2 = None if x2 is None else x2[:PROBE_ROWS]
-            timings = time_methods(fm, p1, p2, mode, candidates)
-    return choose_method(flops, jac, timings)
+            timings = time_methods(fm, p1, p2, mode, candidates, failed=failed)
+    return choose_method(flops, jac, timings, failed)

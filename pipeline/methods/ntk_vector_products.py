@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import jvp, vjp, vmap
 
 from pipeline.config import Mode
-from pipeline.jacobians import single
+from pipeline.jacobians import contract, loop_jacobians, single
 from pipeline.methods.base import Probe
 from pipeline.models import FunctionalModel
 
@@ -31,10 +31,14 @@ def side(fm: FunctionalModel, x: torch.Tensor) -> torch.Tensor:
 def combine(fm: FunctionalModel, s1: torch.Tensor, s2: torch.Tensor | None, mode: Mode) -> torch.Tensor:
     """For each pair (x1_i, x2_j), <J_a(x1_i), J_b(x2_j)> by one vjp and o jvps (``s2=None``: K(x1, x1))."""
     x1, x2 = s1, s1 if s2 is None else s2
+    if "vmap" in fm.fallbacks or "double_backward" in fm.fallbacks:
+        return _by_loop(fm, x1, x2, mode)
     params = fm.params
     # nn.Embedding's backward gives its padding row no gradient, its forward mode does: where a
     # model has one, J t is taken by transposing the backward pass, so both sides agree with jacrev.
-    backward_only = any(isinstance(m, nn.Embedding) and m.padding_idx is not None for m in fm.module.modules())
+    # So too where the model has no forward-mode AD (pipeline.methods.capabilities).
+    backward_only = "forward_ad" in fm.fallbacks or any(
+        isinstance(m, nn.Embedding) and m.padding_idx is not None for m in fm.module.modules())
 
     def pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out, vjp_fn = vjp(lambda p: single(fm, p, a), params)[:2]
@@ -42,7 +46,7 @@ def combine(fm: FunctionalModel, s1: torch.Tensor, s2: torch.Tensor | None, mode
         def one(vec: torch.Tensor) -> torch.Tensor:
             cotangent = vjp_fn(vec)[0]
             if backward_only:
-                return _jvp_by_double_vjp(lambda p: single(fm, p, b), params, cotangent)
+                return jvp_by_double_vjp(lambda p: single(fm, p, b), params, cotangent)
             tangent: torch.Tensor = jvp(lambda p: single(fm, p, b), (params,), (cotangent,))[1]
             return tangent
 
@@ -53,13 +57,30 @@ def combine(fm: FunctionalModel, s1: torch.Tensor, s2: torch.Tensor | None, mode
     chunk = max(1, VPS_CHUNK_BYTES // (3 * o * max(fm.p, 1) * fm.itemsize))
     row = vmap(pair, (None, 0), chunk_size=chunk)
     k = torch.stack([row(x1[i], x2) for i in range(x1.shape[0])])  # (n1, n2, o, o)
+    return _reduce(k, mode)
+
+
+def _reduce(k: torch.Tensor, mode: Mode) -> torch.Tensor:
+    """The mode's entries of a full (n1, n2, o, o) kernel."""
     if mode == Mode.FULL:
         return k
     d = torch.diagonal(k, dim1=2, dim2=3)  # (n1, n2, o)
     return d.sum(-1) if mode == Mode.TRACE else d.contiguous()
 
 
-def _jvp_by_double_vjp(f: Callable[[Any], torch.Tensor], params: dict[str, torch.Tensor],
+def _by_loop(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor, mode: Mode) -> torch.Tensor:
+    """Without vmap: per pair, the two samples' Jacobians from backward passes, contracted: no more
+    than two samples' Jacobians (2 o P) in memory, n1 n2 o backward passes."""
+    names = list(fm.params)
+    rows = []
+    for i in range(x1.shape[0]):
+        j1 = loop_jacobians(fm, x1[i : i + 1], names)
+        rows.append(torch.cat([contract(j1, loop_jacobians(fm, x2[j : j + 1], names), Mode.FULL)
+                               for j in range(x2.shape[0])], dim=1))
+    return _reduce(torch.cat(rows), mode)
+
+
+def jvp_by_double_vjp(f: Callable[[Any], torch.Tensor], params: dict[str, torch.Tensor],
                        tangent: dict[str, torch.Tensor]) -> torch.Tensor:
     """J t through the backward pass: u -> J^T u is linear, and its own vjp with cotangent t is J t."""
     out, vjp_fn = vjp(f, params)[:2]

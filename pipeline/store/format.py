@@ -54,10 +54,10 @@ class Strip(BaseModel):
         return _drop_none(handler(self), frozenset({"saving"}))
 
 
-# The run-state keys a record may lack: absent until a run sets them, and written only when set.
+# The optional keys a record may lack (run state, absent until a run sets it; fallbacks): written only when set.
 RUN_STATE = frozenset({
     "last_started", "runs", "strip", "nodes", "block_nodes", "updated", "finished", "seconds", "block_seconds",
-    "write_seconds", "startup_seconds", "error",
+    "write_seconds", "startup_seconds", "error", "fallbacks",
 })
 
 
@@ -104,6 +104,9 @@ class Provenance(BaseModel):
     write_seconds: float | None = None
     startup_seconds: float | None = None
     error: str | None = None
+    # Transforms the model does not support and so the paths the methods took instead (transform ->
+    # why; pipeline.methods.capabilities); absent when every method ran as it does by default.
+    fallbacks: dict[str, str] | None = None
 
     @model_serializer(mode="wrap")
     def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from torch import nn
 from pipeline.config import Mode
 from pipeline.jacobians import accumulate, contract, jacobians, single
 from pipeline.methods.structured.rules import Site, rule_for
-from pipeline.models import FunctionalModel
+from pipeline.models import FunctionalModel, probe_key
 
 
 def find_sites(fm: FunctionalModel) -> list[Site]:
@@ -115,12 +115,6 @@ class Layout:
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, Layout]] = weakref.WeakKeyDictionary()
 
 
-def _structure(fm: FunctionalModel) -> tuple[Any, ...]:
-    """What a layout depends on: the module tree and which parameters are trainable, with shapes."""
-    mods = tuple((name, type(m).__name__) for name, m in fm.module.named_modules())
-    return mods, tuple((k, tuple(v.shape)) for k, v in fm.params.items())
-
-
 def layout(fm: FunctionalModel, x: torch.Tensor) -> Layout:
     """Sites whose rule passes a check on two samples; everything else falls back.
 
@@ -132,7 +126,7 @@ def layout(fm: FunctionalModel, x: torch.Tensor) -> Layout:
     # Cached per module object (weakly: it goes when the module goes) and its structure, so that
     # repeated empirical_ntk calls on one model check it once.
     cache = _LAYOUTS.setdefault(fm.module, {})
-    key = (tuple(x.shape[1:]), x.dtype, x.device.type, fm.summed, _structure(fm))
+    key = probe_key(fm, x)
     if key in cache:
         return cache[key]
     sites = find_sites(fm)

@@ -1,0 +1,258 @@
+"""Real architectures get a correct kernel from every method: torch's MultiheadAttention and
+TransformerEncoderLayer (fused fast paths without forward-mode AD), weight norm, LSTM and GRU (kernels
+vmap cannot batch), and Hugging Face GPT-2 and BERT classifiers built from configs (``model.output``:
+their logits), against an independent float64 reference that uses neither vmap nor forward AD: a loop
+of autograd.grad per sample and output.
+
+    K = empirical_ntk(model, x1, x2, method=m, mode=mode, output=...)
+    K == loop_reference(model, x1, x2, mode)      # to TOLERANCES[dtype], relative to max |K|
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+import pipeline
+from pipeline.cli import main
+from pipeline.config import Synthetic
+from pipeline.data import SyntheticSource
+
+import nets
+from conftest import TOLERANCES
+
+METHODS = ("structured", "jacobian_contraction", "ntk_vector_products")
+MODES = ("full", "trace", "pntk")
+DTYPES = (torch.float32, torch.float64)
+# name -> (factory, output, token inputs?)
+MODELS = {
+    "attention": (nets.AttentionClf, None, False),
+    "encoder": (nets.EncoderClf, None, False),
+    "encoder_norm_first": (lambda: nets.EncoderClf(norm_first=True), None, False),
+    "weight_norm": (nets.WeightNormClf, None, False),
+    "lstm": (lambda: nets.RNNClf("lstm"), None, False),
+    "gru": (lambda: nets.RNNClf("gru"), None, False),
+    "gpt2": (nets.gpt2_classifier, "logits", True),
+    "bert": (nets.bert_classifier, "logits", True),
+}
+# What each model cannot do, as the probe finds it with torch 2.13 on a CPU (pipeline.methods.capabilities):
+# fused attention has neither forward AD nor a double backward; weight_norm's interface no forward AD; LSTM,
+# GRU and GPT-2's pick of the last token cannot be vmapped.
+NO_FORWARD = {"forward_ad", "double_backward"}
+FALLBACKS = {"attention": NO_FORWARD, "encoder": NO_FORWARD, "encoder_norm_first": NO_FORWARD,
+             "weight_norm": {"forward_ad"}, "lstm": {"vmap"}, "gru": {"vmap"}, "gpt2": {"vmap"}, "bert": NO_FORWARD}
+
+
+def make(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return MODELS[name][0]().to(dtype).eval()
+
+
+def inputs(name: str, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if MODELS[name][2]:
+        return torch.randint(1, nets.HF_VOCAB, (n, nets.HF_SEQ), generator=g)
+    return torch.randn(n, 5, 8, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# The independent reference: plain autograd, one sample and one output at a time, in float64.
+
+
+def loop_jacobian(model: torch.nn.Module, x: torch.Tensor, output: str | None) -> torch.Tensor:
+    """(n, o, P): d f_a(x_i) / d theta by torch.autograd.grad, sample by sample, output by output."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        out = model(x[i : i + 1])
+        out = (out[output] if output is not None else out).reshape(-1)
+        per_output = []
+        for a in range(out.numel()):
+            grads = torch.autograd.grad(out[a], params, retain_graph=True, allow_unused=True)
+            per_output.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                         for g, p in zip(grads, params, strict=True)]))
+        rows.append(torch.stack(per_output))
+    return torch.stack(rows)
+
+
+def loop_reference(name: str, x1: torch.Tensor, x2: torch.Tensor, mode: str) -> torch.Tensor:
+    model = make(name, torch.float64)
+    output = MODELS[name][1]
+    as64 = (lambda x: x) if MODELS[name][2] else (lambda x: x.double())
+    j1, j2 = loop_jacobian(model, as64(x1), output), loop_jacobian(model, as64(x2), output)
+    full = torch.einsum("iap,jbp->ijab", j1, j2)
+    if mode == "full":
+        return full
+    if mode == "trace":
+        return torch.einsum("ijaa->ij", full)
+    return full.sum((2, 3)) / full.shape[2]  # pntk: the NTK of sum_a f_a / sqrt(o)
+
+
+_REFERENCES: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def reference(name: str, mode: str) -> torch.Tensor:
+    if (name, mode) not in _REFERENCES:
+        _REFERENCES[(name, mode)] = loop_reference(name, inputs(name, 3, 1), inputs(name, 2, 2), mode)
+    return _REFERENCES[(name, mode)]
+
+
+def assert_kernel_close(k: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert k.shape == ref.shape and k.dtype == dtype
+    tol = TOLERANCES[dtype]
+    scale = float(ref.abs().max())
+    assert scale > 0
+    err = float((k.double() - ref).abs().max())
+    assert err <= tol["atol"] * scale, f"max error {err:.3g} against max |K| {scale:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_method_is_exact_on_real_models(name, method, mode, dtype):
+    model = make(name, dtype)
+    x1, x2 = inputs(name, 3, 1), inputs(name, 2, 2)
+    if not MODELS[name][2]:
+        x1, x2 = x1.to(dtype), x2.to(dtype)
+    k = pipeline.empirical_ntk(model, x1, x2, method=method, mode=mode, output=MODELS[name][1])
+    assert_kernel_close(k, reference(name, mode), dtype)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_probe_finds_what_each_model_cannot_do(name):
+    from pipeline.methods import check_model
+    from pipeline.models import FunctionalModel
+
+    fm = FunctionalModel(make(name, torch.float32), MODELS[name][1])
+    x = inputs(name, 2, 0)
+    found = check_model(fm, x if MODELS[name][2] else x.float())
+    assert set(found) == FALLBACKS[name], found
+    assert fm.fallbacks == found and all(isinstance(why, str) and why for why in found.values())
+
+
+def test_auto_takes_a_method_that_runs_and_records_the_fallbacks(tmp_path, write_config):
+    path = tmp_path / "lstm.zarr"
+    cfg = {"model": {"target": "nets:RNNClf", "kwargs": {"kind": "lstm"}},
+           "data": {"x1": {"synthetic": {"n": 5, "shape": [5, 8], "seed": 1}}},
+           "ntk": {"method": "auto", "mode": "trace", "dtype": "float64"}, "tiling": {"block": 3},
+           "output": {"path": str(path)}}
+    pipeline.run(write_config(cfg), executor="local", progress=False)
+    meta = zarr.open_group(path, mode="r").attrs["ntk_pipeline"]
+    assert meta["status"] == "complete" and set(meta["fallbacks"]) == {"vmap"}
+    x = inputs("lstm", 5, 0)
+
+    x = SyntheticSource("x1", Synthetic(n=5, shape=[5, 8], seed=1)).read(0, 5).double()
+    model = make("lstm", torch.float64)
+    j = loop_jacobian(model, x, None)
+    expected = torch.einsum("iap,jap->ij", j, j)
+    got = torch.as_tensor(zarr.open_group(path, mode="r")["kernel"][...])
+    assert_kernel_close(got, expected, torch.float64)
+
+
+def test_a_hugging_face_model_runs_from_a_config_with_model_output(tmp_path, write_config):
+    path = tmp_path / "gpt2.zarr"
+    cfg = {"model": {"target": "nets:gpt2_classifier", "kwargs": {"n_layer": 1}, "output": "logits"},
+           "data": {"x1": {"path": str(tmp_path / "ids.npy")}},
+           "ntk": {"method": "auto", "mode": "trace", "dtype": "float32"}, "tiling": {"block": 2},
+           "output": {"path": str(path)}}
+    np.save(tmp_path / "ids.npy", inputs("gpt2", 4, 3).numpy())
+    r = CliRunner().invoke(main, ["run", str(write_config(cfg)), "--executor", "local", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    meta = zarr.open_group(path, mode="r").attrs["ntk_pipeline"]
+    assert meta["status"] == "complete" and "vmap" in meta["fallbacks"]
+
+
+@pytest.mark.parametrize("output, message", [
+    (None, "Error: model.output: the model returns a tuple of [0] Tensor, [1] Tensor, not a tensor; set "
+           "model.output to one of them"),
+    ("logits", "Error: model.output: the model's output has no 'logits'; it holds a tuple of [0] Tensor, [1] Tensor"),
+    (2, "Error: model.output: the model's output has no 2; it holds a tuple of [0] Tensor, [1] Tensor"),
+])
+def test_an_output_that_is_not_a_tensor_is_one_line_naming_what_is_there(tmp_path, write_config, output, message):
+    cfg = {"model": {"target": "nets:Pair", "output": output},
+           "data": {"x1": {"synthetic": {"n": 3, "shape": [4], "seed": 1}}},
+           "output": {"path": str(tmp_path / "o.zarr")}}
+    r = CliRunner().invoke(main, ["run", str(write_config(cfg)), "--executor", "local", "--no-progress"])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1] == message
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_model_output_takes_a_tuple_index(tmp_path, write_config):
+    cfg = {"model": {"target": "nets:Pair", "output": 0},
+           "data": {"x1": {"synthetic": {"n": 3, "shape": [4], "seed": 1}}},
+           "ntk": {"mode": "full", "dtype": "float64"}, "output": {"path": str(tmp_path / "o.zarr")}}
+    pipeline.run(write_config(cfg), executor="local", progress=False)
+    k = zarr.open_group(tmp_path / "o.zarr", mode="r")["kernel"][...]
+    assert k.shape == (3, 3, 3, 3)
+    # a Linear layer's NTK: (x . x' + 1) I
+
+    x = SyntheticSource("x1", Synthetic(n=3, shape=[4], seed=1)).read(0, 3).double()
+    expected = (x @ x.T + 1)[:, :, None, None] * torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(torch.as_tensor(k), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_model_no_method_can_differentiate_is_refused_before_any_store(tmp_path, write_config):
+    cfg = {"model": {"target": "nets:BackwardFails"},
+           "data": {"x1": {"synthetic": {"n": 3, "shape": [4], "seed": 1}}},
+           "output": {"path": str(tmp_path / "o.zarr")}}
+    r = CliRunner().invoke(main, ["run", str(write_config(cfg)), "--executor", "local", "--no-progress"])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1] == ("Error: model: cannot differentiate the model's outputs with respect "
+                                                 "to its parameters: RuntimeError: this operator has no backward")
+    assert "Traceback" not in r.output and not (tmp_path / "o.zarr").exists()
+
+
+def test_a_method_that_raises_on_the_probe_is_ruled_out_with_its_reason(monkeypatch):
+    from pipeline.config import Mode
+    from pipeline.methods import auto, ntk_vector_products
+    from pipeline.models import FunctionalModel
+
+    def broken(*args):
+        raise RuntimeError("no kernel for this operator\nand a long traceback")
+
+    monkeypatch.setattr(ntk_vector_products, "combine", broken)
+    monkeypatch.setattr(auto, "PROBE_SPREAD", 1e12)  # time every method
+    fm = FunctionalModel(nets.small_mlp().double().eval())
+    x = torch.randn(8, 6, dtype=torch.float64)
+    choice = auto.auto_method(fm, x, None, Mode.TRACE, measure=True)
+    assert choice["ruled_out"] == {"ntk_vector_products": "RuntimeError: no kernel for this operator"}
+    assert set(choice["timings"]) == {"structured", "jacobian_contraction"}
+    assert choice["method"] in choice["timings"]
+
+
+def test_no_method_left_is_one_model_error():
+    from pipeline.methods import auto
+
+    flops = {"structured": 3.0, "jacobian_contraction": 1.0, "ntk_vector_products": 2.0}
+    assert auto.choose_method(flops, 0, failed={"jacobian_contraction": "E: x"})["method"] == "ntk_vector_products"
+    with pytest.raises(pipeline.ModelError, match=r"^model: no method runs on it: structured: A; "
+                                                  r"jacobian_contraction: B; ntk_vector_products: C$"):
+        auto.choose_method(flops, 0, failed=dict(zip(flops, "ABC", strict=True)))
+
+
+def test_the_readmes_hugging_face_recipe_runs_as_written(tmp_path):
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("**Hugging Face models**"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    cfg = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    (tmp_path / "my_models.py").write_text(code)
+    np.save(tmp_path / "token_ids.npy", np.random.default_rng(0).integers(1, 1000, (4, 5)))
+    cfg.update(ntk={"mode": "trace"}, tiling={"block": 2}, output={"path": "k.zarr"})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "config.yaml"), "--executor", "local", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    k = zarr.open_group(tmp_path / "k.zarr", mode="r")["kernel"][...]
+    assert k.shape == (4, 4) and np.isfinite(k).all() and np.allclose(k, k.T)
