@@ -256,3 +256,22 @@ def test_the_readmes_hugging_face_recipe_runs_as_written(tmp_path):
     assert r.exit_code == 0, r.output
     k = zarr.open_group(tmp_path / "k.zarr", mode="r")["kernel"][...]
     assert k.shape == (4, 4) and np.isfinite(k).all() and np.allclose(k, k.T)
+
+
+@pytest.mark.parametrize("name, sites", [
+    ("gpt2", {"transformer.h.0.attn.c_attn": "linear", "transformer.h.1.mlp.c_proj": "linear",  # HF Conv1D
+              "transformer.wpe": "embedding", "transformer.wte": "embedding"}),  # position ids (1, S): broadcast
+    ("bert", {"bert.embeddings.position_embeddings": "embedding", "bert.encoder.layer.0.attention.self.query": "linear"}),
+])
+def test_hugging_face_layers_take_structured_rules(name, sites):
+    from pipeline.methods import check_model
+    from pipeline.methods.structured import layout
+    from pipeline.models import FunctionalModel
+
+    fm = FunctionalModel(make(name, torch.float64), "logits")
+    x = inputs(name, 3, 0)
+    check_model(fm, x)
+    lay = layout(fm, x)
+    assert lay.fallback == []  # every parameter by a rule: no per-sample Jacobians
+    kinds = {s.name: s.kind for s in lay.sites}
+    assert {k: kinds.get(k) for k in sites} == sites

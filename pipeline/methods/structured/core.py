@@ -59,7 +59,12 @@ def tangents(fm: FunctionalModel, sites: list[Site], x: torch.Tensor) -> tuple[l
         def h(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
             calls[i] += 1
             inputs[i] = args[0].detach()
-            e = torch.zeros_like(out, requires_grad=True)
+            shape = tuple(out.shape)
+            if shape[0] == 1 < x.shape[0] and sites[i].rule.per_sample_broadcast:
+                # One output for the whole batch (position embeddings of ids (1, S)), broadcast where it is
+                # used: a perturbation per sample makes its cotangents per sample, not their sum.
+                shape = (x.shape[0], *shape[1:])
+            e = torch.zeros(shape, dtype=out.dtype, device=out.device, requires_grad=True)
             eps[i] = e
             return out + e
 

@@ -17,12 +17,13 @@ from pipeline.methods.structured.rules.base import Rule, Site
 
 FAMILIES: tuple[Rule, ...] = (linear.RULE, conv.RULE, affine.RULE, embedding.RULE)
 RULES: dict[type[nn.Module], Rule] = {t: rule for rule in FAMILIES for t in rule.types}
+RULES_BY_NAME: dict[str, Rule] = {name: rule for rule in FAMILIES for name in rule.type_names}
 
 
 def rule_for(module: nn.Module) -> Rule | None:
     """The rule for this module (its type or the nearest registered base class), if it is eligible."""
     for cls in type(module).__mro__:
-        rule = RULES.get(cls)
+        rule = RULES.get(cls) or RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
             return rule if rule.eligible(module) else None
     return None

@@ -50,6 +50,8 @@ def affine_jacobians(site: Site, a: torch.Tensor, g: torch.Tensor) -> list[torch
 class AffineRule:
     kind = "affine"
     types: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, *_BATCHNORM)
+    per_sample_broadcast = False
+    type_names: tuple[str, ...] = ()
 
     def eligible(self, module: nn.Module) -> bool:
         if isinstance(module, _BATCHNORM):  # eval mode with running statistics: a per-sample affine map

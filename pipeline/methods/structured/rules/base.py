@@ -37,6 +37,12 @@ class Rule(Protocol):
 
     kind: str
     types: tuple[type[nn.Module], ...]  # the module types it may take (subclasses included)
+    # Module types of other packages, by "module.QualifiedName", so that the rule needs no import of them.
+    type_names: tuple[str, ...]
+    # Whether a module that gives one output for the whole batch (leading size 1, broadcast where it is
+    # used) gets a perturbation per sample, so that its cotangents are per sample; its term then takes
+    # inputs of leading size 1 as every sample's.
+    per_sample_broadcast: bool
 
     def eligible(self, module: nn.Module) -> bool:
         """Whether the rule fits this module's configuration (before the numeric check)."""

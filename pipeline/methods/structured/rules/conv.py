@@ -16,6 +16,8 @@ from pipeline.methods.structured.rules.linear import LinearRule
 class ConvRule(LinearRule):
     kind = "conv"
     types: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
+    per_sample_broadcast = False
+    type_names: tuple[str, ...] = ()
 
     def eligible(self, module: nn.Module) -> bool:
         m: Any = module

@@ -83,10 +83,14 @@ def linear_cost(A: torch.Tensor, G: torch.Tensor, b1: int, b2: int, mode: Mode) 
 
 
 class LinearRule:
-    """nn.Linear over any leading positions: (n, ..., K) -> (n, ..., C)."""
+    """nn.Linear over any leading positions: (n, ..., K) -> (n, ..., C); and Hugging Face's Conv1D (GPT-2's
+    linear layer: ``x @ W + b``, the weight stored as (K, C)): the term sums over every weight entry, so
+    how the weight is laid out does not change it."""
 
     kind = "linear"
     types: tuple[type[nn.Module], ...] = (nn.Linear,)
+    per_sample_broadcast = False
+    type_names: tuple[str, ...] = ("transformers.pytorch_utils.Conv1D",)
 
     def eligible(self, module: nn.Module) -> bool:
         return True
