@@ -261,7 +261,8 @@ def test_the_readmes_hugging_face_recipe_runs_as_written(tmp_path):
 @pytest.mark.parametrize("name, sites", [
     ("gpt2", {"transformer.h.0.attn.c_attn": "linear", "transformer.h.1.mlp.c_proj": "linear",  # HF Conv1D
               "transformer.wpe": "embedding", "transformer.wte": "embedding"}),  # position ids (1, S): broadcast
-    ("bert", {"bert.embeddings.position_embeddings": "embedding", "bert.encoder.layer.0.attention.self.query": "linear"}),
+    ("bert", {"bert.embeddings.position_embeddings": "embedding",
+              "bert.encoder.layer.0.attention.self.query": "linear"}),
 ])
 def test_hugging_face_layers_take_structured_rules(name, sites):
     from pipeline.methods import check_model
