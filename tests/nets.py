@@ -272,3 +272,17 @@ class Pair(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lin(x), x
+
+
+class ConvVariant(nn.Module):
+    """One convolution of the given configuration -> tanh -> mean over positions -> Linear; inputs (n, 4, *L)."""
+
+    def __init__(self, dims: int = 2, length: int = 7, o: int = 3, **conv: object) -> None:
+        super().__init__()
+        kind = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.conv = kind(4, conv.pop("out", 4), conv.pop("kernel", 3), **conv)
+        self.head = nn.Linear(self.conv.out_channels, o)
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(2).mean(2))

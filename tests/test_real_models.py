@@ -276,3 +276,46 @@ def test_hugging_face_layers_take_structured_rules(name, sites):
     assert lay.fallback == []  # every parameter by a rule: no per-sample Jacobians
     kinds = {s.name: s.kind for s in lay.sites}
     assert {k: kinds.get(k) for k in sites} == sites
+
+
+CONVS = {
+    "grouped": dict(dims=2, out=6, groups=2),
+    "depthwise": dict(dims=2, out=8, groups=4, stride=2),
+    "same_even_kernel": dict(dims=2, kernel=4, padding="same", dilation=2),
+    "same_1d": dict(dims=1, padding="same"),
+    "reflect": dict(dims=2, padding=1, padding_mode="reflect"),
+    "replicate_1d": dict(dims=1, padding=2, padding_mode="replicate", stride=2),
+    "circular": dict(dims=2, padding=(1, 2), padding_mode="circular"),
+    "conv3d": dict(dims=3, length=5, kernel=(2, 3, 2), stride=(1, 2, 1), padding=1, dilation=(2, 1, 1)),
+    "conv3d_grouped_same": dict(dims=3, length=5, out=4, groups=2, padding="same"),
+}
+
+
+@pytest.mark.parametrize("form", ["structured", "materialized"])
+@pytest.mark.parametrize("mode", ["full", "trace"])
+@pytest.mark.parametrize("conv", list(CONVS))
+def test_convolutions_of_every_kind_take_the_rule_and_are_exact(monkeypatch, conv, mode, form):
+    from pipeline.methods import check_model
+    from pipeline.methods.structured import layout
+    from pipeline.methods.structured.rules import linear
+    from pipeline.models import FunctionalModel
+
+    real = linear.linear_costs
+    monkeypatch.setattr(linear, "linear_costs", lambda *a: {k: 0.0 if k == form else 1.0 for k in real(*a)})
+
+    spec = dict(CONVS[conv])
+    torch.manual_seed(0)
+    model = nets.ConvVariant(**spec).double().eval()
+    length = spec.get("length", 7)
+    g = torch.Generator().manual_seed(3)
+    x1 = torch.randn(3, 4, *([length] * spec["dims"]), generator=g, dtype=torch.float64)
+    x2 = torch.randn(2, 4, *([length] * spec["dims"]), generator=g, dtype=torch.float64)
+    fm = FunctionalModel(model)
+    check_model(fm, x1)
+    lay = layout(fm, x1)
+    assert [s.name for s in lay.sites] == ["conv", "head"] and lay.fallback == []
+    j1, j2 = loop_jacobian(model, x1, None), loop_jacobian(model, x2, None)
+    full = torch.einsum("iap,jbp->ijab", j1, j2)
+    expected = full if mode == "full" else torch.einsum("ijaa->ij", full)
+    k = pipeline.empirical_ntk(model, x1, x2, method="structured", mode=mode)
+    assert_kernel_close(k, expected, torch.float64)

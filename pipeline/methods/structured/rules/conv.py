@@ -1,44 +1,82 @@
-"""nn.Conv1d and nn.Conv2d (groups = 1, zero padding): a Linear over unfolded patches at S positions,
-so the term and its cost are the Linear rule's (linear.py) on the patches."""
+"""nn.Conv1d, nn.Conv2d and nn.Conv3d, grouped or not, any padding and padding mode: per group, a Linear
+over the input patches at the S output positions, so the term and its cost are the Linear rule's
+(linear.py) on the patches, summed over the groups (a depthwise convolution: one group per channel)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import Mode
+from pipeline.jacobians import accumulate
 from pipeline.methods.structured.rules.base import Site
-from pipeline.methods.structured.rules.linear import LinearRule
+from pipeline.methods.structured.rules.linear import LinearRule, linear_cost, linear_term
+
+Groups = list[tuple[torch.Tensor, torch.Tensor]]  # per group: patches A (n, S, K), cotangents G (o, n, S, C)
 
 
 class ConvRule(LinearRule):
     kind = "conv"
-    types: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
     per_sample_broadcast = False
+    types: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     type_names: tuple[str, ...] = ()
 
     def eligible(self, module: nn.Module) -> bool:
-        m: Any = module
-        return bool(m.groups == 1 and m.padding_mode == "zeros"
-                    and (not isinstance(m.padding, str) or m.padding == "valid"))
+        return True  # every configuration: the per-model check against autograd has the last word
 
-    def as_linear(self, site: Site, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patches A (n, S, C_in k) and cotangents G (o, n, S, C_out) over the S output positions."""
+    def groups(self, site: Site, a: torch.Tensor, g: torch.Tensor) -> Groups:
+        """Each group's patches A (n, S, C_in / groups * k) and cotangents G (o, n, S, C_out / groups)."""
         m: Any = site.module
         o, n = g.shape[:2]
-        if isinstance(m, nn.Conv1d):
-            a = a.unsqueeze(2)  # (n, C, 1, L): a 1-d convolution is a 2-d one of height 1
-            kernel, dilation, padding, stride = (1, *m.kernel_size), (1, *m.dilation), (0, *_pad(m)), (1, *m.stride)
-        else:
-            kernel, dilation, padding, stride = m.kernel_size, m.dilation, _pad(m), m.stride
-        patches = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)  # (n, K, S)
-        return patches.transpose(1, 2), g.reshape(o, n, g.shape[2], -1).transpose(2, 3)
+        patches = _patches(m, a)  # (n, C_in k, S), channel-major: a group's channels are one slice
+        cot = g.reshape(o, n, g.shape[2], -1)  # (o, n, C_out, S)
+        k, c = patches.shape[1] // m.groups, cot.shape[2] // m.groups
+        return [(patches[:, i * k : (i + 1) * k].transpose(1, 2), cot[:, :, i * c : (i + 1) * c].transpose(2, 3))
+                for i in range(m.groups)]
+
+    def term(self, site: Site, a1: Any, g1: torch.Tensor, a2: Any, g2: torch.Tensor, mode: Mode) -> torch.Tensor:
+        pairs = zip(self.groups(site, a1, g1), self.groups(site, a2, g2), strict=True)
+        return accumulate(linear_term(site, A1, G1, A2, G2, mode) for (A1, G1), (A2, G2) in pairs)
+
+    def cost(self, site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode, samples: int) -> float:
+        return sum(linear_cost(A, G, b1, b2, mode) for A, G in self.groups(site, a, g))
 
 
-def _pad(m: Any) -> tuple[int, ...]:
-    return (0,) * len(m.kernel_size) if m.padding == "valid" else tuple(m.padding)
+def _patches(m: Any, a: torch.Tensor) -> torch.Tensor:
+    """The convolution's input patches (n, C_in k, S) as it sees them: padded as it pads."""
+    d = a.ndim - 2
+    if isinstance(m.padding, str) or m.padding_mode != "zeros":
+        # 'same' may pad unevenly and other modes are no zeros: pad first, as the module itself does.
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        a = F.pad(a, m._reversed_padding_repeated_twice, mode=mode)
+        padding: tuple[int, ...] = (0,) * d
+    else:
+        padding = tuple(m.padding)
+    kernel, dilation, stride = tuple(m.kernel_size), tuple(m.dilation), tuple(m.stride)
+    if d == 1:  # (n, C, 1, L): a 1-d convolution is a 2-d one of height 1
+        return F.unfold(a.unsqueeze(2), (1, *kernel), dilation=(1, *dilation), padding=(0, *padding),
+                        stride=(1, *stride))
+    if d == 2:
+        return F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+    return _unfold(F.pad(a, [p for q in reversed(padding) for p in (q, q)]), kernel, dilation, stride)
+
+
+def _unfold(a: torch.Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...],
+            stride: tuple[int, ...]) -> torch.Tensor:
+    """F.unfold for any number of spatial dims (it takes two): (n, C, *L) -> (n, C prod(kernel), S)."""
+    n, c, *lengths = a.shape
+    out = [(length - dil * (k - 1) - 1) // s + 1 for length, k, dil, s in zip(lengths, kernel, dilation, stride,
+                                                                               strict=True)]
+    offsets = []
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        index = tuple(slice(o * dil, o * dil + s * (size - 1) + 1, s)
+                      for o, dil, s, size in zip(offset, dilation, stride, out, strict=True))
+        offsets.append(a[(slice(None), slice(None), *index)])
+    return torch.stack(offsets, dim=2).reshape(n, c * len(offsets), -1)
 
 
 RULE = ConvRule()
