@@ -286,3 +286,35 @@ class ConvVariant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.conv(x)).flatten(2).mean(2))
+
+
+class MaskedAttention(nn.Module):
+    """nn.MultiheadAttention with masks: ``mask`` "causal" (a bool attn_mask), "float" (an additive
+    attn_mask), "padding" (a key_padding_mask hiding each sample's last position) or "encoder_causal" (a
+    TransformerEncoderLayer with is_causal); ``batch_first`` False takes (S, n, d)."""
+
+    def __init__(self, mask: str = "causal", batch_first: bool = True, d: int = 8, o: int = 3) -> None:
+        super().__init__()
+        self.mask, self.batch_first = mask, batch_first
+        if mask == "encoder_causal":
+            self.att: nn.Module = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=batch_first)
+        else:
+            self.att = nn.MultiheadAttention(d, 2, batch_first=batch_first)
+        self.head = nn.Linear(d, o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (n, S, d)
+        s = x.shape[1]
+        h = x if self.batch_first else x.transpose(0, 1)
+        causal = torch.ones(s, s, dtype=torch.bool).triu(1)
+        if self.mask == "encoder_causal":
+            out = self.att(h, src_mask=nn.Transformer.generate_square_subsequent_mask(s), is_causal=True)
+        elif self.mask == "causal":
+            out = self.att(h, h, h, attn_mask=causal, need_weights=False)[0]
+        elif self.mask == "float":
+            out = self.att(h, h, h, attn_mask=torch.linspace(-1.0, 1.0, s * s, dtype=x.dtype).reshape(s, s))[0]
+        else:
+            padding = torch.zeros(x.shape[0], s, dtype=torch.bool)
+            padding[:, -1] = True
+            out = self.att(h, h, h, key_padding_mask=padding)[0]
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(out.mean(1))

@@ -319,3 +319,48 @@ def test_convolutions_of_every_kind_take_the_rule_and_are_exact(monkeypatch, con
     expected = full if mode == "full" else torch.einsum("ijaa->ij", full)
     k = pipeline.empirical_ntk(model, x1, x2, method="structured", mode=mode)
     assert_kernel_close(k, expected, torch.float64)
+
+
+@pytest.mark.parametrize("name", ["attention", "encoder", "encoder_norm_first"])
+def test_attention_takes_the_attention_rule(name):
+    from pipeline.methods import check_model
+    from pipeline.methods.structured import layout
+    from pipeline.models import FunctionalModel
+
+    fm = FunctionalModel(make(name, torch.float32))
+    x = inputs(name, 3, 0).float()
+    check_model(fm, x)
+    lay = layout(fm, x)
+    assert lay.fallback == []  # in_proj by the attention rule, out_proj by the Linear rule
+    attention = "att" if name == "attention" else "enc.self_attn"
+    kinds = {s.name: s.kind for s in lay.sites}
+    assert kinds[attention] == "attention" and kinds[f"{attention}.out_proj"] == "linear"
+    site = next(s for s in lay.sites if s.name == attention)
+    assert set(site.params) == {"in_proj_weight", "in_proj_bias"}
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.parametrize("mask", ["causal", "float", "padding", "encoder_causal"])
+def test_attention_with_masks_is_exact_by_rule(mask, batch_first):
+    from pipeline.methods import check_model
+    from pipeline.methods.structured import layout
+    from pipeline.models import FunctionalModel
+
+    torch.manual_seed(0)
+    model = nets.MaskedAttention(mask, batch_first).double().eval()
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = (torch.randn(n, 5, 8, generator=g, dtype=torch.float64) for n in (3, 2))
+    fm = FunctionalModel(model)
+    check_model(fm, x1)
+    fallback = layout(fm, x1).fallback
+    assert not [p for p in fallback if "in_proj" in p or "out_proj" in p]  # attention by rule, masks and all
+    # The Linear and norm rules take the batch as the leading axis: a sequence-first encoder's feed-forward
+    # layers see (S, n, d), fail the per-model check and fall back (exact, slower).
+    assert fallback == [] if batch_first or mask != "encoder_causal" else all(
+        p.startswith(("att.linear", "att.norm")) for p in fallback)
+    j1, j2 = loop_jacobian(model, x1, None), loop_jacobian(model, x2, None)
+    for mode in ("full", "trace"):
+        full = torch.einsum("iap,jbp->ijab", j1, j2)
+        expected = full if mode == "full" else torch.einsum("ijaa->ij", full)
+        assert_kernel_close(pipeline.empirical_ntk(model, x1, x2, method="structured", mode=mode), expected,
+                            torch.float64)

@@ -10,6 +10,8 @@ Jacobians of Linear, Conv, norm or Embedding layers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from pipeline.config import Mode
@@ -56,10 +58,15 @@ def memory(probe: Probe, b1: int, b2: int, mode: Mode) -> int:
     fm = probe.fm
     lay = layout(fm, probe.x)
     inputs, gs, o = tangents(fm, lay.sites, probe.x[:1])
-    per_sample = sum(a.numel() + g.numel() for a, g in zip(inputs, gs, strict=True))
+    per_sample = sum(_numel(a) + _numel(g) for a, g in zip(inputs, gs, strict=True))
     if lay.fallback:
         per_sample += o * sum(fm.params[k].numel() for k in lay.fallback)
     return int((b1 + b2) * per_sample * fm.itemsize)
+
+
+def _numel(t: Any) -> int:
+    """Values in a tensor, or in a rule's tuple of them."""
+    return sum(_numel(x) for x in t) if isinstance(t, tuple | list) else int(t.numel())
 
 
 __all__ = ["Layout", "Side", "combine", "flops", "layout", "memory", "side"]

@@ -48,53 +48,52 @@ def find_sites(fm: FunctionalModel) -> list[Site]:
 # Forward with hooks, batched backward: inputs and output cotangents of every site
 
 
-def tangents(fm: FunctionalModel, sites: list[Site], x: torch.Tensor) -> tuple[list[Any], list[torch.Tensor], int]:
-    """Each site's input and its cotangents g (o, n, *z.shape[1:]), from one forward and one batched backward."""
+def tangents(fm: FunctionalModel, sites: list[Site], x: torch.Tensor) -> tuple[list[Any], list[Any], int]:
+    """Each site's input and its cotangents, from one forward and one batched backward: g (o, n,
+    *z.shape[1:]) for a rule with one perturbation z, a tuple of them for a rule with several."""
     inputs: list[Any] = [None] * len(sites)
-    eps: list[torch.Tensor | None] = [None] * len(sites)
+    leaves_of: list[list[torch.Tensor]] = [[] for _ in sites]
     calls = [0] * len(sites)
-    handles = []
 
-    def hook(i: int) -> Callable[..., torch.Tensor]:
-        def h(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+    def recorder(i: int) -> Callable[[Any, list[torch.Tensor]], None]:
+        def record(a: Any, leaves: list[torch.Tensor]) -> None:
             calls[i] += 1
-            inputs[i] = args[0].detach()
-            shape = tuple(out.shape)
-            if shape[0] == 1 < x.shape[0] and sites[i].rule.per_sample_broadcast:
-                # One output for the whole batch (position embeddings of ids (1, S)), broadcast where it is
-                # used: a perturbation per sample makes its cotangents per sample, not their sum.
-                shape = (x.shape[0], *shape[1:])
-            e = torch.zeros(shape, dtype=out.dtype, device=out.device, requires_grad=True)
-            eps[i] = e
-            return out + e
+            inputs[i], leaves_of[i] = a, leaves
 
-        return h
+        return record
 
-    for i, site in enumerate(sites):
-        handles.append(site.module.register_forward_hook(hook(i)))
+    handles = [site.rule.capture(site, x.shape[0], recorder(i)) for i, site in enumerate(sites)]
     try:
         with torch.enable_grad():
             out = fm(fm.params, x)  # (n, o)
             if any(c != 1 for c in calls):
                 raise _Unsupported([s.name for s, c in zip(sites, calls, strict=True) if c != 1])
-            n, o = out.shape
-            if not sites:
-                return [], [], o
-            basis = torch.eye(o, dtype=out.dtype, device=out.device)[:, None, :].expand(o, n, o)  # (o, n, o)
-            leaves = [e for e in eps if e is not None]
-            try:
-                grads = torch.autograd.grad(out, leaves, grad_outputs=basis, is_grads_batched=True,
-                                            retain_graph=True, allow_unused=True)
-            except RuntimeError:  # an op without a batching rule for its backward: one pass per output
-                per_a = [torch.autograd.grad(out, leaves, grad_outputs=basis[a], retain_graph=True, allow_unused=True)
-                         for a in range(o)]
-                grads = tuple(torch.stack([_zeros_if_none(g[k], leaves[k]) for g in per_a])
-                              for k in range(len(leaves)))
+            o = out.shape[1]
+            leaves = [e for ls in leaves_of for e in ls]
+            grads = _batched_grads(out, leaves) if leaves else []
     finally:
         for h in handles:
             h.remove()
-    gs = [_zeros_if_none(g, e, batch=o) for g, e in zip(grads, leaves, strict=True)]
+    flat = iter(grads)
+    gs: list[Any] = []
+    for ls in leaves_of:
+        parts = [next(flat) for _ in ls]
+        gs.append(parts[0] if len(parts) == 1 else tuple(parts))
     return inputs, gs, o
+
+
+def _batched_grads(out: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d out[:, a] / d leaf for every output a, batched: (o, *leaf.shape) per leaf."""
+    n, o = out.shape
+    basis = torch.eye(o, dtype=out.dtype, device=out.device)[:, None, :].expand(o, n, o)  # (o, n, o)
+    try:
+        grads = torch.autograd.grad(out, leaves, grad_outputs=basis, is_grads_batched=True, retain_graph=True,
+                                    allow_unused=True)
+    except RuntimeError:  # an op without a batching rule for its backward: one pass per output
+        per_a = [torch.autograd.grad(out, leaves, grad_outputs=basis[a], retain_graph=True, allow_unused=True)
+                 for a in range(o)]
+        grads = tuple(torch.stack([_zeros_if_none(g[k], leaves[k]) for g in per_a]) for k in range(len(leaves)))
+    return [_zeros_if_none(g, e, batch=o) for g, e in zip(grads, leaves, strict=True)]
 
 
 def _zeros_if_none(g: torch.Tensor | None, like: torch.Tensor, batch: int | None = None) -> torch.Tensor:
@@ -147,10 +146,14 @@ def layout(fm: FunctionalModel, x: torch.Tensor) -> Layout:
     tol = 1e-3 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
     kept = []
     for site, a, g, grad in zip(sites, inputs, gs, grads, strict=True):
-        k = site.rule.term(site, a, g, a, g, Mode.FULL)  # (m, m, o, o)
-        got = torch.einsum("ijab,a,b->ij", k, v, v)
         want = grad @ grad.T  # (m, m)
-        if torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1e-30))):
+        try:
+            k = site.rule.term(site, a, g, a, g, Mode.FULL)  # (m, m, o, o)
+            got = torch.einsum("ijab,a,b->ij", k, v, v)
+        except RuntimeError:  # a layout the rule does not fit (a Linear fed (S, n, d), say): fall back
+            continue
+        if got.shape == want.shape and torch.allclose(got, want, rtol=tol,
+                                                      atol=tol * float(want.abs().max().clamp_min(1e-30))):
             kept.append(site)
     covered = {p for s in kept for p in s.params.values()}
     result = Layout(kept, [k for k in fm.params if k not in covered])

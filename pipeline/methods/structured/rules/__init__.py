@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline.methods.structured.rules import affine, conv, embedding, linear
+from pipeline.methods.structured.rules import affine, attention, conv, embedding, linear
 from pipeline.methods.structured.rules.base import Rule, Site
 
-FAMILIES: tuple[Rule, ...] = (linear.RULE, conv.RULE, affine.RULE, embedding.RULE)
+FAMILIES: tuple[Rule, ...] = (linear.RULE, conv.RULE, affine.RULE, embedding.RULE, attention.RULE)
 RULES: dict[type[nn.Module], Rule] = {t: rule for rule in FAMILIES for t in rule.types}
 RULES_BY_NAME: dict[str, Rule] = {name: rule for rule in FAMILIES for name in rule.type_names}
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.config import Mode
 from pipeline.jacobians import contract
-from pipeline.methods.structured.rules.base import Site, outer
+from pipeline.methods.structured.rules.base import OutputHook, Site, outer
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -47,10 +47,9 @@ def affine_jacobians(site: Site, a: torch.Tensor, g: torch.Tensor) -> list[torch
     return out
 
 
-class AffineRule:
+class AffineRule(OutputHook):
     kind = "affine"
     types: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, *_BATCHNORM)
-    per_sample_broadcast = False
     type_names: tuple[str, ...] = ()
 
     def eligible(self, module: nn.Module) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,10 +40,11 @@ class Rule(Protocol):
     types: tuple[type[nn.Module], ...]  # the module types it may take (subclasses included)
     # Module types of other packages, by "module.QualifiedName", so that the rule needs no import of them.
     type_names: tuple[str, ...]
-    # Whether a module that gives one output for the whole batch (leading size 1, broadcast where it is
-    # used) gets a perturbation per sample, so that its cotangents are per sample; its term then takes
-    # inputs of leading size 1 as every sample's.
-    per_sample_broadcast: bool
+
+    def capture(self, site: Site, n: int, record: Record) -> Handle:
+        """Install what records, at each forward of the site on a batch of n, its input ``a`` and the zero
+        perturbations (leaves requiring grad) added where its cotangents are wanted: ``record(a, leaves)``."""
+        ...
 
     def eligible(self, module: nn.Module) -> bool:
         """Whether the rule fits this module's configuration (before the numeric check)."""
@@ -55,6 +57,33 @@ class Rule(Protocol):
     def cost(self, site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode, samples: int) -> float:
         """FLOPs of ``term`` for a b1 x b2 block (``samples`` sides' rows), from one sample's a and g."""
         ...
+
+
+class Handle(Protocol):
+    def remove(self) -> None: ...
+
+
+Record = Callable[[Any, list[torch.Tensor]], None]
+
+
+class OutputHook:
+    """``capture`` for rules whose cotangents are those of the module's output: a forward hook adds a zero
+    perturbation to it. ``per_sample_broadcast``: a module that gives one output for the whole batch
+    (leading size 1, broadcast where it is used: position embeddings of ids (1, S)) gets a perturbation
+    per sample, so that its cotangents are per sample, not their sum."""
+
+    per_sample_broadcast = False
+
+    def capture(self, site: Site, n: int, record: Record) -> Handle:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            shape = tuple(out.shape)
+            if shape[0] == 1 < n and self.per_sample_broadcast:
+                shape = (n, *shape[1:])
+            e = torch.zeros(shape, dtype=out.dtype, device=out.device, requires_grad=True)
+            record(args[0].detach(), [e])
+            return out + e
+
+        return site.module.register_forward_hook(hook)
 
 
 def outer(mode: Mode, o: int) -> int:

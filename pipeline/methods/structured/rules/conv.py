@@ -21,7 +21,6 @@ Groups = list[tuple[torch.Tensor, torch.Tensor]]  # per group: patches A (n, S, 
 
 class ConvRule(LinearRule):
     kind = "conv"
-    per_sample_broadcast = False
     types: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     type_names: tuple[str, ...] = ()
 
@@ -40,7 +39,8 @@ class ConvRule(LinearRule):
 
     def term(self, site: Site, a1: Any, g1: torch.Tensor, a2: Any, g2: torch.Tensor, mode: Mode) -> torch.Tensor:
         pairs = zip(self.groups(site, a1, g1), self.groups(site, a2, g2), strict=True)
-        return accumulate(linear_term(site, A1, G1, A2, G2, mode) for (A1, G1), (A2, G2) in pairs)
+        w, b = "weight" in site.params, "bias" in site.params
+        return accumulate(linear_term(A1, G1, A2, G2, mode, w, b) for (A1, G1), (A2, G2) in pairs)
 
     def cost(self, site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode, samples: int) -> float:
         return sum(linear_cost(A, G, b1, b2, mode) for A, G in self.groups(site, a, g))

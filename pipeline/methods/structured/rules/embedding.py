@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from pipeline.config import Mode
-from pipeline.methods.structured.rules.base import Site, outer
+from pipeline.methods.structured.rules.base import OutputHook, Site, outer
 
 
-class EmbeddingRule:
+class EmbeddingRule(OutputHook):
     kind = "embedding"
     types: tuple[type[nn.Module], ...] = (nn.Embedding,)
     type_names: tuple[str, ...] = ()

@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.config import Mode
 from pipeline.jacobians import contract
-from pipeline.methods.structured.rules.base import Site
+from pipeline.methods.structured.rules.base import OutputHook, Site
 
 
 def linear_costs(n1: int, n2: int, o: int, s: int, k: int, c: int, mode: Mode) -> dict[str, float]:
@@ -29,12 +29,12 @@ def linear_costs(n1: int, n2: int, o: int, s: int, k: int, c: int, mode: Mode) -
     }
 
 
-def linear_term(site: Site, A1: torch.Tensor, G1: torch.Tensor, A2: torch.Tensor, G2: torch.Tensor,
-                mode: Mode) -> torch.Tensor:
-    """The term from inputs A (n, S, K) and cotangents G (o, n, S, C), in the cheaper form."""
+def linear_term(A1: torch.Tensor, G1: torch.Tensor, A2: torch.Tensor, G2: torch.Tensor, mode: Mode, w: bool,
+                b: bool) -> torch.Tensor:
+    """The term of a weight (``w``) and bias (``b``) from inputs A (n, S, K) and cotangents G (o, n, S, C),
+    in the cheaper form."""
     o, n1, s, c = G1.shape
     n2, k = A2.shape[0], A1.shape[2]
-    w, b = "weight" in site.params, "bias" in site.params
     costs = linear_costs(n1, n2, o, s, k, c, mode)
     if costs["materialized"] < costs["structured"]:
         return contract(linear_jacobians(A1, G1, w, b), linear_jacobians(A2, G2, w, b), mode)
@@ -82,14 +82,13 @@ def linear_cost(A: torch.Tensor, G: torch.Tensor, b1: int, b2: int, mode: Mode) 
     return min(linear_costs(b1, b2, G.shape[0], A.shape[1], A.shape[2], G.shape[3], mode).values())
 
 
-class LinearRule:
+class LinearRule(OutputHook):
     """nn.Linear over any leading positions: (n, ..., K) -> (n, ..., C); and Hugging Face's Conv1D (GPT-2's
     linear layer: ``x @ W + b``, the weight stored as (K, C)): the term sums over every weight entry, so
     how the weight is laid out does not change it."""
 
     kind = "linear"
     types: tuple[type[nn.Module], ...] = (nn.Linear,)
-    per_sample_broadcast = False
     type_names: tuple[str, ...] = ("transformers.pytorch_utils.Conv1D",)
 
     def eligible(self, module: nn.Module) -> bool:
@@ -103,7 +102,7 @@ class LinearRule:
     def term(self, site: Site, a1: Any, g1: torch.Tensor, a2: Any, g2: torch.Tensor, mode: Mode) -> torch.Tensor:
         A1, G1 = self.as_linear(site, a1, g1)
         A2, G2 = self.as_linear(site, a2, g2)
-        return linear_term(site, A1, G1, A2, G2, mode)
+        return linear_term(A1, G1, A2, G2, mode, "weight" in site.params, "bias" in site.params)
 
     def cost(self, site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode, samples: int) -> float:
         return linear_cost(*self.as_linear(site, a, g), b1, b2, mode)
