@@ -95,7 +95,14 @@ def block_flops(b1: int, b2: int, o: int, p: int, fp: int, mode: Mode, diagonal:
 
 
 def flops(probe: Probe, b1: int, b2: int, mode: Mode, diagonal: bool) -> float:
-    return block_flops(b1, b2, probe.o, probe.p, probe.fp, mode, diagonal)
+    """``block_flops``, or for the paths a model's fallbacks take: J t by two backward passes (~4 FP
+    each, instead of a jvp's ~3), or pair by pair two samples' Jacobians (FP + 2 o FP each) contracted."""
+    fallbacks, o, fp = probe.fm.fallbacks, probe.o, probe.fp
+    if "vmap" in fallbacks or "double_backward" in fallbacks:
+        return float(b1 * b2 * (2 * fp * (1 + 2 * o) + 2 * o * o * probe.p))
+    if "forward_ad" in fallbacks:
+        return float(b1 * b2 * fp * (1 + 6 * o))
+    return block_flops(b1, b2, o, probe.p, fp, mode, diagonal)
 
 
 def memory(probe: Probe, b1: int, b2: int, mode: Mode) -> int:
