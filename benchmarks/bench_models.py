@@ -27,7 +27,8 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 N = 16  # rows and columns of the block
-JACOBIAN_LIMIT = 12 * 2**30  # bytes of float32 Jacobians (both sides) above which a contraction is not run
+JACOBIAN_LIMIT = 15 * 2**30  # bytes of float32 Jacobians (both sides) above which a contraction is not run
+TIMEOUT_S = 480  # a measurement that has not come back by then (its process killed for memory, say) is reported
 
 
 # ---- the tutorial's Jacobian contraction, verbatim (pytorch.org/tutorials/intermediate/neural_tangent_kernels.html)
@@ -215,7 +216,10 @@ def run_model(name: str, repeats: int, pool: Any) -> None:
             rows[method] = f"its Jacobians take {jac32 / 2**30:.1f} GiB; not run"
         else:
             with mp.get_context("spawn").Pool(1) as one:
-                rows[method] = one.apply(measure, (name, method, repeats))
+                try:
+                    rows[method] = one.apply_async(measure, (name, method, repeats)).get(timeout=TIMEOUT_S)
+                except mp.TimeoutError:
+                    rows[method] = f"no result within {TIMEOUT_S} s (its process killed for memory?)"
     base = rows["tutorial"]["seconds"] if isinstance(rows["tutorial"], dict) and "seconds" in rows["tutorial"] else None
     for method, row in rows.items():
         label = "tutorial contraction" if method == "tutorial" else method

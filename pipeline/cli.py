@@ -117,6 +117,12 @@ def plan(config: str, as_json: bool, workers: int | None, memory: int | None, be
                f"{lay['marker_files']:,} block markers")
     chosen = d["method"] + (" (auto: " + d["auto"]["reason"] + ")" if d["auto"] else "")
     click.echo(f"method     {chosen}")
+    lay = d["structured_layout"]
+    kinds = ", ".join(f"{kind} {n:,}" for kind, n in lay["by_rule"].items())
+    click.echo(f"layers     structured rules cover {lay['covered']:.1%} of the parameters ({kinds or 'none'}); "
+               f"per-sample Jacobians for {', '.join(lay['fallback']) or 'none'}")
+    if d["fallbacks"]:
+        click.echo("fallbacks  " + "; ".join(f"no {t}: {why}" for t, why in d["fallbacks"].items()))
     click.echo(f"{'':11}{'total FLOPs':>16}  {'task memory':>12}")
     for name, m in d["methods"].items():
         mark = "*" if name == d["method"] else " "

@@ -16,7 +16,7 @@ import torch
 from pipeline import policy
 from pipeline.config import Method, RunConfig
 from pipeline.errors import ConfigError
-from pipeline.methods import METHODS, estimate_flops, outputs, task_memory
+from pipeline.methods import METHODS, estimate_flops, outputs, structured, task_memory
 from pipeline.plan import Plan, kernel_bytes, layout, tile
 from pipeline.prepare import Prepared, prepare, resolve
 
@@ -56,7 +56,7 @@ def describe_plan(config: RunConfig | str | os.PathLike[str], *, workers: int | 
         "kernel_bytes": kernel_bytes(plan.n1, plan.n2, p.o, mode, item), "forward_flops_per_sample": p.fp,
         "chunk": list(plan.chunks), "sharded": plan.sharded, "layout": layout(plan, outputs(p.fm, x, mode), mode, item),
         "method": p.method, "auto": p.auto, "fallbacks": p.fm.fallbacks, "methods": per_method,
-        "output": cfg.output.path,
+        "structured_layout": structured.summary(p.fm, x), "output": cfg.output.path,
     }
     if workers or memory_bytes or bench:
         out["sizing"] = size_plan(p, x, workers or 1, memory_bytes, bench)

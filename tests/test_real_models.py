@@ -364,3 +364,53 @@ def test_attention_with_masks_is_exact_by_rule(mask, batch_first):
         expected = full if mode == "full" else torch.einsum("ijaa->ij", full)
         assert_kernel_close(pipeline.empirical_ntk(model, x1, x2, method="structured", mode=mode), expected,
                             torch.float64)
+
+
+def test_plan_shows_the_per_layer_layout_and_the_fallbacks(write_config):
+    cfg = {"model": {"target": "nets:RNNClf", "kwargs": {"kind": "lstm"}},
+           "data": {"x1": {"synthetic": {"n": 6, "shape": [5, 8], "seed": 1}}}, "output": {"path": "out.zarr"}}
+    path = write_config(cfg)
+    r = CliRunner().invoke(main, ["plan", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    d = json.loads(r.stdout)
+    lay = d["structured_layout"]
+    assert [s["name"] for s in lay["sites"]] == ["head"] and lay["by_rule"] == {"linear": 21}
+    assert lay["fallback"] and all(p.startswith("rnn.") for p in lay["fallback"])
+    assert set(d["fallbacks"]) == {"vmap"}
+    text = CliRunner().invoke(main, ["plan", str(path)]).output
+    assert "structured rules cover " in text and "per-sample Jacobians for rnn.weight_ih_l0" in text
+    assert "fallbacks  no vmap: " in text
+
+
+def test_vector_products_cost_counts_the_fallback_paths():
+    from pipeline.methods import estimate_flops, ntk_vector_products
+    from pipeline.models import FunctionalModel
+
+    fm = FunctionalModel(nets.small_mlp().double().eval())
+    x = torch.randn(4, 6, dtype=torch.float64)
+    plain = estimate_flops(fm, x, 4, 4, "full")["ntk_vector_products"]
+    fm.fallbacks = {"forward_ad": "E"}
+    double_vjp = estimate_flops(fm, x, 4, 4, "full")["ntk_vector_products"]
+    fm.fallbacks = {"vmap": "E"}
+    loop = estimate_flops(fm, x, 4, 4, "full")["ntk_vector_products"]
+    fp = plain / (16 * (1 + 5 * 3))  # plain: b1 b2 FP (1 + 5 o), o = 3
+    assert plain == ntk_vector_products.block_flops(4, 4, 3, fm.p, int(fp), "full", False)
+    assert double_vjp == 16 * fp * (1 + 6 * 3) > plain
+    assert loop == 16 * (2 * fp * (1 + 2 * 3) + 2 * 9 * fm.p) > double_vjp
+
+
+def test_in_memory_auto_estimates_once_per_model_and_block(monkeypatch):
+    from pipeline.methods import auto
+
+    model, x = nets.small_mlp().double(), torch.randn(4, 6, dtype=torch.float64)
+    first = pipeline.empirical_ntk(model, x, method="auto", mode="trace")
+
+    def no_estimate(*args, **kwargs):
+        raise AssertionError("the choice for this model and block was made already")
+
+    monkeypatch.setattr(auto, "auto_method", no_estimate)
+    assert torch.equal(pipeline.empirical_ntk(model, x, method="auto", mode="trace"), first)
+    with pytest.raises(AssertionError, match="made already"):  # another block shape: estimated anew
+        pipeline.empirical_ntk(model, x[:3], method="auto", mode="trace")

@@ -155,7 +155,7 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
     Returns:
       (n1, n2, o, o) for full, (n1, n2) for trace and pntk, (n1, n2, o) for diagonal.
     """
-    from pipeline.methods.auto import auto_method  # auto reads this registry
+    from pipeline.methods.auto import estimated_choice  # auto reads this registry
 
     with eval_mode(model):
         fm = FunctionalModel(model, output)
@@ -164,7 +164,7 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
         x2 = None if x2 is None else cast_input(x2, ref.dtype, ref.device)
         check_model(fm, x1)
         if method == Method.AUTO:
-            method = auto_method(fm, x1, x2, parse_mode(mode), measure=False)["method"]
+            method = estimated_choice(fm, x1, x2, parse_mode(mode))
         return compute_block(fm, x1, x2, method, mode)
 
 

@@ -9,14 +9,16 @@
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any
 
 import torch
+from torch import nn
 
 from pipeline.config import Method, Mode
 from pipeline.errors import ModelError, brief
 from pipeline.methods import METHODS, compute_block, estimate_flops, jacobian_bytes
-from pipeline.models import FunctionalModel
+from pipeline.models import FunctionalModel, probe_key
 
 # Bytes of a block's Jacobians above which ``auto`` rules out the contraction.
 JACOBIAN_BUDGET_BYTES = 4 << 30
@@ -80,6 +82,20 @@ def time_methods(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None,
             best = min(best, time.perf_counter() - t0)
         out[m] = best
     return out
+
+
+# Per module object (weakly) and block: the cost model's choice, so that repeated in-memory calls on
+# one model (pipeline.empirical_ntk with method "auto") estimate once.
+_CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[Any, Method]] = weakref.WeakKeyDictionary()
+
+
+def estimated_choice(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: Mode) -> Method:
+    """``auto_method(measure=False)``'s method, remembered per module, input kind and block shape."""
+    cache = _CHOICES.setdefault(fm.module, {})
+    key = (probe_key(fm, x1), x1.shape[0], None if x2 is None else x2.shape[0], Mode(mode), JACOBIAN_BUDGET_BYTES)
+    if key not in cache:
+        cache[key] = Method(auto_method(fm, x1, x2, mode, measure=False)["method"])
+    return cache[key]
 
 
 def auto_method(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: Mode,

@@ -64,9 +64,22 @@ def memory(probe: Probe, b1: int, b2: int, mode: Mode) -> int:
     return int((b1 + b2) * per_sample * fm.itemsize)
 
 
+def summary(fm: FunctionalModel, x: torch.Tensor) -> dict[str, Any]:
+    """The per-layer layout, for ``plan``: each site with its rule and parameter count, the parameters
+    left to per-sample Jacobians, and the share of the parameters the rules cover."""
+    lay = layout(fm, x)
+    by_kind: dict[str, int] = {}
+    for site in lay.sites:
+        by_kind[site.kind] = by_kind.get(site.kind, 0) + site.numel
+    sites = [{"name": s.name, "kind": s.kind, "parameters": s.numel} for s in lay.sites]
+    covered = sum(by_kind.values())
+    return {"sites": sites, "by_rule": by_kind, "fallback": list(lay.fallback),
+            "covered": covered / fm.p if fm.p else 1.0}
+
+
 def _numel(t: Any) -> int:
     """Values in a tensor, or in a rule's tuple of them."""
     return sum(_numel(x) for x in t) if isinstance(t, tuple | list) else int(t.numel())
 
 
-__all__ = ["Layout", "Side", "combine", "flops", "layout", "memory", "side"]
+__all__ = ["Layout", "Side", "combine", "flops", "layout", "memory", "side", "summary"]
