@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 N = 16  # rows and columns of the block
-JACOBIAN_LIMIT = 15 * 2**30  # bytes of float32 Jacobians (both sides) above which a contraction is not run
+JACOBIAN_LIMIT = 12 * 2**30  # bytes of float32 Jacobians (both sides) above which a contraction is not run
 TIMEOUT_S = 480  # a measurement that has not come back by then (its process killed for memory, say) is reported
 
 
