@@ -24,25 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call
+from tutorial import empirical_ntk_jacobian_contraction
 
 N = 16  # rows and columns of the block
 JACOBIAN_LIMIT = 12 * 2**30  # bytes of float32 Jacobians (both sides) above which a contraction is not run
 TIMEOUT_S = 480  # a measurement that has not come back by then (its process killed for memory, say) is reported
 
 
-# ---- the tutorial's Jacobian contraction, verbatim (pytorch.org/tutorials/intermediate/neural_tangent_kernels.html)
-def empirical_ntk_jacobian_contraction(fnet_single, params, x1, x2):
-    jac1 = vmap(jacrev(fnet_single), (None, 0))(params, x1)
-    jac1 = jac1.values()
-    jac1 = [j.flatten(2) for j in jac1]
-    jac2 = vmap(jacrev(fnet_single), (None, 0))(params, x2)
-    jac2 = jac2.values()
-    jac2 = [j.flatten(2) for j in jac2]
-    result = torch.stack([torch.einsum('Naf,Mbf->NMab', j1, j2) for j1, j2 in zip(jac1, jac2)])  # noqa: B905
-    result = result.sum(0)
-    return result
-# ---- end of the tutorial's code ----
 
 
 class BasicBlock(nn.Module):
