@@ -318,3 +318,24 @@ class MaskedAttention(nn.Module):
             out = self.att(h, h, h, key_padding_mask=padding)[0]
         out = out if self.batch_first else out.transpose(0, 1)
         return self.head(out.mean(1))
+
+
+def vit_classifier(**config: object) -> nn.Module:
+    """Hugging Face's ViTForImageClassification from a ViTConfig (2 layers, width 32, 8 x 8 images)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    defaults = dict(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=64, num_labels=3)
+    return ViTForImageClassification(ViTConfig(**{**defaults, **config}))
+
+
+class RowWeight(nn.Module):
+    """Its own parameter of leading size 1 that is no per-sample addition: ``x @ w.T`` (n, 1)."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(1, d))
+        self.scale = nn.Parameter(torch.ones(1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w.T) * self.scale

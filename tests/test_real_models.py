@@ -37,13 +37,15 @@ MODELS = {
     "gru": (lambda: nets.RNNClf("gru"), None, False),
     "gpt2": (nets.gpt2_classifier, "logits", True),
     "bert": (nets.bert_classifier, "logits", True),
+    "vit": (nets.vit_classifier, "logits", False),
 }
 # What each model cannot do, as the probe finds it with torch 2.13 on a CPU (pipeline.methods.capabilities):
 # fused attention has neither forward AD nor a double backward; weight_norm's interface no forward AD; LSTM,
 # GRU and GPT-2's pick of the last token cannot be vmapped.
 NO_FORWARD = {"forward_ad", "double_backward"}
 FALLBACKS = {"attention": NO_FORWARD, "encoder": NO_FORWARD, "encoder_norm_first": NO_FORWARD,
-             "weight_norm": {"forward_ad"}, "lstm": {"vmap"}, "gru": {"vmap"}, "gpt2": {"vmap"}, "bert": NO_FORWARD}
+             "weight_norm": {"forward_ad"}, "lstm": {"vmap"}, "gru": {"vmap"}, "gpt2": {"vmap"}, "bert": NO_FORWARD,
+             "vit": NO_FORWARD}
 
 
 def make(name: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -55,6 +57,8 @@ def inputs(name: str, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if MODELS[name][2]:
         return torch.randint(1, nets.HF_VOCAB, (n, nets.HF_SEQ), generator=g)
+    if name == "vit":
+        return torch.randn(n, 3, 8, 8, generator=g)
     return torch.randn(n, 5, 8, generator=g)
 
 
@@ -263,6 +267,8 @@ def test_the_readmes_hugging_face_recipe_runs_as_written(tmp_path):
               "transformer.wpe": "embedding", "transformer.wte": "embedding"}),  # position ids (1, S): broadcast
     ("bert", {"bert.embeddings.position_embeddings": "embedding",
               "bert.encoder.layer.0.attention.self.query": "linear"}),
+    ("vit", {"vit.embeddings.cls_token": "broadcast", "vit.embeddings.position_embeddings": "broadcast",
+             "vit.embeddings.patch_embeddings.projection": "conv"}),
 ])
 def test_hugging_face_layers_take_structured_rules(name, sites):
     from pipeline.methods import check_model
@@ -271,6 +277,7 @@ def test_hugging_face_layers_take_structured_rules(name, sites):
 
     fm = FunctionalModel(make(name, torch.float64), "logits")
     x = inputs(name, 3, 0)
+    x = x if MODELS[name][2] else x.double()
     check_model(fm, x)
     lay = layout(fm, x)
     assert lay.fallback == []  # every parameter by a rule: no per-sample Jacobians
@@ -414,3 +421,20 @@ def test_in_memory_auto_estimates_once_per_model_and_block(monkeypatch):
     assert torch.equal(pipeline.empirical_ntk(model, x, method="auto", mode="trace"), first)
     with pytest.raises(AssertionError, match="made already"):  # another block shape: estimated anew
         pipeline.empirical_ntk(model, x[:3], method="auto", mode="trace")
+
+
+def test_a_leading_size_1_parameter_that_is_no_per_sample_addition_falls_back_exactly():
+    from pipeline.methods import check_model
+    from pipeline.methods.structured import layout
+    from pipeline.models import FunctionalModel
+
+    torch.manual_seed(0)
+    model = nets.RowWeight().double().eval()
+    x1, x2 = torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    fm = FunctionalModel(model)
+    check_model(fm, x1)
+    assert set(layout(fm, x1).fallback) == {"w", "scale"}
+    j1, j2 = loop_jacobian(model, x1, None), loop_jacobian(model, x2, None)
+    expected = torch.einsum("iap,jbp->ijab", j1, j2)
+    assert_kernel_close(pipeline.empirical_ntk(model, x1, x2, method="structured", mode="full"), expected,
+                        torch.float64)

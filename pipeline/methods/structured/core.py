@@ -25,7 +25,7 @@ from torch import nn
 
 from pipeline.config import Mode
 from pipeline.jacobians import accumulate, contract, jacobians, single
-from pipeline.methods.structured.rules import Site, rule_for
+from pipeline.methods.structured.rules import Site, broadcast, rule_for
 from pipeline.models import FunctionalModel, probe_key
 
 
@@ -34,9 +34,11 @@ def find_sites(fm: FunctionalModel) -> list[Site]:
     sites = []
     for name, m in fm.module.named_modules():
         rule = rule_for(m)
-        if rule is None:
-            continue
         prefix = f"{name}." if name else ""
+        if rule is None:  # its own parameters of leading size 1 may be added to every sample
+            for local, full in broadcast.candidates(m, set(fm.params), prefix).items():
+                sites.append(Site(full, m, {local: full}, broadcast.RULE))
+            continue
         params = {local: prefix + local for local, _ in m.named_parameters(recurse=False)
                   if prefix + local in fm.params}
         if params:
@@ -133,13 +135,9 @@ def layout(fm: FunctionalModel, x: torch.Tensor) -> Layout:
     key = probe_key(fm, x)
     if key in cache:
         return cache[key]
-    sites = find_sites(fm)
     probe = x[:2]
-    try:
-        inputs, gs, o = tangents(fm, sites, probe)
-    except _Unsupported as err:  # modules that run more than once (or never) per forward
-        sites = [s for s in sites if s.name not in err.names]
-        inputs, gs, o = tangents(fm, sites, probe)
+    o = single(fm, fm.params, probe[0]).numel()
+    sites, inputs, gs = _recorded(fm, find_sites(fm), probe, o)
     dtype = next(iter(fm.params.values())).dtype
     v = torch.randn(o, generator=torch.Generator().manual_seed(0)).to(device=x.device, dtype=dtype)
     grads = _direction_gradients(fm, sites, probe, v)
@@ -159,6 +157,27 @@ def layout(fm: FunctionalModel, x: torch.Tensor) -> Layout:
     result = Layout(kept, [k for k in fm.params if k not in covered])
     cache[key] = result
     return result
+
+
+def _recorded(fm: FunctionalModel, sites: list[Site], x: torch.Tensor,
+              o: int) -> tuple[list[Site], list[Any], list[Any]]:
+    """The sites that can be recorded on x, with their inputs and cotangents: without modules that run
+    more than once (or never) per forward, and without broadcast parameters if expanding them breaks the
+    forward or changes its outputs (they are not used once per sample)."""
+    for _ in range(3):
+        try:
+            inputs, gs, got = tangents(fm, sites, x)
+            if got == o:
+                return sites, inputs, gs
+        except _Unsupported as err:
+            sites = [s for s in sites if s.name not in err.names]
+            continue
+        except Exception:
+            if not any(s.kind == "broadcast" for s in sites):
+                raise
+        sites = [s for s in sites if s.kind != "broadcast"]
+    inputs, gs, _ = tangents(fm, sites, x)
+    return sites, inputs, gs
 
 
 def _direction_gradients(fm: FunctionalModel, sites: list[Site], x: torch.Tensor,
