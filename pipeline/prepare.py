@@ -45,9 +45,9 @@ class Prepared:
         dtype: torch.dtype = getattr(torch, self.config.ntk.dtype)
         return dtype
 
-    def rows(self, i0: int, i1: int, source: Source | None = None) -> torch.Tensor:
-        """Rows i0:i1 of ``source`` (default x1) in the compute dtype (token ids stay integers)."""
-        return cast_input((source or self.x1).read(i0, i1), self.dtype)
+    def rows(self, i0: int, i1: int) -> torch.Tensor:
+        """Rows i0:i1 of x1 in the compute dtype (token ids stay integers)."""
+        return cast_input(self.x1.read(i0, i1), self.dtype)
 
 
 def resolve(config: RunConfig | str | os.PathLike[str]) -> tuple[RunConfig, str | None]:
@@ -106,9 +106,10 @@ def prepare(config: RunConfig, search_path: str | None = None, *, measure: bool 
     o = _check_runs(fm, x1, "data.x1", dtype)
     if x2 is not None:
         _check_runs(fm, x2, "data.x2", dtype)
-    check_model(fm, cast_input(x1.read(0, min(2, x1.n)), dtype))  # which transforms it takes: fm.fallbacks
+    head = cast_input(x1.read(0, min(2, x1.n)), dtype)
+    check_model(fm, head)  # which transforms it takes: fm.fallbacks
     plan = _plan(config, x1, x2)
-    fp = forward_flops(fm, cast_input(x1.read(0, 1), dtype))
+    fp = forward_flops(fm, head)  # of head[:1]
     method, auto = recorded or choose_method(config, fm, x1, x2, plan, measure)
     fingerprints: dict[str, str | None] = {}
     if fingerprint:

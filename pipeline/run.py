@@ -139,7 +139,7 @@ def _start(cfg: RunConfig, search_path: str | None) -> Start:
     stored = open_kernel(path, opts)  # the one reader: a malformed or newer-format record is refused
     recorded = stored.provenance
     # The recorded choice: the same bits as before.
-    p = prepare(cfg, search_path, recorded=(Method(recorded.method), recorded.auto))
+    p = prepare(cfg, search_path, recorded=(recorded.method, recorded.auto))
     mismatch = recorded.resume_mismatch(cfg.model_dump(mode="json"), p.fingerprints)
     if mismatch:
         raise StoreError("output.path", f"cannot resume {path}: {mismatch}; use --overwrite to start afresh")

@@ -96,8 +96,7 @@ def compute_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None
     Returns:
       (n1, n2, o, o) for full, (n1, n2) for trace and pntk, (n1, n2, o) for diagonal.
     """
-    parse_method(method), parse_mode(mode)
-    s1 = side(fm, x1, method, mode)
+    s1 = side(fm, x1, method, mode)  # checks the method and the mode
     return combine(fm, s1, None if x2 is None else side(fm, x2, method, mode), method, mode)
 
 

@@ -17,7 +17,7 @@ import torch
 from pipeline.config import Mode
 from pipeline.methods.base import Probe
 from pipeline.methods.structured.core import Layout, Side, layout, structured_combine, structured_side, tangents
-from pipeline.models import FunctionalModel, forward_flops
+from pipeline.models import FunctionalModel
 
 
 def side(fm: FunctionalModel, x: torch.Tensor) -> Side:
@@ -41,7 +41,7 @@ def flops(probe: Probe, b1: int, b2: int, mode: Mode, diagonal: bool) -> float:
     one = probe.x[:1]
     oo = o * o if mode == Mode.FULL else o
     samples = b1 if diagonal else b1 + b2
-    fp = forward_flops(fm, one)
+    fp = probe.fp
     total = samples * fp * (1.0 + o)  # forward, o backward passes to activations only
     if lay.sites:
         inputs, gs, _ = tangents(fm, lay.sites, one)

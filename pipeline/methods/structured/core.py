@@ -138,7 +138,7 @@ def layout(fm: FunctionalModel, x: torch.Tensor) -> Layout:
     probe = x[:2]
     o = single(fm, fm.params, probe[0]).numel()
     sites, inputs, gs = _recorded(fm, find_sites(fm), probe, o)
-    dtype = next(iter(fm.params.values())).dtype
+    dtype = fm.params_dtype
     v = torch.randn(o, generator=torch.Generator().manual_seed(0)).to(device=x.device, dtype=dtype)
     grads = _direction_gradients(fm, sites, probe, v)
     tol = 1e-3 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8

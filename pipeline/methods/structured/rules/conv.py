@@ -13,13 +13,13 @@ from torch import nn
 
 from pipeline.config import Mode
 from pipeline.jacobians import accumulate
-from pipeline.methods.structured.rules.base import Site
-from pipeline.methods.structured.rules.linear import LinearRule, linear_cost, linear_term
+from pipeline.methods.structured.rules.base import OutputHook, Site
+from pipeline.methods.structured.rules.linear import linear_cost, linear_term
 
 Groups = list[tuple[torch.Tensor, torch.Tensor]]  # per group: patches A (n, S, K), cotangents G (o, n, S, C)
 
 
-class ConvRule(LinearRule):
+class ConvRule(OutputHook):
     kind = "conv"
     types: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     type_names: tuple[str, ...] = ()
