@@ -4,9 +4,13 @@ with one line naming the store."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import re
 import shutil
+import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +27,24 @@ from pipeline.kernel import open_kernel
 from pipeline.store import ATTRIBUTE, FORMAT_VERSION, Provenance, parse
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-V0 = FIXTURES / "store_v0.zarr"  # written by commit 4ca34c5 (tests/fixtures/make_fixtures.py): format 0
+
+
+@functools.cache
+def original() -> Path:
+    """The format-0 store written by commit 4ca34c5 (tests/fixtures/make_fixtures.py), unpacked once from
+    its archive (a store is kept in git as one file, not as a Zarr folder) into a folder removed at exit."""
+    folder = Path(tempfile.mkdtemp(prefix="ntk-v0-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with tarfile.open(FIXTURES / "store_v0.tar.gz") as archive:
+        archive.extractall(folder, filter="data")
+    return folder / "store_v0.zarr"
 
 
 @pytest.fixture
 def v0(tmp_path) -> Path:
     """A copy of the format-0 store: tests never touch the fixture itself."""
     path = tmp_path / "v0.zarr"
-    shutil.copytree(V0, path)
+    shutil.copytree(original(), path)
     return path
 
 
@@ -56,7 +70,7 @@ def _shape(value: Any) -> Any:
 
 
 def test_a_format_0_store_opens_with_its_typed_provenance(v0):
-    assert "format_version" not in _record(V0)
+    assert "format_version" not in _record(original())
     k = open_kernel(str(v0))
     prov = k.provenance
     assert isinstance(prov, Provenance) and prov.format_version == 0
@@ -85,7 +99,7 @@ def test_status_verify_and_inspect_read_a_format_0_store(v0):
     d = json.loads(inspect.stdout)
     assert (d["shape"], d["method"], d["complete"], d["provenance"]["status"]) == ([5, 5], "structured", True,
                                                                                   "complete")
-    assert _record(v0) == _record(V0)  # reading wrote nothing
+    assert _record(v0) == _record(original())  # reading wrote nothing
 
 
 def test_resuming_a_format_0_store_writes_format_1_and_the_same_bytes(v0):
@@ -103,7 +117,7 @@ def test_resuming_a_format_0_store_writes_format_1_and_the_same_bytes(v0):
 
 
 def test_a_new_store_records_format_1_with_the_keys_and_shapes_of_format_0(tmp_path):
-    before = _record(V0)
+    before = _record(original())
     cfg = parse_config({**before["config"], "output": {"path": str(tmp_path / "new.zarr")}})
     pipeline.run(cfg, executor="local", progress=False)
     record = _record(tmp_path / "new.zarr")
@@ -117,7 +131,7 @@ def test_a_new_store_records_format_1_with_the_keys_and_shapes_of_format_0(tmp_p
 
 
 def test_a_newer_format_is_refused_in_one_line_naming_both_versions(v0):
-    _set_record(v0, {**_record(V0), "format_version": 99})
+    _set_record(v0, {**_record(original()), "format_version": 99})
     expect = f"{v0}: written in store format 99, newer than this ntk-pipeline reads (format 1); upgrade " \
              "ntk-pipeline to read it"
     with pytest.raises(StoreError, match=f"^{re.escape(expect)}$"):
@@ -143,7 +157,7 @@ DROP = object()  # a key left out of the record
     ({"format_version": "1"}, "format_version: expected an integer >= 0, got '1'"),
 ], ids=["n1-missing", "n1-string", "block-short", "strip-reason-missing", "version-string"])
 def test_a_malformed_record_is_refused_naming_the_store(v0, change, why):
-    record = {**_record(V0), **change}
+    record = {**_record(original()), **change}
     _set_record(v0, {k: v for k, v in record.items() if v is not DROP})
     with pytest.raises(StoreError, match=f"^{re.escape(f'{v0}: its ntk_pipeline attribute is malformed: {why}')}"):
         open_kernel(str(v0))
@@ -160,13 +174,13 @@ def test_a_record_that_is_not_a_record_is_refused():
 
 
 def test_format_0_records_older_than_chunk_and_compression_read_as_unsharded_and_uncompressed():
-    record = {k: v for k, v in _record(V0).items() if k not in ("chunk", "compression")}
+    record = {k: v for k, v in _record(original()).items() if k not in ("chunk", "compression")}
     prov = parse(record, "old.zarr")
     assert (prov.chunk, prov.compression) == ((2, 2), "none")
 
 
 def test_unknown_keys_are_kept_and_run_state_is_written_only_once_set():
-    prov = parse({**_record(V0), "note": {"by": "someone"}}, "s.zarr")
+    prov = parse({**_record(original()), "note": {"by": "someone"}}, "s.zarr")
     assert prov.record()["note"] == {"by": "someone"}
     cleared = prov.model_copy(update={"error": None, "finished": None})
     assert "error" not in cleared.record() and "finished" not in cleared.record()
@@ -177,14 +191,14 @@ def test_unknown_keys_are_kept_and_run_state_is_written_only_once_set():
 def test_a_kernel_reopened_sees_the_markers_and_record_written_since(v0):
     k = open_kernel(str(v0))
     zarr.open_group(str(v0), mode="r+")["done"][0, 1] = 0  # as a run rewriting block 1 would leave it
-    _set_record(v0, {**_record(V0), "status": "running"})
+    _set_record(v0, {**_record(original()), "status": "running"})
     assert k.done.all() and k.provenance.status == "complete"  # read once, when opened
     again = k.reopen()
     assert again.missing_blocks() == [1] and again.provenance.status == "running"
 
 
 def test_a_well_typed_record_of_an_impossible_plan_is_refused_naming_the_store(v0):
-    _set_record(v0, {**_record(V0), "block": [2, 3]})  # a symmetric kernel's blocks are square
+    _set_record(v0, {**_record(original()), "block": [2, 3]})  # a symmetric kernel's blocks are square
     result = _invoke("status", str(v0))
     assert result.exit_code == 1, result.output
     assert result.stderr.splitlines() == [f"Error: {v0}: its recorded plan is impossible: a symmetric kernel needs "
