@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -339,3 +341,31 @@ class RowWeight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(x @ self.w.T) * self.scale
+
+
+class Square(nn.Module):
+    """An elementwise parametrization: weight = theta |theta|."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * w.abs()
+
+
+class Reparametrized(nn.Module):
+    """Weights computed from other parameters, on Linear and Conv1d layers: the legacy
+    ``nn.utils.weight_norm`` (weight_g, weight_v) over the whole tensor, ``parametrizations.orthogonal``,
+    weight norm along the input channels, and a user's elementwise parametrization; (n, S, d) -> (n, o)."""
+
+    def __init__(self, d: int = 8, o: int = 3) -> None:
+        super().__init__()
+        with warnings.catch_warnings():  # the legacy weight_norm is deprecated, and still in use
+            warnings.simplefilter("ignore", FutureWarning)
+            self.conv = nn.utils.weight_norm(nn.Conv1d(d, 4, 3), dim=None)
+        self.orth = nn.utils.parametrizations.orthogonal(nn.Linear(d, 6))
+        self.cols = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 3, 2, bias=False), dim=1)
+        self.square = nn.Linear(6 + 3, o)
+        nn.utils.parametrize.register_parametrization(self.square, "weight", Square())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.orth(x.mean(1)))
+        c = self.cols(torch.tanh(self.conv(x.transpose(1, 2)))).mean(2)  # (n, 3) for S >= 4
+        return self.square(torch.cat([h, torch.tanh(c)], 1))

@@ -33,6 +33,7 @@ MODELS = {
     "encoder": (nets.EncoderClf, None, False),
     "encoder_norm_first": (lambda: nets.EncoderClf(norm_first=True), None, False),
     "weight_norm": (nets.WeightNormClf, None, False),
+    "reparametrized": (nets.Reparametrized, None, False),
     "lstm": (lambda: nets.RNNClf("lstm"), None, False),
     "gru": (lambda: nets.RNNClf("gru"), None, False),
     "gpt2": (nets.gpt2_classifier, "logits", True),
@@ -44,8 +45,8 @@ MODELS = {
 # GRU and GPT-2's pick of the last token cannot be vmapped.
 NO_FORWARD = {"forward_ad", "double_backward"}
 FALLBACKS = {"attention": NO_FORWARD, "encoder": NO_FORWARD, "encoder_norm_first": NO_FORWARD,
-             "weight_norm": {"forward_ad"}, "lstm": {"vmap"}, "gru": {"vmap"}, "gpt2": {"vmap"}, "bert": NO_FORWARD,
-             "vit": NO_FORWARD}
+             "weight_norm": {"forward_ad"}, "reparametrized": {"forward_ad"}, "lstm": {"vmap"}, "gru": {"vmap"},
+             "gpt2": {"vmap"}, "bert": NO_FORWARD, "vit": NO_FORWARD}
 
 
 def make(name: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -326,6 +327,29 @@ def test_convolutions_of_every_kind_take_the_rule_and_are_exact(monkeypatch, con
     expected = full if mode == "full" else torch.einsum("ijaa->ij", full)
     k = pipeline.empirical_ntk(model, x1, x2, method="structured", mode=mode)
     assert_kernel_close(k, expected, torch.float64)
+
+
+@pytest.mark.parametrize("name", ["weight_norm", "reparametrized"])
+def test_computed_weights_take_their_layers_rule(name):
+    """Weight norm (both APIs), orthogonal and elementwise parametrizations: the originals are covered by
+    the Linear / Conv rule (their Jacobians pulled back through the parametrization), none falls back."""
+    from pipeline.methods import check_model
+    from pipeline.methods.structured import layout
+    from pipeline.models import FunctionalModel
+
+    fm = FunctionalModel(make(name, torch.float64))
+    x = inputs(name, 3, 0).double()
+    check_model(fm, x)
+    lay = layout(fm, x)
+    assert lay.fallback == []
+    originals = {s.name: sorted(s.params) for s in lay.sites if s.reparam is not None}
+    expected = {"weight_norm": {"inp": ["bias", "parametrizations.weight.original0",
+                                        "parametrizations.weight.original1"]},
+                "reparametrized": {"conv": ["bias", "weight_g", "weight_v"],
+                                   "orth": ["bias", "parametrizations.weight.original"],
+                                   "cols": ["parametrizations.weight.original0", "parametrizations.weight.original1"],
+                                   "square": ["bias", "parametrizations.weight.original"]}}[name]
+    assert originals == expected
 
 
 @pytest.mark.parametrize("name", ["attention", "encoder", "encoder_norm_first"])

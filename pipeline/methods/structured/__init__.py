@@ -17,6 +17,7 @@ import torch
 from pipeline.config import Mode
 from pipeline.methods.base import Probe
 from pipeline.methods.structured.core import Layout, Side, layout, structured_combine, structured_side, tangents
+from pipeline.methods.structured.rules import site_cost
 from pipeline.models import FunctionalModel
 
 
@@ -46,7 +47,7 @@ def flops(probe: Probe, b1: int, b2: int, mode: Mode, diagonal: bool) -> float:
     if lay.sites:
         inputs, gs, _ = tangents(fm, lay.sites, one)
         for site, a, g in zip(lay.sites, inputs, gs, strict=True):
-            total += site.rule.cost(site, a, g, b1, b2, mode, samples)
+            total += site_cost(site, a, g, b1, b2, mode, samples)
     if lay.fallback:
         p_rest = sum(fm.params[k].numel() for k in lay.fallback)
         total += samples * fp * (1.0 + 2.0 * o) + 2.0 * b1 * b2 * oo * p_rest

@@ -25,24 +25,25 @@ from torch import nn
 
 from pipeline.config import Mode
 from pipeline.jacobians import accumulate, contract, jacobians, single
-from pipeline.methods.structured.rules import Site, broadcast, rule_for
+from pipeline.methods.structured.rules import Site, broadcast, rule_for, site_params, site_term
 from pipeline.models import FunctionalModel, probe_key
 
 
 def find_sites(fm: FunctionalModel) -> list[Site]:
     """Modules with an eligible rule and at least one trainable direct parameter."""
-    sites = []
+    sites: list[Site] = []
+    trainable = set(fm.params)
     for name, m in fm.module.named_modules():
         rule = rule_for(m)
         prefix = f"{name}." if name else ""
         if rule is None:  # its own parameters of leading size 1 may be added to every sample
-            for local, full in broadcast.candidates(m, set(fm.params), prefix).items():
+            taken = {full for s in sites for full in s.params.values()}  # a computed weight's originals
+            for local, full in broadcast.candidates(m, trainable - taken, prefix).items():
                 sites.append(Site(full, m, {local: full}, broadcast.RULE))
             continue
-        params = {local: prefix + local for local, _ in m.named_parameters(recurse=False)
-                  if prefix + local in fm.params}
-        if params:
-            sites.append(Site(name, m, params, rule))
+        site = site_params(m, rule, trainable, prefix)
+        if site is not None:
+            sites.append(site)
     return sites
 
 
@@ -146,7 +147,7 @@ def layout(fm: FunctionalModel, x: torch.Tensor) -> Layout:
     for site, a, g, grad in zip(sites, inputs, gs, grads, strict=True):
         want = grad @ grad.T  # (m, m)
         try:
-            k = site.rule.term(site, a, g, a, g, Mode.FULL)  # (m, m, o, o)
+            k = site_term(site, a, g, a, g, Mode.FULL)  # (m, m, o, o)
             got = torch.einsum("ijab,a,b->ij", k, v, v)
         except RuntimeError:  # a layout the rule does not fit (a Linear fed (S, n, d), say): fall back
             continue
@@ -219,7 +220,7 @@ def structured_combine(fm: FunctionalModel, s1: Side, s2: Side | None, mode: Mod
     """The block between two sides (``s2=None``: K(x1, x1)) from per-layer terms."""
     lay = layout(fm, s1.x)
     s2 = s1 if s2 is None else s2
-    terms = [site.rule.term(site, s1.inputs[k], s1.gs[k], s2.inputs[k], s2.gs[k], mode)
+    terms = [site_term(site, s1.inputs[k], s1.gs[k], s2.inputs[k], s2.gs[k], mode)
              for k, site in enumerate(lay.sites)]
     if lay.fallback:
         terms.append(contract(s1.jac, s2.jac, mode))

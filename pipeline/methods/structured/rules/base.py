@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from pipeline.config import Mode
+
+if TYPE_CHECKING:
+    from pipeline.methods.structured.rules.reparam import Reparam
 
 
 @dataclass
@@ -18,8 +21,9 @@ class Site:
 
     name: str
     module: nn.Module
-    params: dict[str, str]  # "weight" / "bias" -> full parameter name (trainable only)
+    params: dict[str, str]  # "weight" / "bias" (or a computed weight's originals) -> full name (trainable only)
     rule: Rule
+    reparam: Reparam | None = None  # the weight is computed from originals (parametrizations, weight norm)
 
     @property
     def kind(self) -> str:
@@ -29,7 +33,7 @@ class Site:
     @property
     def numel(self) -> int:
         """Trainable parameters the rule covers."""
-        return sum(getattr(self.module, local).numel() for local in self.params)
+        return sum(self.module.get_parameter(local).numel() for local in self.params)
 
 
 class Rule(Protocol):
@@ -56,6 +60,16 @@ class Rule(Protocol):
 
     def cost(self, site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode, samples: int) -> float:
         """FLOPs of ``term`` for a b1 x b2 block (``samples`` sides' rows), from one sample's a and g."""
+        ...
+
+
+@runtime_checkable
+class WeightJacobians(Protocol):
+    """A rule that can also give its layer's per-sample weight Jacobians, so that a weight computed from
+    other parameters (``reparam``) can take it."""
+
+    def weight_jacobians(self, site: Site, a: Any, g: torch.Tensor) -> torch.Tensor:
+        """(n, o, *weight.shape): d f_a(x_i) / d weight from the layer's inputs and cotangents."""
         ...
 
 

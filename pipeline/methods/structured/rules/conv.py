@@ -14,7 +14,7 @@ from torch import nn
 from pipeline.config import Mode
 from pipeline.jacobians import accumulate
 from pipeline.methods.structured.rules.base import OutputHook, Site
-from pipeline.methods.structured.rules.linear import linear_cost, linear_term
+from pipeline.methods.structured.rules.linear import linear_cost, linear_jacobians, linear_term
 
 Groups = list[tuple[torch.Tensor, torch.Tensor]]  # per group: patches A (n, S, K), cotangents G (o, n, S, C)
 
@@ -36,6 +36,15 @@ class ConvRule(OutputHook):
         k, c = patches.shape[1] // m.groups, cot.shape[2] // m.groups
         return [(patches[:, i * k : (i + 1) * k].transpose(1, 2), cot[:, :, i * c : (i + 1) * c].transpose(2, 3))
                 for i in range(m.groups)]
+
+    def weight_jacobians(self, site: Site, a: Any, g: torch.Tensor) -> torch.Tensor:
+        """(n, o, *weight.shape): each group's rows (C_out / groups, C_in / groups * k), channel-major as
+        the weight is laid out."""
+        per_group = [linear_jacobians(A, G, True, False)[0].reshape(A.shape[0], G.shape[0], G.shape[3], A.shape[2])
+                     for A, G in self.groups(site, a, g)]
+        jw = torch.cat(per_group, dim=2)
+        weight: torch.Tensor = getattr(site.module, "weight")  # noqa: B009  (a property when parametrized)
+        return jw.reshape(jw.shape[0], jw.shape[1], *weight.shape)
 
     def term(self, site: Site, a1: Any, g1: torch.Tensor, a2: Any, g2: torch.Tensor, mode: Mode) -> torch.Tensor:
         pairs = zip(self.groups(site, a1, g1), self.groups(site, a2, g2), strict=True)

@@ -99,6 +99,11 @@ class LinearRule(OutputHook):
         o, n = g.shape[:2]
         return a.reshape(n, -1, a.shape[-1]), g.reshape(o, n, -1, g.shape[-1])
 
+    def weight_jacobians(self, site: Site, a: Any, g: torch.Tensor) -> torch.Tensor:
+        A, G = self.as_linear(site, a, g)
+        jw = linear_jacobians(A, G, True, False)[0].reshape(A.shape[0], G.shape[0], G.shape[3], A.shape[2])
+        return jw if isinstance(site.module, nn.Linear) else jw.transpose(2, 3)  # Conv1D stores (K, C)
+
     def term(self, site: Site, a1: Any, g1: torch.Tensor, a2: Any, g2: torch.Tensor, mode: Mode) -> torch.Tensor:
         A1, G1 = self.as_linear(site, a1, g1)
         A2, G2 = self.as_linear(site, a2, g2)
