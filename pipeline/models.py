@@ -247,9 +247,39 @@ def fingerprint_module(module: nn.Module) -> str:
 
 
 def forward_flops(fm: FunctionalModel, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass on one sample (matmuls and convolutions, as torch counts them)."""
+    """FLOPs of one forward pass on one sample (matmuls and convolutions, as torch counts them; the
+    matrix products of RNN layers whose fused kernels it does not see, counted from their weights)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    missed: list[int] = []
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fm(fm.params, x[:1])
-    return max(int(counter.get_total_flops()), 1)
+        rnns = [m for m in fm.module.modules() if isinstance(m, nn.RNNBase)]
+        handles = [h for m in rnns for h in _rnn_counter(m, counter, missed)]
+        try:
+            fm(fm.params, x[:1])
+        finally:
+            for h in handles:
+                h.remove()
+    return max(int(counter.get_total_flops()) + sum(missed), 1)
+
+
+def _rnn_counter(m: nn.RNNBase, counter: Any, missed: list[int]) -> list[Any]:
+    """Hooks that add an RNN layer's gate products (2 x weights x time steps) to ``missed`` when the
+    counter saw none of its FLOPs (CPU and cuDNN run them in one fused kernel)."""
+    before: list[int] = []
+
+    def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+        before.append(int(counter.get_total_flops()))
+
+    def post(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if int(counter.get_total_flops()) > before.pop():
+            return
+        a = args[0]
+        if isinstance(a, nn.utils.rnn.PackedSequence):
+            steps = int(a.data.shape[0])  # time steps summed over the batch
+        else:
+            steps = int(a.shape[0]) if a.ndim == 2 else int(a.shape[0] * a.shape[1])
+        weights = sum(p.numel() for name, p in module.named_parameters() if name.startswith("weight"))
+        missed.append(2 * weights * steps)
+
+    return [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]

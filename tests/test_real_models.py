@@ -462,3 +462,32 @@ def test_a_leading_size_1_parameter_that_is_no_per_sample_addition_falls_back_ex
     expected = torch.einsum("iap,jbp->ijab", j1, j2)
     assert_kernel_close(pipeline.empirical_ntk(model, x1, x2, method="structured", mode="full"), expected,
                         torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_forward_flops_count_the_recurrent_layers_products(kind):
+    """torch's counter does not see the fused RNN kernel; the count must equal that of the same layers
+    unrolled by hand as matrix products (which the counter does see), and an LSTM's cost must rank the
+    methods as their work does: structured adds a batched pass to the same per-sample loop."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.methods import estimate_flops
+    from pipeline.models import FunctionalModel, forward_flops
+
+    model = make(kind, torch.float32)
+    x = inputs(kind, 2, 0)
+    rnn = model.rnn
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        h = x[:1]
+        for layer in range(rnn.num_layers):
+            w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")
+            state = torch.zeros(1, rnn.hidden_size)
+            for t in range(h.shape[1]):  # the gate products only: what the fused kernel multiplies
+                torch.nn.functional.linear(h[:, t], w_ih) + torch.nn.functional.linear(state, w_hh)
+            h = torch.zeros(1, x.shape[1], rnn.hidden_size)
+        model.head(torch.zeros(1, rnn.hidden_size))
+    fm = FunctionalModel(model)
+    assert forward_flops(fm, x) == counter.get_total_flops()
+    fm.fallbacks = {"vmap": "the probe's"}
+    flops = estimate_flops(fm, x, 16, 16, "full", diagonal=False)
+    assert flops["structured"] > flops["jacobian_contraction"]
