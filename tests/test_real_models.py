@@ -385,10 +385,11 @@ def test_attention_with_masks_is_exact_by_rule(mask, batch_first):
     check_model(fm, x1)
     fallback = layout(fm, x1).fallback
     assert not [p for p in fallback if "in_proj" in p or "out_proj" in p]  # attention by rule, masks and all
-    # The Linear and norm rules take the batch as the leading axis: a sequence-first encoder's feed-forward
-    # layers see (S, n, d), fail the per-model check and fall back (exact, slower).
-    assert fallback == [] if batch_first or mask != "encoder_causal" else all(
-        p.startswith(("att.linear", "att.norm")) for p in fallback)
+    # A sequence-first encoder's feed-forward and norm layers see (S, n, d): recorded batch-first, by rule.
+    assert fallback == []
+    if not batch_first and mask == "encoder_causal":
+        axes = {s.name: s.batch_axis for s in layout(fm, x1).sites}
+        assert axes["att.linear1"] == axes["att.norm2"] == 1 and axes["head"] == 0
     j1, j2 = loop_jacobian(model, x1, None), loop_jacobian(model, x2, None)
     for mode in ("full", "trace"):
         full = torch.einsum("iap,jbp->ijab", j1, j2)
@@ -491,3 +492,16 @@ def test_forward_flops_count_the_recurrent_layers_products(kind):
     fm.fallbacks = {"vmap": "the probe's"}
     flops = estimate_flops(fm, x, 16, 16, "full", diagonal=False)
     assert flops["structured"] > flops["jacobian_contraction"]
+
+
+def test_a_sequence_first_encoder_is_exact_when_positions_equal_samples():
+    """The sample axis is decided on the layout's probe and kept: a block whose row count equals the
+    sequence length (S, n, d) = (4, 4, 8) must not be read batch-first."""
+    torch.manual_seed(0)
+    model = nets.MaskedAttention("encoder_causal", batch_first=False).double().eval()
+    g = torch.Generator().manual_seed(6)
+    x1, x2 = (torch.randn(n, 4, 8, generator=g, dtype=torch.float64) for n in (4, 3))
+    pipeline.empirical_ntk(model, x1[:2], None, method="structured", mode="full")  # the layout, on 2 samples
+    j1, j2 = loop_jacobian(model, x1, None), loop_jacobian(model, x2, None)
+    k = pipeline.empirical_ntk(model, x1, x2, method="structured", mode="full")
+    assert_kernel_close(k, torch.einsum("iap,jbp->ijab", j1, j2), torch.float64)

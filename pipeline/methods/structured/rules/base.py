@@ -24,6 +24,9 @@ class Site:
     params: dict[str, str]  # "weight" / "bias" (or a computed weight's originals) -> full name (trainable only)
     rule: Rule
     reparam: Reparam | None = None  # the weight is computed from originals (parametrizations, weight norm)
+    # The axis of the samples in the module's input and output: 0, or 1 for a sequence-first layer
+    # ((S, n, d), nn.Transformer's default); decided on the layout's probe and kept with the site.
+    batch_axis: int | None = None
 
     @property
     def kind(self) -> str:
@@ -84,18 +87,25 @@ class OutputHook:
     """``capture`` for rules whose cotangents are those of the module's output: a forward hook adds a zero
     perturbation to it. ``per_sample_broadcast``: a module that gives one output for the whole batch
     (leading size 1, broadcast where it is used: position embeddings of ids (1, S)) gets a perturbation
-    per sample, so that its cotangents are per sample, not their sum."""
+    per sample, so that its cotangents are per sample, not their sum. A sequence-first module ((S, n, ...)
+    in and out) is recorded batch-first: its input and its perturbation are transposed, so that rules
+    always see the samples on the leading axis."""
 
     per_sample_broadcast = False
 
     def capture(self, site: Site, n: int, record: Record) -> Handle:
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
             shape = tuple(out.shape)
-            if shape[0] == 1 < n and self.per_sample_broadcast:
+            if site.batch_axis is None:  # on the layout's probe: where the samples are
+                site.batch_axis = 1 if len(shape) >= 2 and shape[0] not in (1, n) and shape[1] == n else 0
+            a = args[0].detach()
+            if site.batch_axis == 1:
+                a, shape = a.transpose(0, 1), (shape[1], shape[0], *shape[2:])
+            elif shape[0] == 1 < n and self.per_sample_broadcast:
                 shape = (n, *shape[1:])
             e = torch.zeros(shape, dtype=out.dtype, device=out.device, requires_grad=True)
-            record(args[0].detach(), [e])
-            return out + e
+            record(a, [e])
+            return out + (e.transpose(0, 1) if site.batch_axis == 1 else e)
 
         return site.module.register_forward_hook(hook)
 
