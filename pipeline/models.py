@@ -234,6 +234,19 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+def batchable_attention(fm: FunctionalModel) -> contextlib.AbstractContextManager[Any]:
+    """On the CPU, ``scaled_dot_product_attention`` in its math form for the duration. torch's fused CPU
+    attention kernel and its backward have no batching rule, so under vmap or an o-batched backward they
+    run once per batch element (functorch's fallback, with a warning); the math form batches. About 1.4x
+    (ViT) to 2.9x (BERT) faster per structured side in the real-models benchmark; values differ from the
+    fused kernel's in the last bits. Elsewhere (CUDA) torch's choice stands."""
+    if fm.params and next(iter(fm.params.values())).device.type != "cpu":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def fingerprint_module(module: nn.Module) -> str:
     """sha256 over every parameter and buffer: names, shapes, dtypes, trainable flags, values."""
     h = hashlib.sha256()

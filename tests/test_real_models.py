@@ -505,3 +505,20 @@ def test_a_sequence_first_encoder_is_exact_when_positions_equal_samples():
     j1, j2 = loop_jacobian(model, x1, None), loop_jacobian(model, x2, None)
     k = pipeline.empirical_ntk(model, x1, x2, method="structured", mode="full")
     assert_kernel_close(k, torch.einsum("iap,jbp->ijab", j1, j2), torch.float64)
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian_contraction"])
+def test_attention_runs_in_a_batchable_form_on_the_cpu(method):
+    """torch's fused CPU attention has no batching rule: under vmap or the o-batched backward it would run
+    once per batch element. The methods run attention in its math form instead (same kernel)."""
+    from pipeline.methods import side
+    from pipeline.models import FunctionalModel
+
+    fm = FunctionalModel(make("bert", torch.float32), "logits")
+    x = inputs("bert", 3, 0)
+    side(fm, x, method, "full")  # the layout and its check
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        side(fm, x, method, "full")
+    ops = {e.key for e in prof.key_averages()}
+    assert not [op for op in ops if "flash_attention" in op]
+    assert any("bmm" in op or "matmul" in op for op in ops)  # the math form's products

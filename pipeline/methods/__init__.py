@@ -31,7 +31,7 @@ from pipeline.jacobians import single
 from pipeline.methods import jacobian_contraction, ntk_vector_products, structured
 from pipeline.methods.base import NtkMethod, Probe
 from pipeline.methods.capabilities import check_model
-from pipeline.models import FunctionalModel, cast_input, eval_mode, forward_flops
+from pipeline.models import FunctionalModel, batchable_attention, cast_input, eval_mode, forward_flops
 from pipeline.plan import held_kernel_bytes
 
 # Ties in ``auto`` go in this order.
@@ -73,7 +73,7 @@ def side(fm: FunctionalModel, x: torch.Tensor, method: str, mode: str) -> Any:
     (jacobian_contraction), or the inputs themselves (ntk_vector_products)."""
     impl = REGISTRY[parse_method(method)]
     fm, _ = normalise(fm, mode)
-    with torch.no_grad():  # the methods switch gradients on where they need them
+    with torch.no_grad(), batchable_attention(fm):  # the methods switch gradients on where they need them
         return impl.side(fm, x)
 
 
@@ -85,7 +85,7 @@ def combine(fm: FunctionalModel, s1: Any, s2: Any | None, method: str, mode: str
     """
     impl = REGISTRY[parse_method(method)]
     fm, mode = normalise(fm, mode)
-    with torch.no_grad():
+    with torch.no_grad(), batchable_attention(fm):
         return impl.combine(fm, s1, s2, mode).contiguous()
 
 
