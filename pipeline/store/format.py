@@ -12,9 +12,10 @@ change. A record of a newer format than this code reads is refused, never guesse
 What a reader may trust: the record is data, written by whoever wrote the store. Parsing checks its
 shape and types (a malformed record is refused naming the store), not its truth: the config,
 fingerprints, versions and status are the writer's claims. Nothing in it is ever imported or
-executed by reading it; a resume recomputes the fingerprints and compares them with the recorded
-ones, and ``verify`` recomputes blocks from a model it builds itself. Keys this code does not know
-are kept as they are when the record is rewritten.
+executed by reading it; a resume recomputes the fingerprints (and the functional fingerprint,
+``function``) from the config it runs and compares them with the recorded ones, and ``verify``
+recomputes blocks from a model it builds itself. Keys this code does not know are kept as they are
+when the record is rewritten.
 """
 
 from __future__ import annotations
@@ -54,10 +55,52 @@ class Strip(BaseModel):
         return _drop_none(handler(self), frozenset({"saving"}))
 
 
-# The optional keys a record may lack (run state, absent until a run sets it; fallbacks): written only when set.
+class Values(BaseModel):
+    """A tensor as a functional fingerprint keeps it: its shape, up to ``pipeline.fingerprint.SAMPLE``
+    of its values (at evenly spaced flat indices; all of them when there are no more), and the L2
+    norm and the sum of all of them."""
+
+    model_config = _RECORD
+
+    shape: tuple[int, ...]
+    values: tuple[float, ...]
+    norm: float
+    sum: float
+
+
+class SourceFile(BaseModel):
+    """A Python module the model's code comes from, and the sha256 of its file."""
+
+    model_config = _RECORD
+
+    module: str
+    file: str
+    sha256: str
+
+
+class Function(BaseModel):
+    """What the model computed when the store was created (``pipeline.fingerprint``): its outputs on
+    rows 0:rows of x1 (and of x2), the kernel block of those rows with the run's method, mode and
+    dtype, and the source files of the model's code. A resume recomputes it and refuses to mix."""
+
+    model_config = _RECORD
+
+    rows: int
+    outputs_x1: Values  # (rows, o)
+    outputs_x2: Values | None = None  # None: K(x1, x1)
+    block: Values  # K(x1[0:rows], x2[0:rows] or x1[0:rows]): (rows, rows[, o[, o]]) by mode
+    sources: tuple[SourceFile, ...] = ()  # () for a builtin model, or a module without a source file
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _drop_none(handler(self), frozenset({"outputs_x2"}))
+
+
+# The optional keys a record may lack (run state, absent until a run sets it; fallbacks; the functional
+# fingerprint, absent from stores written before it existed): written only when set.
 RUN_STATE = frozenset({
     "last_started", "runs", "strip", "nodes", "block_nodes", "updated", "finished", "seconds", "block_seconds",
-    "write_seconds", "startup_seconds", "error", "fallbacks",
+    "write_seconds", "startup_seconds", "error", "fallbacks", "function",
 })
 
 
@@ -107,6 +150,9 @@ class Provenance(BaseModel):
     # Transforms the model does not support and so the paths the methods took instead (transform ->
     # why; pipeline.methods.capabilities); absent when every method ran as it does by default.
     fallbacks: dict[str, str] | None = None
+    # The functional fingerprint taken when the store was created; None in stores written before it
+    # existed, whose resume checks the config and the fingerprints alone.
+    function: Function | None = None
 
     @model_serializer(mode="wrap")
     def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -197,5 +243,5 @@ def _first_error(err: Exception) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-__all__ = ["ATTRIBUTE", "FORMAT_VERSION", "RESUME_SECTIONS", "RUN_STATE", "Provenance", "Strip", "attributes", "parse",
-           "read_provenance", "write_provenance"]
+__all__ = ["ATTRIBUTE", "FORMAT_VERSION", "RESUME_SECTIONS", "RUN_STATE", "Function", "Provenance", "SourceFile",
+           "Strip", "Values", "attributes", "parse", "read_provenance", "write_provenance"]
