@@ -1,4 +1,5 @@
-"""Trust: a resume proves it is the same function (the functional fingerprint recorded at creation)."""
+"""Trust: a store is data, never code (``verify`` recomputes only from a config the user gives), and a
+resume proves it is the same function (the functional fingerprint recorded at creation)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import numpy as np
 import pytest
 import yaml
 import zarr
+from click.testing import CliRunner
 
 import pipeline
+from pipeline.audit import NOT_RECOMPUTED, verify
+from pipeline.cli import main
 from pipeline.fingerprint import TOLERANCE
 from pipeline.store import ATTRIBUTE
 
@@ -62,6 +66,89 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
+
+
+def _plant(store: Path, marker: Path) -> None:
+    """Rewrite the store's recorded model as an attacker would: a target that runs a command."""
+    group = zarr.open_group(store, mode="r+")
+    record = dict(group.attrs[ATTRIBUTE])
+    record["config"] = {**record["config"], "model": {"target": "os:system",
+                                                      "kwargs": {"command": f"touch {marker}"}, "seed": 0}}
+    group.attrs[ATTRIBUTE] = record
+
+
+def test_verify_never_runs_a_target_planted_in_the_store(project, tmp_path):
+    folder, config, _ = project
+    pipeline.run(config, executor="local", progress=False)
+    store, marker = folder / "out.zarr", tmp_path / "planted-ran"
+    _plant(store, marker)
+    for args in ([], ["--sample", "3"]):
+        result = CliRunner().invoke(main, ["verify", str(store), *args])
+        assert result.exit_code == 0, result.output
+        assert f"checked: {NOT_RECOMPUTED}" in result.stdout and "verify: ok" in result.stdout
+    assert verify(str(store), sample=3)["ok"]
+    assert not marker.exists(), "verify ran the command the store names"
+    # the run's own config no longer matches the planted record: refused, naming the difference, nothing run
+    result = CliRunner().invoke(main, ["verify", str(store), "--config", str(config)])
+    assert result.exit_code == 1
+    assert f"FAILED: config {config} is not the config of the run that wrote {store}: model.kwargs.command " \
+           "differs (recorded" in result.stdout and "no block recomputed" in result.stdout, result.stdout
+    assert "recomputed blocks" not in result.stdout and not marker.exists()
+
+
+def test_verify_recomputes_only_from_a_config_that_matches_the_record(project):
+    folder, config, name = project
+    pipeline.run(config, executor="local", progress=False)
+    store = str(folder / "out.zarr")
+    ok = CliRunner().invoke(main, ["verify", store, "--config", str(config), "--sample", "3"])
+    assert ok.exit_code == 0 and "verify: ok" in ok.stdout, ok.output
+    assert f"checked: config {config} matches the recorded config and fingerprints" in ok.stdout
+    assert "checked: recomputed blocks" in ok.stdout
+    other = _write(folder / "trace.yaml", name, mode="trace")  # another kernel of the same model
+    refused = CliRunner().invoke(main, ["verify", store, "--config", str(other), "--sample", "3"])
+    assert refused.exit_code == 1
+    assert f"FAILED: config {other} is not the config of the run that wrote {store}: ntk.mode differs (recorded " \
+           "'full', now 'trace'); no block recomputed" in refused.stdout, refused.stdout
+    assert "recomputed blocks" not in refused.stdout
+    # the same config, another model's code: the functional fingerprint tells them apart
+    (folder / f"{name}.py").write_text(NET.replace("torch.tanh", "torch.sin"))
+    del sys.modules[name]  # as a fresh process would import it (its size changed: no stale bytecode)
+    edited = verify(store, config=config)
+    assert not edited["ok"] and len(edited["failures"]) == 1
+    assert f"config {config} is not the config of the run that wrote {store}: the model's outputs on x1 rows 0:2 " \
+           "differ from the recorded run's" in edited["failures"][0], edited
+    assert not any("recomputed blocks" in line for line in edited["checked"])
+
+
+def test_verify_takes_the_inputs_from_elsewhere_when_their_contents_match(project):
+    folder, config, name = project
+    pipeline.run(config, executor="local", progress=False)
+    store = str(folder / "out.zarr")
+    (folder / "moved").mkdir()
+    x = np.load(folder / "x.npy")
+    np.save(folder / "moved" / "x.npy", x)  # the same rows where another machine keeps them
+    moved = yaml.safe_load(config.read_text())
+    moved["data"]["x1"]["path"] = "moved/x.npy"
+    moved["tiling"]["block"] = 4  # tiling is the store's: verify recomputes the store's blocks
+    (folder / "moved.yaml").write_text(yaml.safe_dump(moved))
+    ok = verify(store, sample=2, config=folder / "moved.yaml")
+    assert ok["ok"] and any(line.startswith("recomputed blocks") for line in ok["checked"]), ok
+    np.save(folder / "moved" / "x.npy", x + 1)  # other rows at that path
+    other = verify(store, sample=2, config=folder / "moved.yaml")
+    assert len(other["failures"]) == 1, other
+    assert other["failures"][0].startswith(f"config {folder / 'moved.yaml'} is not the config of the run that wrote "
+                                           f"{store}: the data.x1 values differ from those recorded (fingerprint ")
+    assert other["failures"][0].endswith("; no block recomputed")
+
+
+@pytest.mark.slow
+def test_verify_sample_imports_a_target_that_sits_beside_its_config(project):
+    folder, config, _ = project
+    pipeline.run(config, executor="local", progress=False)
+    # a fresh process started elsewhere: only the config's folder can make the target importable
+    result = _cli("verify", str(folder / "out.zarr"), "--config", str(config), "--sample", "2", cwd=folder.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "checked: recomputed blocks" in result.stdout and "verify: ok" in result.stdout
 
 
 def _snapshot(store: Path) -> tuple[dict, np.ndarray, np.ndarray]:

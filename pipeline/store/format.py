@@ -12,10 +12,10 @@ change. A record of a newer format than this code reads is refused, never guesse
 What a reader may trust: the record is data, written by whoever wrote the store. Parsing checks its
 shape and types (a malformed record is refused naming the store), not its truth: the config,
 fingerprints, versions and status are the writer's claims. Nothing in it is ever imported or
-executed by reading it; a resume recomputes the fingerprints (and the functional fingerprint,
+executed by reading it: a resume recomputes the fingerprints (and the functional fingerprint,
 ``function``) from the config it runs and compares them with the recorded ones, and ``verify``
-recomputes blocks from a model it builds itself. Keys this code does not know are kept as they are
-when the record is rewritten.
+recomputes blocks only from a config the user gives, checked against the record first. Keys this
+code does not know are kept as they are when the record is rewritten.
 """
 
 from __future__ import annotations
@@ -161,8 +161,14 @@ class Provenance(BaseModel):
     def resume_mismatch(self, config: Mapping[str, Any], fingerprints: Mapping[str, str | None]) -> str | None:
         """What differs between this recorded run and one of ``config`` (the resolved config as JSON) over
         inputs and parameters with these ``fingerprints``, or None: the record's own resume check."""
-        for section in RESUME_SECTIONS:
-            found = _first_difference(self.config.get(section), config[section], section)
+        return self.mismatch(config, fingerprints, RESUME_SECTIONS)
+
+    def mismatch(self, config: Mapping[str, Any], fingerprints: Mapping[str, str | None], sections: tuple[str, ...],
+                 ignore: frozenset[str] = frozenset()) -> str | None:
+        """The first difference in ``sections`` of the config (keys in ``ignore``, dotted, left out), else
+        in the parameter and input fingerprints, or None."""
+        for section in sections:
+            found = _first_difference(self.config.get(section), config[section], section, ignore)
             if found:
                 return found
         for key, what in _FINGERPRINTS.items():
@@ -179,13 +185,21 @@ class Provenance(BaseModel):
 
 # What a resume must find unchanged: everything that decides the kernel's values and layout.
 RESUME_SECTIONS = ("model", "data", "ntk", "tiling")
+# What ``verify`` checks a given config against: what decides the kernel's values. Where the inputs and
+# the checkpoint lie is left out (a store is often verified on another machine): the fingerprints
+# of their contents are compared instead.
+VERIFY_SECTIONS = ("model", "data", "ntk")
+LOCATIONS = frozenset({"model.checkpoint", "data.x1.path", "data.x1.storage_options", "data.x2.path",
+                       "data.x2.storage_options"})
 _FINGERPRINTS = {"parameters": "model parameters", "x1": "data.x1 values", "x2": "data.x2 values"}
 
 
-def _first_difference(recorded: Any, now: Any, key: str) -> str | None:
+def _first_difference(recorded: Any, now: Any, key: str, ignore: frozenset[str] = frozenset()) -> str | None:
+    if key in ignore:
+        return None
     if isinstance(recorded, dict) and isinstance(now, dict):
         for k in sorted(set(recorded) | set(now)):
-            found = _first_difference(recorded.get(k), now.get(k), f"{key}.{k}")
+            found = _first_difference(recorded.get(k), now.get(k), f"{key}.{k}", ignore)
             if found:
                 return found
         return None
@@ -243,5 +257,5 @@ def _first_error(err: Exception) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-__all__ = ["ATTRIBUTE", "FORMAT_VERSION", "RESUME_SECTIONS", "RUN_STATE", "Function", "Provenance", "SourceFile",
-           "Strip", "Values", "attributes", "parse", "read_provenance", "write_provenance"]
+__all__ = ["ATTRIBUTE", "FORMAT_VERSION", "LOCATIONS", "RESUME_SECTIONS", "RUN_STATE", "VERIFY_SECTIONS", "Function",
+           "Provenance", "SourceFile", "Strip", "Values", "attributes", "parse", "read_provenance", "write_provenance"]
