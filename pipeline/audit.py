@@ -1,13 +1,15 @@
-"""What is in an output store: ``status`` (progress, lease) and ``verify`` (markers, checksums, and
-blocks recomputed independently in float64 with another method). Both read the store through
-``open_kernel``, afresh at each call, so they see a run that is writing it as it is now.
+"""What is in an output store: ``status`` (progress, lease) and ``verify`` (markers, checksums, and,
+from the run's config the user gives, blocks recomputed independently in float64 with another
+method). Both read the store through ``open_kernel``, afresh at each call, so they see a run that is
+writing it as it is now; neither imports nor runs anything the store's record names.
 
-    status("out/kernel.zarr")["blocks_done"]     # 10
-    verify("out/kernel.zarr", sample=2)["ok"]    # True
+    status("out/kernel.zarr")["blocks_done"]                                    # 10
+    verify("out/kernel.zarr", sample=2, config="configs/quickstart.yaml")["ok"]  # True
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import Counter
@@ -16,14 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Method, parse_config
-from pipeline.data import open_source
+from pipeline.config import Method, RunConfig
 from pipeline.errors import PipelineError, brief
+from pipeline.fingerprint import function_fingerprint, function_mismatch
 from pipeline.kernel import Kernel, open_kernel
 from pipeline.methods import check_model, compute_block
-from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module
+from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import Block
+from pipeline.prepare import prepare, resolve
 from pipeline.store import describe_lease, lease_alive, lease_holder, transpose
+from pipeline.store.format import LOCATIONS, VERIFY_SECTIONS
 
 # verify's tolerance, relative to the largest magnitude in the block, by the stored dtype.
 VERIFY_TOLERANCE = {"float32": 1e-3, "float64": 1e-8}
@@ -63,17 +67,41 @@ def status(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-def verify(path: str, sample: int = 2, seed: int = 0, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check that every block is marked done, read every chunk (checksums, finite values), and
-    recompute ``sample`` random blocks in float64 with another method.
+def verify(path: str, sample: int = 2, seed: int = 0, options: dict[str, Any] | None = None,
+           config: RunConfig | str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Check that every block is marked done, read every chunk (checksums, finite values, a mirrored
+    block's copy), and, given the run's ``config``, recompute ``sample`` random blocks in float64
+    with another method.
+
+    Nothing the store records is imported or run: blocks are recomputed only from ``config`` (a
+    RunConfig, or a YAML path whose folder ``model.target`` imports from, as for ``run``), and only
+    once its model, data and ntk sections and the parameters' and inputs' fingerprints (and the
+    functional fingerprint, where recorded) match the store's record. Without ``config`` no block is
+    recomputed, and ``checked`` says so.
 
     Returns:
       ``{"ok": bool, "checked": [...what was checked...], "failures": [...one line each...]}``.
     """
     k = open_kernel(path, options)
-    plan, done = k.plan, k.done
     checked: list[str] = []
     failures: list[str] = []
+    readable = _read_all(k, checked, failures)
+    if config is not None:
+        failures += _recompute(k, config, sample, seed, readable, checked)
+    elif sample > 0:
+        checked.append(NOT_RECOMPUTED)
+    return {"ok": not failures, "checked": checked, "failures": failures}
+
+
+# What verify says when it recomputes nothing for want of a config.
+NOT_RECOMPUTED = ("no block recomputed: give --config CONFIG (the run's config) to recompute --sample blocks; a "
+                  "store's own record is never executed")
+
+
+def _read_all(k: Kernel, checked: list[str], failures: list[str]) -> list[Block]:
+    """Markers, then every block read (checksums, finite, a mirror equal to its transpose): the blocks
+    marked done that passed."""
+    plan, done = k.plan, k.done
     missing = [b.index for b in plan.blocks if not done[b.row, b.col]]
     checked.append(f"{len(plan.blocks) - len(missing)} of {len(plan.blocks)} blocks marked done")
     if missing:
@@ -94,32 +122,39 @@ def verify(path: str, sample: int = 2, seed: int = 0, options: dict[str, Any] | 
                 failures.append(f"block {b.index}: its mirrored copy differs from its transpose")
                 continue
             readable.append(b)
-    checked.append(f"read all {len(plan.blocks)} blocks (crc32c checksums)")
-    if sample > 0 and readable:
-        failures += _recompute(k, random.Random(seed).sample(readable, min(sample, len(readable))), checked)
-    return {"ok": not failures, "checked": checked, "failures": failures}
+    checked.append(f"read all {len(plan.blocks)} blocks: crc32c checksums, finite values, mirrored copies")
+    return readable
 
 
-def _recompute(k: Kernel, blocks: list[Block], checked: list[str]) -> list[str]:
+def _recompute(k: Kernel, config: RunConfig | str | os.PathLike[str], sample: int, seed: int,
+               readable: list[Block], checked: list[str]) -> list[str]:
+    """The given config checked against the record, then ``sample`` of the readable blocks recomputed
+    in float64 with another method: the failures, one line each."""
     prov = k.provenance
+    where = "the given config" if isinstance(config, RunConfig) else f"config {config}"
     try:
-        cfg = parse_config(prov.config)
-        module = build_model(cfg.model).to(getattr(torch, prov.dtype))  # as the run fingerprinted it
-        if fingerprint_module(module) != prov.fingerprints.get("parameters"):
-            return ["cannot recompute: the model the recorded config builds differs from the recorded parameters"]
-        module = module.double()
-        x1 = open_source(cfg.data.x1, "data.x1")
-        x2 = None if cfg.data.x2 is None else open_source(cfg.data.x2, "data.x2")
+        cfg, search_path = resolve(config)
+        p = prepare(cfg, search_path, recorded=(prov.method, prov.auto))
+        mismatch = prov.mismatch(cfg.model_dump(mode="json"), p.fingerprints, VERIFY_SECTIONS, LOCATIONS)
+        if not mismatch and prov.function is not None:
+            mismatch = function_mismatch(prov.function, function_fingerprint(p), prov.dtype)
     except PipelineError as err:
-        return [f"cannot recompute blocks: {err}"]
-    fm = FunctionalModel(module, cfg.model.output)
-    check_model(fm, cast_input(x1.read(0, min(2, x1.n)), torch.float64))
+        return [f"cannot recompute blocks from {where}: {err}"]
+    if mismatch:
+        return [f"{where} is not the config of the run that wrote {k.path}: {mismatch}; no block recomputed"]
+    checked.append(f"{where} matches the recorded config and fingerprints")
+    blocks = random.Random(seed).sample(readable, min(sample, len(readable)))
+    if not blocks:
+        checked.append(f"no block recomputed ({'--sample 0' if sample <= 0 else 'no readable block marked done'})")
+        return []
+    fm = FunctionalModel(p.module.double(), cfg.model.output)
+    check_model(fm, cast_input(p.x1.read(0, min(2, p.x1.n)), torch.float64))
     method = OTHER_METHOD[prov.method]
     tol = VERIFY_TOLERANCE[prov.dtype]
     failures = []
     for b in blocks:
-        a = cast_input(x1.read(b.i0, b.i1), torch.float64)
-        c = None if b.diagonal and x2 is None else cast_input((x2 or x1).read(b.j0, b.j1), torch.float64)
+        a = cast_input(p.x1.read(b.i0, b.i1), torch.float64)
+        c = None if b.diagonal and p.x2 is None else cast_input((p.x2 or p.x1).read(b.j0, b.j1), torch.float64)
         ref = compute_block(fm, a, c, method, prov.mode).numpy()
         stored, _ = k.read_block(b)
         scale = max(float(np.abs(ref).max()), 1e-30)

@@ -248,16 +248,20 @@ def status(output: str, as_json: bool, options: dict[str, Any] | None) -> None:
 
 @main.command()
 @click.argument("output")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The config of the run that wrote OUTPUT: --sample blocks are recomputed from it (never from "
+                   "the store's own record), once it matches the recorded config and fingerprints.")
 @click.option("--sample", type=click.IntRange(0), default=2, show_default=True,
-              help="Blocks to recompute in float64 with another method.")
+              help="Blocks to recompute in float64 with another method (needs --config).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which blocks --sample picks.")
 @storage_options_option
 @fails_cleanly
-def verify(output: str, sample: int, seed: int, options: dict[str, Any] | None) -> None:
-    """Check OUTPUT: every block marked done, every chunk readable (checksums), samples recomputed."""
+def verify(output: str, config: str | None, sample: int, seed: int, options: dict[str, Any] | None) -> None:
+    """Check OUTPUT: every block marked done, every chunk readable (checksums), finite and symmetric;
+    with --config CONFIG, --sample blocks recomputed from CONFIG."""
     from pipeline.audit import verify as run_verify
 
-    r = run_verify(output, sample=sample, seed=seed, options=options)
+    r = run_verify(output, sample=sample, seed=seed, options=options, config=config)
     for line in r["checked"]:
         click.echo(f"checked: {line}")
     for line in r["failures"]:

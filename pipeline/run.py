@@ -25,12 +25,14 @@ from pipeline import policy
 from pipeline.config import Method, RunConfig
 from pipeline.errors import ConfigError, PipelineError, StoreError
 from pipeline.execute import EXECUTORS, BlockResult, BlockTask, Executor, strips
+from pipeline.fingerprint import function_fingerprint, function_mismatch
 from pipeline.kernel import open_kernel
 from pipeline.methods import estimate_flops
 from pipeline.plan import Block, kernel_entries
 from pipeline.prepare import Prepared, check_not_an_input, prepare, resolve
 from pipeline.store import (
     BlockWriter,
+    Function,
     Lease,
     Provenance,
     Strip,
@@ -70,6 +72,7 @@ class Start:
     p: Prepared
     recorded: Provenance | None  # the store's record, when resuming
     todo: list[Block]
+    function: Function | None = None  # the functional fingerprint, for a store this run creates
 
 
 def _now() -> str:
@@ -104,7 +107,7 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
     ex.start()  # a missing GPU or an unreachable cluster is refused before the output is written
     lease = Lease(cfg.output.path, cfg.output.lease_seconds, cfg.output.storage_options)
     try:
-        prov = start.recorded or _create(p, start.action)
+        prov = start.recorded or _create(p, start.action, start.function)
         lease.acquire()
         prov = prov.model_copy(update={"status": "running", "last_started": _now(), "runs": (prov.runs or 0) + 1,
                                        "strip": _strip(p, len(start.todo), ex.slots()), "error": None})
@@ -135,12 +138,14 @@ def _start(cfg: RunConfig, search_path: str | None) -> Start:
             raise StoreError("output.path", f"another run is writing {path}: {describe_lease(holder or {})}; "
                              "not overwriting it")
         p = prepare(cfg, search_path, measure=True)
-        return Start(action, p, None, list(p.plan.blocks))
+        return Start(action, p, None, list(p.plan.blocks), function_fingerprint(p))
     stored = open_kernel(path, opts)  # the one reader: a malformed or newer-format record is refused
     recorded = stored.provenance
     # The recorded choice: the same bits as before.
     p = prepare(cfg, search_path, recorded=(recorded.method, recorded.auto))
     mismatch = recorded.resume_mismatch(cfg.model_dump(mode="json"), p.fingerprints)
+    if not mismatch and recorded.function is not None:  # a store older than the record resumes without it
+        mismatch = function_mismatch(recorded.function, function_fingerprint(p), cfg.ntk.dtype)
     if mismatch:
         raise StoreError("output.path", f"cannot resume {path}: {mismatch}; use --overwrite to start afresh")
     return Start(action, p, recorded, [b for b in p.plan.blocks if not stored.done[b.row, b.col]])
@@ -156,7 +161,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _create(p: Prepared, action: str) -> Provenance:
+def _create(p: Prepared, action: str, function: Function | None) -> Provenance:
     """Create the store (replacing an old one for "overwrite") with the provenance of a new run."""
     cfg = p.config
     prov = Provenance(
@@ -164,7 +169,7 @@ def _create(p: Prepared, action: str) -> Provenance:
         n1=p.plan.n1, n2=p.plan.n2, o=p.o, p=p.fm.p, symmetric=p.plan.symmetric, block=p.plan.block,
         chunk=p.plan.chunks, compression=cfg.output.compression, grid=p.plan.grid, blocks_total=len(p.plan.blocks),
         versions=_versions(), fingerprints=p.fingerprints, status="running", started=_now(), blocks_done=0,
-        fallbacks=dict(p.fm.fallbacks) or None,
+        fallbacks=dict(p.fm.fallbacks) or None, function=function,
     )
     create(cfg.output.path, p.plan, cfg.ntk.mode, p.o, cfg.ntk.dtype, prov, overwrite=action == "overwrite",
            compression=cfg.output.compression, options=cfg.output.storage_options)

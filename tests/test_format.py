@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 import zarr
 from click.testing import CliRunner
 
@@ -84,14 +85,19 @@ def test_a_format_0_store_opens_with_its_typed_provenance(v0):
     assert k.array.dtype == np.float32
 
 
-def test_status_verify_and_inspect_read_a_format_0_store(v0):
+def test_status_verify_and_inspect_read_a_format_0_store(v0, tmp_path):
     status = _invoke("status", str(v0), "--json")
     assert status.exit_code == 0, status.output
     s = json.loads(status.stdout)
     assert (s["status"], s["blocks_done"], s["blocks_total"], s["nodes"]) == ("complete", 6, 6, {"vm": 6})
     assert s["lease"]["held"] is False
-    # --sample rebuilds nets:small_mlp from the recorded config (tests/ is on sys.path under pytest)
-    verify = _invoke("verify", str(v0), "--sample", "6")
+    # --sample recomputes from the run's config, given (nets:small_mlp: tests/ is on sys.path under pytest);
+    # the fixture's record is this test's own, so the config is written from it
+    recorded = _record(original())["config"]
+    config = tmp_path / "v0.yaml"
+    config.write_text(yaml.safe_dump({**{k: recorded[k] for k in ("model", "data", "ntk", "tiling")},
+                                      "output": {"path": str(v0)}}))
+    verify = _invoke("verify", str(v0), "--sample", "6", "--config", str(config))
     assert verify.exit_code == 0, verify.output
     assert "verify: ok" in verify.stdout and "recomputed blocks" in verify.stdout
     inspect = _invoke("inspect", str(v0), "--json")
@@ -122,8 +128,9 @@ def test_a_new_store_records_format_1_with_the_keys_and_shapes_of_format_0(tmp_p
     pipeline.run(cfg, executor="local", progress=False)
     record = _record(tmp_path / "new.zarr")
     assert record["format_version"] == FORMAT_VERSION == 1
-    assert set(record) == set(before) | {"format_version"}
-    shapes = {k: _shape(v) for k, v in record.items() if k not in ("format_version", "config", "versions")}
+    assert set(record) == set(before) | {"format_version", "function"}  # function: the functional fingerprint
+    shapes = {k: _shape(v) for k, v in record.items() if k not in ("format_version", "config", "versions",
+                                                                   "function")}
     assert shapes == {k: _shape(v) for k, v in before.items() if k not in ("config", "versions")}
     prov = parse(record, "new.zarr")
     assert prov.format_version == 1 and prov.record() == record  # parse and write round-trip exactly

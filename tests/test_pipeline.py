@@ -213,9 +213,9 @@ def test_sharded_and_compressed_stores_hold_the_same_kernel(tmp_path, write_conf
     # one file per block (3 x 3 grid), however many chunks it holds
     files = [p for p in (tmp_path / "sharded.zarr" / "kernel" / "c").rglob("*") if p.is_file()]
     assert len(files) == 9
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(tmp_path / "sharded.zarr")],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(tmp_path / "sharded.zarr"),
+                             "--config", str(tmp_path / "sharded.yaml")], capture_output=True, text=True)
+    assert result.returncode == 0 and "recomputed blocks" in result.stdout, result.stdout + result.stderr
 
 
 def test_a_chunk_that_does_not_divide_the_block_is_a_config_error(tmp_path, write_config):

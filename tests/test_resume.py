@@ -107,7 +107,8 @@ def test_sigkill_part_way_then_resume_equals_an_uninterrupted_run(workdir):
     b = zarr.open_group(workdir / "ref.zarr", mode="r")["kernel"][...]
     np.testing.assert_array_equal(a, b)
     assert zarr.open_group(workdir / "out.zarr", mode="r").attrs["ntk_pipeline"]["status"] == "complete"
-    assert CliRunner().invoke(main, ["verify", str(workdir / "out.zarr")]).exit_code == 0
+    ver = CliRunner().invoke(main, ["verify", str(workdir / "out.zarr"), "--config", str(workdir / "slow.yaml")])
+    assert ver.exit_code == 0 and "recomputed blocks" in ver.stdout, ver.output
 
 
 def test_worker_killed_while_computing_is_retried(workdir, ray_session):
@@ -208,7 +209,8 @@ def test_nan_input_is_refused_before_anything_is_written(workdir):
 
 def test_corrupted_chunk_fails_verify_naming_the_block(workdir):
     pipeline.run(_write(workdir, _cfg(), "c.yaml"), executor="local", progress=False)
-    assert CliRunner().invoke(main, ["verify", str(workdir / "out.zarr")]).exit_code == 0
+    ok = CliRunner().invoke(main, ["verify", str(workdir / "out.zarr"), "--config", str(workdir / "c.yaml")])
+    assert ok.exit_code == 0 and "recomputed blocks" in ok.stdout, ok.output
     chunk = workdir / "out.zarr" / "kernel" / "c" / "2" / "3" / "0" / "0"  # block (2, 3): rows 6:9, cols 9:12
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF

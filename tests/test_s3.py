@@ -120,9 +120,10 @@ def test_a_run_writes_to_s3_and_status_verify_and_resume_work_there(s3, write_co
     s = json.loads(status.output)
     assert (s["status"], s["blocks_done"], s["blocks_total"]) == ("complete", 10, 10)
     assert sum(s["nodes"].values()) == 10
-    verify = runner.invoke(main, ["verify", url, "--sample", "2", "--storage-options", json.dumps(opts)])
+    verify = runner.invoke(main, ["verify", url, "--sample", "2", "--config", str(cfg), "--storage-options",
+                                  json.dumps(opts)])
     assert verify.exit_code == 0, verify.output
-    assert "verify: ok" in verify.output
+    assert "verify: ok" in verify.output and "recomputed blocks" in verify.output
 
     # Lose three blocks' data and markers on the server: a rerun recomputes exactly those three.
     group = zarr.open_group(url, mode="r+", storage_options=opts)

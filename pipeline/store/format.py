@@ -12,9 +12,10 @@ change. A record of a newer format than this code reads is refused, never guesse
 What a reader may trust: the record is data, written by whoever wrote the store. Parsing checks its
 shape and types (a malformed record is refused naming the store), not its truth: the config,
 fingerprints, versions and status are the writer's claims. Nothing in it is ever imported or
-executed by reading it; a resume recomputes the fingerprints and compares them with the recorded
-ones, and ``verify`` recomputes blocks from a model it builds itself. Keys this code does not know
-are kept as they are when the record is rewritten.
+executed by reading it: a resume recomputes the fingerprints (and the functional fingerprint,
+``function``) from the config it runs and compares them with the recorded ones, and ``verify``
+recomputes blocks only from a config the user gives, checked against the record first. Keys this
+code does not know are kept as they are when the record is rewritten.
 """
 
 from __future__ import annotations
@@ -54,10 +55,52 @@ class Strip(BaseModel):
         return _drop_none(handler(self), frozenset({"saving"}))
 
 
-# The optional keys a record may lack (run state, absent until a run sets it; fallbacks): written only when set.
+class Values(BaseModel):
+    """A tensor as a functional fingerprint keeps it: its shape, up to ``pipeline.fingerprint.SAMPLE``
+    of its values (at evenly spaced flat indices; all of them when there are no more), and the L2
+    norm and the sum of all of them."""
+
+    model_config = _RECORD
+
+    shape: tuple[int, ...]
+    values: tuple[float, ...]
+    norm: float
+    sum: float
+
+
+class SourceFile(BaseModel):
+    """A Python module the model's code comes from, and the sha256 of its file."""
+
+    model_config = _RECORD
+
+    module: str
+    file: str
+    sha256: str
+
+
+class Function(BaseModel):
+    """What the model computed when the store was created (``pipeline.fingerprint``): its outputs on
+    rows 0:rows of x1 (and of x2), the kernel block of those rows with the run's method, mode and
+    dtype, and the source files of the model's code. A resume recomputes it and refuses to mix."""
+
+    model_config = _RECORD
+
+    rows: int
+    outputs_x1: Values  # (rows, o)
+    outputs_x2: Values | None = None  # None: K(x1, x1)
+    block: Values  # K(x1[0:rows], x2[0:rows] or x1[0:rows]): (rows, rows[, o[, o]]) by mode
+    sources: tuple[SourceFile, ...] = ()  # () for a builtin model, or a module without a source file
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _drop_none(handler(self), frozenset({"outputs_x2"}))
+
+
+# The optional keys a record may lack (run state, absent until a run sets it; fallbacks; the functional
+# fingerprint, absent from stores written before it existed): written only when set.
 RUN_STATE = frozenset({
     "last_started", "runs", "strip", "nodes", "block_nodes", "updated", "finished", "seconds", "block_seconds",
-    "write_seconds", "startup_seconds", "error", "fallbacks",
+    "write_seconds", "startup_seconds", "error", "fallbacks", "function",
 })
 
 
@@ -107,6 +150,9 @@ class Provenance(BaseModel):
     # Transforms the model does not support and so the paths the methods took instead (transform ->
     # why; pipeline.methods.capabilities); absent when every method ran as it does by default.
     fallbacks: dict[str, str] | None = None
+    # The functional fingerprint taken when the store was created; None in stores written before it
+    # existed, whose resume checks the config and the fingerprints alone.
+    function: Function | None = None
 
     @model_serializer(mode="wrap")
     def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -115,8 +161,14 @@ class Provenance(BaseModel):
     def resume_mismatch(self, config: Mapping[str, Any], fingerprints: Mapping[str, str | None]) -> str | None:
         """What differs between this recorded run and one of ``config`` (the resolved config as JSON) over
         inputs and parameters with these ``fingerprints``, or None: the record's own resume check."""
-        for section in RESUME_SECTIONS:
-            found = _first_difference(self.config.get(section), config[section], section)
+        return self.mismatch(config, fingerprints, RESUME_SECTIONS)
+
+    def mismatch(self, config: Mapping[str, Any], fingerprints: Mapping[str, str | None], sections: tuple[str, ...],
+                 ignore: frozenset[str] = frozenset()) -> str | None:
+        """The first difference in ``sections`` of the config (keys in ``ignore``, dotted, left out), else
+        in the parameter and input fingerprints, or None."""
+        for section in sections:
+            found = _first_difference(self.config.get(section), config[section], section, ignore)
             if found:
                 return found
         for key, what in _FINGERPRINTS.items():
@@ -133,13 +185,21 @@ class Provenance(BaseModel):
 
 # What a resume must find unchanged: everything that decides the kernel's values and layout.
 RESUME_SECTIONS = ("model", "data", "ntk", "tiling")
+# What ``verify`` checks a given config against: what decides the kernel's values. Where the inputs and
+# the checkpoint lie is left out (a store is often verified on another machine): the fingerprints
+# of their contents are compared instead.
+VERIFY_SECTIONS = ("model", "data", "ntk")
+LOCATIONS = frozenset({"model.checkpoint", "data.x1.path", "data.x1.storage_options", "data.x2.path",
+                       "data.x2.storage_options"})
 _FINGERPRINTS = {"parameters": "model parameters", "x1": "data.x1 values", "x2": "data.x2 values"}
 
 
-def _first_difference(recorded: Any, now: Any, key: str) -> str | None:
+def _first_difference(recorded: Any, now: Any, key: str, ignore: frozenset[str] = frozenset()) -> str | None:
+    if key in ignore:
+        return None
     if isinstance(recorded, dict) and isinstance(now, dict):
         for k in sorted(set(recorded) | set(now)):
-            found = _first_difference(recorded.get(k), now.get(k), f"{key}.{k}")
+            found = _first_difference(recorded.get(k), now.get(k), f"{key}.{k}", ignore)
             if found:
                 return found
         return None
@@ -197,5 +257,5 @@ def _first_error(err: Exception) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-__all__ = ["ATTRIBUTE", "FORMAT_VERSION", "RESUME_SECTIONS", "RUN_STATE", "Provenance", "Strip", "attributes", "parse",
-           "read_provenance", "write_provenance"]
+__all__ = ["ATTRIBUTE", "FORMAT_VERSION", "LOCATIONS", "RESUME_SECTIONS", "RUN_STATE", "VERIFY_SECTIONS", "Function",
+           "Provenance", "SourceFile", "Strip", "Values", "attributes", "parse", "read_provenance", "write_provenance"]
