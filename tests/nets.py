@@ -369,3 +369,27 @@ class Reparametrized(nn.Module):
         h = torch.tanh(self.orth(x.mean(1)))
         c = self.cols(torch.tanh(self.conv(x.transpose(1, 2)))).mean(2)  # (n, 3) for S >= 4
         return self.square(torch.cat([h, torch.tanh(c)], 1))
+
+
+class Recurrent(nn.Module):
+    """(n, S, d) -> an LSTM, GRU or RNN with the given options -> its last output -> Linear; ``packed``
+    runs it on a PackedSequence (each sample's length S - i % 2)."""
+
+    def __init__(self, kind: str = "lstm", d: int = 5, hidden: int = 4, o: int = 3, packed: bool = False,
+                 **options: object) -> None:
+        super().__init__()
+        cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind]
+        self.rnn = cls(d, hidden, **options)
+        self.batch_first, self.packed = bool(options.get("batch_first")), packed
+        self.head = nn.Linear(hidden * (2 if options.get("bidirectional") else 1), o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.batch_first else x.transpose(0, 1)
+        if self.packed:
+            lengths = torch.tensor([x.shape[1] - i % 2 for i in range(x.shape[0])])
+            h = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=self.batch_first, enforce_sorted=False)
+            out = nn.utils.rnn.pad_packed_sequence(self.rnn(h)[0], batch_first=True)[0]
+        else:
+            out = self.rnn(h)[0]
+            out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(out[:, 0])

@@ -5,7 +5,8 @@ Cost: one forward and one o-batched backward per side, then per layer the cheape
 and materialized forms (for a Linear: n1 n2 (K + o^2 C) against (n1 + n2) o C K + n1 n2 o^2 C K);
 memory: the inputs and cotangents of every layer for the block, plus the fallback parameters'
 Jacobians. Fastest whenever most parameters sit in layers with a rule; never forms per-sample
-Jacobians of Linear (and Hugging Face Conv1D), Conv, norm, Embedding or attention projection layers.
+Jacobians of Linear (and Hugging Face Conv1D), Conv, norm, Embedding, attention projection or
+recurrent (LSTM, GRU, RNN) layers, nor of weights computed from other parameters.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The structured rules, one file per layer family, in a registry keyed by module type.
 
     rule_for(nn.Linear(3, 4)).kind     # "linear"
-    rule_for(nn.GRU(3, 4))             # None: its parameters fall back to per-sample Jacobians
+    rule_for(nn.GRU(3, 4)).kind        # "recurrent"
+    rule_for(nn.RNNCell(3, 4))         # None: its parameters fall back to per-sample Jacobians
 
 Adding a layer family: a module here with a ``RULE`` (pipeline.methods.structured.rules.base.Rule:
 ``kind``, ``types``, ``eligible``, ``term``, ``cost``) and one line in ``FAMILIES``. Adding a module
@@ -16,10 +17,10 @@ import torch
 from torch import nn
 
 from pipeline.config import Mode
-from pipeline.methods.structured.rules import affine, attention, conv, embedding, linear, reparam
+from pipeline.methods.structured.rules import affine, attention, conv, embedding, linear, recurrent, reparam
 from pipeline.methods.structured.rules.base import Rule, Site, WeightJacobians
 
-FAMILIES: tuple[Rule, ...] = (linear.RULE, conv.RULE, affine.RULE, embedding.RULE, attention.RULE)
+FAMILIES: tuple[Rule, ...] = (linear.RULE, conv.RULE, affine.RULE, embedding.RULE, attention.RULE, recurrent.RULE)
 RULES: dict[type[nn.Module], Rule] = {t: rule for rule in FAMILIES for t in rule.types}
 RULES_BY_NAME: dict[str, Rule] = {name: rule for rule in FAMILIES for name in rule.type_names}
 
