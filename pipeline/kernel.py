@@ -62,6 +62,7 @@ def open_kernel(path: str, options: dict[str, Any] | None = None) -> Kernel:
         raise StoreError(path, err.message) from None
     if kind != "kernel":
         what = {"none": "does not exist", "zarr": "is a Zarr store but not an ntk-pipeline output",
+                "ours": "is an ntk-pipeline store without its kernel or markers (its creation was interrupted)",
                 "other": "is not a Zarr store"}[kind]
         raise StoreError(path, what)
     try:

@@ -52,6 +52,60 @@ def kernel_of(path: Path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 3. --overwrite replaces only an ntk-pipeline store, and only the nodes it creates
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", [(), ("--overwrite",)])
+def test_a_foreign_zarr_store_is_refused_whatever_the_flag_and_left_intact(write_config, tmp_path, flag):
+    store = tmp_path / "out.zarr"
+    g = zarr.open_group(store, mode="w")
+    g.create_array("images", shape=(4, 2), dtype="float32")[:] = np.arange(8, dtype="float32").reshape(4, 2)
+    (store / "notes.txt").write_text("precious")
+    before = snapshot(store)
+    line = error_line(run_cli(write_config(base()), *flag))
+    verb = "overwrite" if flag else "write into"
+    assert line == (f"Error: output.path: {store.resolve()} is a Zarr store that ntk-pipeline did not write (no "
+                    f"'ntk_pipeline' attribute); refusing to {verb} it; choose another output.path")
+    assert "--overwrite" not in line and "overwrite: true" not in line
+    assert snapshot(store) == before
+
+
+def test_overwrite_of_our_store_replaces_the_kernel_and_keeps_what_the_user_put_beside_it(write_config, tmp_path):
+    store = tmp_path / "out.zarr"
+    assert run_cli(write_config(base())).exit_code == 0
+    (store / "notes.txt").write_text("precious")
+    (store / "mine").mkdir()
+    (store / "mine" / "data.csv").write_text("1,2,3")
+    old_chunks = {p for p in snapshot(store) if p.startswith("kernel/")}
+
+    cfg = base(ntk={"method": "jacobian_contraction", "mode": "trace", "dtype": "float64"})
+    result = run_cli(write_config(cfg), "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (store / "notes.txt").read_text() == "precious"
+    assert (store / "mine" / "data.csv").read_text() == "1,2,3"
+    # The old full kernel's chunk files (kernel/c/r/c/0/0) are gone, not mixed into the new one.
+    now = {p for p in snapshot(store) if p.startswith("kernel/")}
+    assert not (old_chunks - {"kernel/zarr.json"}) & now
+    cfg["output"] = {"path": "clean.zarr"}
+    assert run_cli(write_config(cfg, "clean.yaml")).exit_code == 0
+    assert np.array_equal(kernel_of(store), kernel_of(tmp_path / "clean.zarr"))
+    assert CliRunner().invoke(main, ["verify", str(store), "--sample", "0"]).exit_code == 0
+
+
+def test_an_interrupted_overwrite_is_named_and_can_be_overwritten_again(write_config, tmp_path):
+    store = tmp_path / "out.zarr"
+    config = write_config(base())
+    assert run_cli(config).exit_code == 0
+    del zarr.open_group(store, mode="r+")["kernel"]  # what a crash part-way through an overwrite leaves
+    line = error_line(run_cli(config))
+    assert line == (f"Error: output.path: {store.resolve()} is an ntk-pipeline store without its kernel or done "
+                    "array (its creation was interrupted); use --overwrite to start afresh")
+    assert run_cli(config, "--overwrite").exit_code == 0
+    assert kernel_of(store).shape == (6, 6, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # 7. Strict YAML
 # ---------------------------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from pipeline.store.layout import (
     LEASE,
     BlockWriter,
     check_output,
+    clear,
     create,
     done_mask,
     existing,
@@ -30,6 +31,7 @@ from pipeline.store.lease import Lease, describe_lease, lease_alive, lease_holde
 
 __all__ = [
     "ATTRIBUTE", "COMPRESSORS", "DIMENSIONS", "DONE", "FORMAT_VERSION", "KERNEL", "LEASE", "BlockWriter", "Lease",
-    "Provenance", "Strip", "check_output", "create", "describe_lease", "done_mask", "existing", "lease_alive",
-    "lease_holder", "open_group", "parse", "read_provenance", "transpose", "transposed_copy", "update_provenance",
+    "Provenance", "Strip", "check_output", "clear", "create", "describe_lease", "done_mask", "existing",
+    "lease_alive", "lease_holder", "open_group", "parse", "read_provenance", "transpose", "transposed_copy",
+    "update_provenance",
 ]
