@@ -15,6 +15,8 @@ from click.testing import CliRunner, Result
 
 from pipeline.cli import main
 
+from nets import PAD, SEQ, VOCAB
+
 BASE: dict[str, Any] = {
     "model": {"builtin": "mlp", "kwargs": {"in_features": 6, "hidden": [8], "out_features": 3}},
     "data": {"x1": {"synthetic": {"n": 6, "shape": [6], "seed": 0}}},
@@ -103,6 +105,38 @@ def test_an_interrupted_overwrite_is_named_and_can_be_overwritten_again(write_co
                     "array (its creation was interrupted); use --overwrite to start afresh")
     assert run_cli(config, "--overwrite").exit_code == 0
     assert kernel_of(store).shape == (6, 6, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Every input row through the model before the store exists; a block's failure is one line
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "n", "bad_row"), [("x1", 12, 9), ("x2", 10, 7), ("x1", 600, 517)])
+def test_a_token_id_the_model_rejects_is_named_by_row_before_anything_is_written(write_config, tmp_path, key, n,
+                                                                                  bad_row):
+    rng = np.random.default_rng(0)
+    for name, rows in (("x1", 12 if key == "x2" else n), ("x2", n if key == "x2" else 10)):
+        ids = rng.integers(PAD + 1, VOCAB, size=(rows, SEQ))
+        if name == key:
+            ids[bad_row, 2] = VOCAB  # one past the embedding table
+        np.save(tmp_path / f"{name}.npy", ids)
+    cfg = base(model={"target": "nets:EmbedLN"},
+               data={"x1": {"path": "x1.npy"}, **({"x2": {"path": "x2.npy"}} if key == "x2" else {})},
+               tiling={"block": 4})
+    line = error_line(run_cli(write_config(cfg)))
+    assert line == f"Error: data.{key}: row {bad_row}: the model rejects it: IndexError: index out of range in self"
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_block_that_fails_with_the_local_executor_is_one_line(write_config, tmp_path):
+    cfg = base(model={"target": "nets:FailsInBlocks", "kwargs": {"block": 4}},
+               data={"x1": {"synthetic": {"n": 8, "shape": [3]}}},
+               ntk={"method": "structured", "mode": "trace", "dtype": "float64"},
+               tiling={"block": 4, "strip": 1})
+    line = error_line(run_cli(write_config(cfg)))
+    assert line == "Error: block 0: ValueError: cannot differentiate 4 rows at once"
+    assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["ntk_pipeline"]["status"] == "failed"
 
 
 # ---------------------------------------------------------------------------------------------------------
