@@ -18,12 +18,12 @@ import torch
 
 from pipeline.config import Method, parse_config
 from pipeline.data import open_source
-from pipeline.errors import PipelineError, brief
-from pipeline.kernel import Kernel, open_kernel
+from pipeline.errors import PipelineError
+from pipeline.kernel import Kernel, bad_blocks, open_kernel
 from pipeline.methods import check_model, compute_block
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module
 from pipeline.plan import Block
-from pipeline.store import describe_lease, lease_alive, lease_holder, transpose
+from pipeline.store import describe_lease, lease_alive, lease_holder
 
 # verify's tolerance, relative to the largest magnitude in the block, by the stored dtype.
 VERIFY_TOLERANCE = {"float32": 1e-3, "float64": 1e-8}
@@ -78,22 +78,10 @@ def verify(path: str, sample: int = 2, seed: int = 0, options: dict[str, Any] | 
     checked.append(f"{len(plan.blocks) - len(missing)} of {len(plan.blocks)} blocks marked done")
     if missing:
         failures.append(f"{len(missing)} blocks not done: {_some(missing)}")
-    readable = []
-    for b in plan.blocks:
-        try:
-            values, mirror = k.read_block(b)
-        except Exception as err:
-            failures.append(f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}): unreadable: {brief(err)}")
-            continue
-        if done[b.row, b.col]:
-            bad = int((~np.isfinite(values)).sum()) + (0 if mirror is None else int((~np.isfinite(mirror)).sum()))
-            if bad:
-                failures.append(f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}): {bad} values not finite")
-                continue
-            if mirror is not None and not np.array_equal(mirror, transpose(values)):
-                failures.append(f"block {b.index}: its mirrored copy differs from its transpose")
-                continue
-            readable.append(b)
+    bad = bad_blocks(k)
+    failures += [f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}): {why}" for b, why in bad]
+    broken = {b.index for b, _ in bad}
+    readable = [b for b in plan.blocks if done[b.row, b.col] and b.index not in broken]
     checked.append(f"read all {len(plan.blocks)} blocks (crc32c checksums)")
     if sample > 0 and readable:
         failures += _recompute(k, random.Random(seed).sample(readable, min(sample, len(readable))), checked)

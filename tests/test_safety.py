@@ -13,7 +13,9 @@ import pytest
 import zarr
 from click.testing import CliRunner, Result
 
+import pipeline
 from pipeline.cli import main
+from pipeline.errors import BlockError
 
 from nets import PAD, SEQ, VOCAB
 
@@ -172,3 +174,93 @@ def test_a_merge_key_may_still_be_overridden(tmp_path):
     config = tmp_path / "anchors.yaml"
     config.write_text("base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\n")
     assert read_yaml(config) == {"base": {"x": 1, "y": 2}, "d": {"x": 3, "y": 2}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Repair: recompute exactly the blocks whose chunks fail their checksum, are missing or are not finite
+# ---------------------------------------------------------------------------------------------------------
+
+REPAIR_X2 = {"synthetic": {"n": 9, "shape": [4], "seed": 2}}
+
+
+def _repair_config(write_config, x2: bool, out: str, name: str) -> Path:
+    data = {"x1": {"synthetic": {"n": 12, "shape": [4], "seed": 1}}, **({"x2": REPAIR_X2} if x2 else {})}
+    cfg = base(model={"builtin": "mlp", "kwargs": {"in_features": 4, "hidden": [8], "out_features": 2}},
+               data=data, output={"path": out})
+    return write_config(cfg, name)
+
+
+def _damage(store: Path) -> list[int]:
+    """Flip a byte of chunk (1, 2) and delete chunk (3, 0); the indices of the blocks they belong to."""
+    chunk = store / "kernel" / "c" / "1" / "2" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    (store / "kernel" / "c" / "3" / "0" / "0" / "0").unlink()
+    plan = pipeline.open_kernel(str(store)).plan
+    places = {(1, 2), (3, 0)}
+    return sorted(b.index for b in plan.blocks if (b.row, b.col) in places or (b.mirrored and (b.col, b.row) in places))
+
+
+@pytest.mark.parametrize("x2", [False, True], ids=["symmetric", "x2"])
+def test_repair_restores_the_exact_kernel(write_config, tmp_path, x2):
+    clean = _repair_config(write_config, x2, "clean.zarr", "clean.yaml")
+    config = _repair_config(write_config, x2, "out.zarr", "config.yaml")
+    assert run_cli(clean).exit_code == 0 and run_cli(config).exit_code == 0
+    store = tmp_path / "out.zarr"
+    damaged = _damage(store)
+    assert len(damaged) == 2
+    assert CliRunner().invoke(main, ["verify", str(store), "--sample", "0"]).exit_code == 1
+
+    plain = run_cli(config)  # without --repair a complete store is not read through: it says so
+    assert plain.exit_code == 0, plain.output
+    assert plain.stdout.startswith("nothing to do: all ") and "--repair" in plain.stdout
+
+    result = run_cli(config, "--repair")
+    assert result.exit_code == 0, result.output
+    repaired = [line for line in result.stdout.splitlines() if line.startswith("repaired: ")]
+    assert [int(line.split()[2]) for line in repaired] == damaged, result.stdout
+    assert any("checksum" in line for line in repaired) and any("missing" in line for line in repaired)
+    assert f"done: 2 blocks ({len(pipeline.open_kernel(str(store)).plan.blocks) - 2} done by an earlier run)" \
+        in result.stdout
+    assert np.array_equal(kernel_of(store), kernel_of(tmp_path / "clean.zarr"))
+    verify = CliRunner().invoke(main, ["verify", str(store), "--sample", "1"])
+    assert verify.exit_code == 0, verify.output
+    assert pipeline.open_kernel(str(store)).provenance.status == "complete"
+    again = run_cli(config, "--repair")
+    assert again.exit_code == 0 and again.stdout.startswith("nothing to repair: all "), again.output
+
+
+def test_an_interrupted_repair_is_finished_by_a_plain_resume(write_config, tmp_path, monkeypatch):
+    clean = _repair_config(write_config, False, "clean.zarr", "clean.yaml")
+    config = _repair_config(write_config, False, "out.zarr", "config.yaml")
+    pipeline.run(clean, executor="local", progress=False)
+    pipeline.run(config, executor="local", progress=False)
+    store = tmp_path / "out.zarr"
+    damaged = _damage(store)
+
+    def crash(task, strip):
+        raise RuntimeError("the machine went away")
+
+    with monkeypatch.context() as m:
+        m.setattr("pipeline.execute.local.run_strip", crash)
+        with pytest.raises(BlockError, match="the machine went away"):
+            pipeline.run(config, executor="local", progress=False, repair=True)
+    k = pipeline.open_kernel(str(store))
+    assert k.missing_blocks() == damaged  # the markers were cleared before anything was recomputed
+    summary = pipeline.run(config, executor="local", progress=False)
+    assert summary.blocks == 2
+    assert np.array_equal(kernel_of(store), kernel_of(tmp_path / "clean.zarr"))
+
+
+def test_repair_is_a_resume(write_config, tmp_path):
+    config = write_config(base())
+    line = error_line(run_cli(config, "--repair"))
+    assert line == f"Error: output.path: {(tmp_path / 'out.zarr').resolve()} does not exist; a repair needs a " \
+        "store to repair"
+    assert not (tmp_path / "out.zarr").exists()
+    assert run_cli(config).exit_code == 0
+    assert run_cli(config, "--repair", "--overwrite").exit_code == 2
+    cfg = base(ntk={"method": "jacobian_contraction", "mode": "trace", "dtype": "float64"})
+    line = error_line(run_cli(write_config(cfg), "--repair"))
+    assert line.startswith("Error: output.path: cannot resume ") and "ntk.mode differs" in line

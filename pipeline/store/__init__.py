@@ -25,6 +25,7 @@ from pipeline.store.layout import (
     open_group,
     transpose,
     transposed_copy,
+    unmark,
     update_provenance,
 )
 from pipeline.store.lease import Lease, describe_lease, lease_alive, lease_holder
@@ -32,6 +33,6 @@ from pipeline.store.lease import Lease, describe_lease, lease_alive, lease_holde
 __all__ = [
     "ATTRIBUTE", "COMPRESSORS", "DIMENSIONS", "DONE", "FORMAT_VERSION", "KERNEL", "LEASE", "BlockWriter", "Lease",
     "Provenance", "Strip", "check_output", "clear", "create", "describe_lease", "done_mask", "existing",
-    "lease_alive", "lease_holder", "open_group", "parse", "read_provenance", "transpose", "transposed_copy",
+    "lease_alive", "lease_holder", "open_group", "parse", "read_provenance", "transpose", "transposed_copy", "unmark",
     "update_provenance",
 ]

@@ -109,6 +109,19 @@ def done_mask(path: str, options: dict[str, Any] | None = None) -> np.ndarray:
     return np.asarray(markers[...]).astype(bool)
 
 
+def unmark(path: str, blocks: list[Block], options: dict[str, Any] | None = None) -> None:
+    """Clear the done markers of ``blocks`` (both places of a mirrored block), so that a run recomputes
+    them and an interrupted one leaves them to the next resume (a repair does this first)."""
+    try:
+        markers: Any = open_group(path, "r+", options)[DONE]
+        for b in blocks:
+            markers[b.row, b.col] = 0
+            if b.mirrored:
+                markers[b.col, b.row] = 0
+    except OSError as err:
+        raise StoreError("output.path", f"cannot clear the markers of {path}: {brief(err)}") from None
+
+
 COMPRESSORS: dict[str, list[Any]] = {
     "none": [],
     "zstd": [ZstdCodec(level=3)],
