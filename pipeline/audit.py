@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from pipeline.config import Method, RunConfig
-from pipeline.errors import PipelineError, brief
+from pipeline.errors import PipelineError
 from pipeline.fingerprint import function_fingerprint, function_mismatch
-from pipeline.kernel import Kernel, open_kernel
+from pipeline.kernel import Kernel, bad_blocks, open_kernel
 from pipeline.methods import check_model, compute_block
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import Block
 from pipeline.prepare import prepare, resolve
-from pipeline.store import describe_lease, lease_alive, lease_holder, transpose
+from pipeline.store import describe_lease, lease_alive, lease_holder
 from pipeline.store.format import LOCATIONS, VERIFY_SECTIONS
 
 # verify's tolerance, relative to the largest magnitude in the block, by the stored dtype.
@@ -106,24 +106,11 @@ def _read_all(k: Kernel, checked: list[str], failures: list[str]) -> list[Block]
     checked.append(f"{len(plan.blocks) - len(missing)} of {len(plan.blocks)} blocks marked done")
     if missing:
         failures.append(f"{len(missing)} blocks not done: {_some(missing)}")
-    readable = []
-    for b in plan.blocks:
-        try:
-            values, mirror = k.read_block(b)
-        except Exception as err:
-            failures.append(f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}): unreadable: {brief(err)}")
-            continue
-        if done[b.row, b.col]:
-            bad = int((~np.isfinite(values)).sum()) + (0 if mirror is None else int((~np.isfinite(mirror)).sum()))
-            if bad:
-                failures.append(f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}): {bad} values not finite")
-                continue
-            if mirror is not None and not np.array_equal(mirror, transpose(values)):
-                failures.append(f"block {b.index}: its mirrored copy differs from its transpose")
-                continue
-            readable.append(b)
+    bad = bad_blocks(k)
+    failures += [f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}): {why}" for b, why in bad]
+    broken = {b.index for b, _ in bad}
     checked.append(f"read all {len(plan.blocks)} blocks: crc32c checksums, finite values, mirrored copies")
-    return readable
+    return [b for b in plan.blocks if done[b.row, b.col] and b.index not in broken]
 
 
 def _recompute(k: Kernel, config: RunConfig | str | os.PathLike[str], sample: int, seed: int,

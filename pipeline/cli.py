@@ -35,18 +35,29 @@ def main() -> None:
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output store.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output store (one ntk-pipeline "
+              "wrote; only its own nodes are removed).")
+@click.option("--repair", is_flag=True, help="Resume, and also recompute every block whose chunks fail their "
+              "checksum, are missing or are not finite (reads the whole kernel), even in a complete store.")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
               help="ray: one Ray task per block; local: every block in this process (for debugging).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @fails_cleanly
-def run(config: str, overwrite: bool | None, executor: str, progress: bool) -> None:
+def run(config: str, overwrite: bool | None, repair: bool, executor: str, progress: bool) -> None:
     """Compute the NTK that CONFIG describes into its Zarr store."""
     from pipeline.run import run as run_pipeline
 
-    s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress)
-    if s.blocks == 0 and s.skipped:
-        click.echo(f"nothing to do: all {s.skipped} blocks are done already (method {s.method})")
+    if repair and overwrite:
+        raise click.UsageError("--repair and --overwrite exclude each other: a repair keeps the good blocks")
+    s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress, repair=repair)
+    for line in s.repaired:
+        click.echo(f"repaired: {line}")
+    if s.blocks == 0 and s.skipped and s.repair:
+        click.echo(f"nothing to repair: all {s.skipped} blocks are done and pass their checks (crc32c checksums, "
+                   f"finite values, mirrored copies) (method {s.method})")
+    elif s.blocks == 0 and s.skipped:
+        click.echo(f"nothing to do: all {s.skipped} blocks are done already (method {s.method}); --repair "
+                   "checks every chunk and recomputes the blocks that fail")
     else:
         resumed = f" ({s.skipped} done by an earlier run)" if s.skipped else ""
         click.echo(f"done: {s.blocks} blocks{resumed} in {s.seconds:.2f} s, {s.entries:,} kernel entries "

@@ -326,12 +326,48 @@ def load_config(path: str | os.PathLike[str]) -> RunConfig:
     return parse_config(read_yaml(path), base=Path(path).resolve().parent)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that gives one key twice (at any depth); YAML's safe loader would keep the last silently."""
+
+    def __init__(self, key: object, first: int, second: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.second = key, first, second
+
+    def __str__(self) -> str:
+        lines = f"line {self.first}, twice" if self.first == self.second else f"lines {self.first} and {self.second}"
+        return f"duplicate key {self.key!r} ({lines})"
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a mapping with a duplicate key instead of keeping the last one
+    (``mode: trace`` then ``mode: full`` would silently compute full). Keys a merge (``<<``) brings in
+    may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the safe loader refuses it with its own message
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | os.PathLike[str]) -> Any:
-    """A config file's YAML, unvalidated; ConfigError naming the file if it is missing or not YAML."""
+    """A config file's YAML, unvalidated; ConfigError naming the file if it is missing, not YAML, or
+    gives a key twice in one mapping (naming the key and both lines)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(str(path), "no such config file")
     try:
-        return yaml.safe_load(p.read_text())
+        return yaml.load(p.read_text(), Loader=StrictLoader)  # a SafeLoader: no Python objects
+    except DuplicateKeyError as err:
+        raise ConfigError(str(path), str(err)) from None
     except yaml.YAMLError as err:
         raise ConfigError(str(path), f"not valid YAML: {err}") from None

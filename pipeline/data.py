@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -28,6 +29,12 @@ SYNTHETIC_GROUP = 1024
 FULL_HASH_BYTES = 1 << 30
 
 
+def as_tensor(rows: np.ndarray) -> torch.Tensor:
+    """Rows read from an input as a tensor that owns writable memory (a memory-mapped or read-only view
+    is copied)."""
+    return torch.from_numpy(np.array(rows, copy=not (rows.flags.writeable and rows.flags.c_contiguous)))
+
+
 class Source:
     """Rows of one input. Subclasses set ``n``, ``sample_shape``, ``dtype`` and implement ``_rows``."""
 
@@ -38,29 +45,47 @@ class Source:
 
     def read(self, i0: int, i1: int) -> torch.Tensor:
         """Rows ``i0:i1`` as a tensor of shape (i1 - i0, *sample_shape)."""
-        rows = self._rows(i0, i1)
-        # A memory-mapped or read-only view is copied: torch tensors must own writable memory.
-        return torch.from_numpy(np.array(rows, copy=not (rows.flags.writeable and rows.flags.c_contiguous)))
+        return as_tensor(self._rows(i0, i1))
 
     def _rows(self, i0: int, i1: int) -> np.ndarray:
         raise NotImplementedError
 
-    def fingerprint(self) -> str:
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.sample_shape)) * self.dtype.itemsize
+
+    @property
+    def step(self) -> int:
+        """Rows per piece of a pass over every row: about 4 MiB."""
+        return max(1, (1 << 22) // max(self.row_bytes, 1))
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Every row once, in order: ``(i0, rows)`` pieces of ``step`` rows, C-contiguous."""
+        step = self.step
+        for i0 in range(0, self.n, step):
+            yield i0, np.ascontiguousarray(self._rows(i0, min(i0 + step, self.n)))
+
+    def fingerprint(self, each: Callable[[int, np.ndarray], None] | None = None) -> str:
         """One pass over every row: refuse NaN or Inf (naming the first bad rows), and a sha256 of
-        shape, dtype and values (of an even sample of rows for inputs over 1 GiB)."""
+        shape, dtype and values (of an even sample of rows for inputs over 1 GiB).
+
+        Args:
+          each: called with ``(i0, rows)`` for every piece the pass reads (rows i0:i0 + len(rows)), so
+            that the pass's one read of the data serves another check too (``prepare`` runs the model
+            on every row); not called once a row with NaN or Inf is found.
+        """
         h = hashlib.sha256(f"{self.n}|{self.sample_shape}|{self.dtype}|".encode())
-        row_bytes = int(np.prod(self.sample_shape)) * self.dtype.itemsize
-        step = max(1, (1 << 22) // max(row_bytes, 1))  # read about 4 MiB at a time
-        whole = self.n * row_bytes <= FULL_HASH_BYTES
-        every = max(1, self.n // (1024 * step))  # hash every chunk, or about 1024 of them
+        whole = self.n * self.row_bytes <= FULL_HASH_BYTES
+        every = max(1, self.n // (1024 * self.step))  # hash every piece, or about 1024 of them
         bad: list[int] = []
-        for k, i0 in enumerate(range(0, self.n, step)):
-            rows = np.ascontiguousarray(self._rows(i0, min(i0 + step, self.n)))
+        for k, (i0, rows) in enumerate(self.chunks()):
             if np.issubdtype(rows.dtype, np.floating) and len(bad) < 5:
                 finite = np.isfinite(rows.reshape(rows.shape[0], -1)).all(axis=1)
                 bad += [i0 + int(i) for i in np.flatnonzero(~finite)[: 5 - len(bad)]]
             if whole or k % every == 0:
                 h.update(rows.tobytes())
+            if each is not None and not bad:
+                each(i0, rows)
         if bad:
             raise DataError(self.key, f"non-finite values (NaN or Inf) in rows {', '.join(map(str, bad))}"
                             + (" and maybe more" if len(bad) == 5 else ""))
@@ -205,7 +230,11 @@ class SyntheticSource(Source):
         off = g0 * SYNTHETIC_GROUP
         return rows[i0 - off : i1 - off].numpy()
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, each: Callable[[int, np.ndarray], None] | None = None) -> str:
+        """A hash of the spec (the rows follow from it); ``each`` still sees every row, drawn once."""
+        if each is not None:
+            for i0, rows in self.chunks():
+                each(i0, rows)
         h = hashlib.sha256(f"synthetic-v1|{self.n}|{self.sample_shape}|{self.seed}".encode())
         return f"spec:{h.hexdigest()}"
 

@@ -29,7 +29,7 @@ from pipeline.config import Method, Mode, is_url, url_options
 from pipeline.errors import StoreError, brief
 from pipeline.execute.ray_session import RaySession, unwrapped
 from pipeline.plan import Block, Plan, tile
-from pipeline.store import DONE, KERNEL, Provenance, existing, open_group, read_provenance
+from pipeline.store import DONE, KERNEL, Provenance, existing, open_group, read_provenance, transpose
 
 # Bytes of kernel one tile read holds (at least one chunk, whatever this says).
 TILE_BYTES = 256 << 20
@@ -62,6 +62,7 @@ def open_kernel(path: str, options: dict[str, Any] | None = None) -> Kernel:
         raise StoreError(path, err.message) from None
     if kind != "kernel":
         what = {"none": "does not exist", "zarr": "is a Zarr store but not an ntk-pipeline output",
+                "ours": "is an ntk-pipeline store without its kernel or markers (its creation was interrupted)",
                 "other": "is not a Zarr store"}[kind]
         raise StoreError(path, what)
     try:
@@ -300,6 +301,34 @@ class Kernel:
           (n1 m, c) float64.
         """
         return (products or Products(self)).matmat(x)
+
+
+def bad_blocks(kernel: Kernel) -> list[tuple[Block, str]]:
+    """The blocks whose stored data fails a check, read one block at a time, and why: a chunk that
+    cannot be read (its crc32c checksum fails, or the store errs), or, for a block marked done, values
+    that are not finite (a deleted chunk reads as NaN) or a mirrored copy that differs from the
+    block's transpose. ``verify`` reports them; ``run --repair`` recomputes them.
+
+    Returns:
+      ``[(block, why), ...]`` in the plan's order; ``why`` is one line ("unreadable: ...").
+    """
+    bad: list[tuple[Block, str]] = []
+    for b in kernel.plan.blocks:
+        try:
+            values, mirror = kernel.read_block(b)
+        except Exception as err:
+            bad.append((b, f"unreadable: {brief(err)}"))
+            continue
+        if not kernel.done[b.row, b.col]:
+            continue  # NaN where no block has written: not done, not bad
+        n = int((~np.isfinite(values)).sum()) + (0 if mirror is None else int((~np.isfinite(mirror)).sum()))
+        if any(np.isnan(part).all() for part in (values, mirror) if part is not None):
+            bad.append((b, f"missing: {n} values read as NaN, the fill value (a chunk file deleted?)"))
+        elif n:
+            bad.append((b, f"{n} values not finite"))
+        elif mirror is not None and not np.array_equal(mirror, transpose(values)):
+            bad.append((b, "its mirrored copy differs from its transpose"))
+    return bad
 
 
 def _bins(i0: int, i1: int, f: int) -> np.ndarray:

@@ -8,14 +8,16 @@ the method, all checked before anything touches the output.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.config import Method, RunConfig, is_url, load_config
-from pipeline.data import Source, open_source
+from pipeline.data import Source, as_tensor, open_source
 from pipeline.errors import ConfigError, DataError, ModelError, StoreError, brief
 from pipeline.methods import check_model
 from pipeline.methods.auto import auto_method
@@ -72,6 +74,55 @@ def _check_runs(fm: FunctionalModel, source: Source, key: str, dtype: torch.dtyp
     return int(out.shape[1])
 
 
+# The no-grad forward passes that check every input row take batches of about this many FLOPs (a
+# fraction of a second on a CPU), at most FORWARD_ROWS rows: large batches for a small model (the
+# pass is not many tiny calls), a few rows at a time for a large one (its activations stay small).
+FORWARD_FLOPS = 1e10
+FORWARD_ROWS = 4096
+
+
+def forward_rows(fm: FunctionalModel, source: Source, dtype: torch.dtype,
+                 fp: float = 0.0) -> Callable[[int, np.ndarray], None]:
+    """A check for ``Source.fingerprint``'s pass: every row through the model (no grad), in batches of
+    about FORWARD_FLOPS (``fp``: forward FLOPs of one sample), so that a row the model rejects is named
+    before anything is written. A forward pass per row costs O(N) next to the kernel's O(N^2) (see the
+    README for a measurement).
+
+    Raises (from the returned function):
+      DataError: ``<key>: row i: the model rejects it: <cause>``, naming the first row that fails
+        alone (or the rows of the batch, if none does).
+    """
+
+    size = int(min(FORWARD_ROWS, max(1, FORWARD_FLOPS // max(fp, 1.0))))
+
+    def check(i0: int, rows: np.ndarray) -> None:
+        for b0 in range(0, len(rows), size):
+            batch = rows[b0 : b0 + size]
+            err = _rejects(fm, batch, dtype)
+            if err is None:
+                continue
+            for k in range(len(batch)):  # which row: the first one that fails on its own
+                one = _rejects(fm, batch[k : k + 1], dtype)
+                if one is not None:
+                    raise DataError(source.key, f"row {i0 + b0 + k}: the model rejects it: {brief(one)}")
+            a = i0 + b0
+            raise DataError(source.key, f"rows {a}:{a + len(batch)}: the model rejects them: {brief(err)}")
+
+    return check
+
+
+def _rejects(fm: FunctionalModel, rows: np.ndarray, dtype: torch.dtype) -> Exception | None:
+    """What the model raises on ``rows`` without gradients, or None; a ModelError is raised as itself."""
+    try:
+        with torch.no_grad():
+            fm(fm.params, cast_input(as_tensor(rows), dtype))
+    except ModelError:
+        raise
+    except Exception as err:
+        return err
+    return None
+
+
 def _plan(config: RunConfig, x1: Source, x2: Source | None) -> Plan:
     try:
         return tile(x1.n, x1.n if x2 is None else x2.n, config.tiling.shape, symmetric=x2 is None,
@@ -112,9 +163,9 @@ def prepare(config: RunConfig, search_path: str | None = None, *, measure: bool 
     fp = forward_flops(fm, head)  # of head[:1]
     method, auto = recorded or choose_method(config, fm, x1, x2, plan, measure)
     fingerprints: dict[str, str | None] = {}
-    if fingerprint:
-        fingerprints = {"parameters": fingerprint_module(module), "x1": x1.fingerprint(),
-                        "x2": None if x2 is None else x2.fingerprint()}
+    if fingerprint:  # one read of every row: the hash, the NaN check, and the model on every row
+        fingerprints = {"parameters": fingerprint_module(module), "x1": x1.fingerprint(forward_rows(fm, x1, dtype, fp)),
+                        "x2": None if x2 is None else x2.fingerprint(forward_rows(fm, x2, dtype, fp))}
     return Prepared(config, fm, module, x1, x2, o, fp, plan, Method(method), auto, search_path, fingerprints)
 
 

@@ -15,10 +15,12 @@ import contextlib
 import datetime as dt
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline import policy
@@ -26,7 +28,7 @@ from pipeline.config import Method, RunConfig
 from pipeline.errors import ConfigError, PipelineError, StoreError
 from pipeline.execute import EXECUTORS, BlockResult, BlockTask, Executor, strips
 from pipeline.fingerprint import function_fingerprint, function_mismatch
-from pipeline.kernel import open_kernel
+from pipeline.kernel import bad_blocks, open_kernel
 from pipeline.methods import estimate_flops
 from pipeline.plan import Block, kernel_entries
 from pipeline.prepare import Prepared, check_not_an_input, prepare, resolve
@@ -42,6 +44,7 @@ from pipeline.store import (
     done_mask,
     lease_alive,
     lease_holder,
+    unmark,
     update_provenance,
 )
 
@@ -58,6 +61,8 @@ class RunSummary:
     entries: int
     block_seconds: float  # sum of the blocks' compute times
     skipped: int = 0  # blocks already done by an earlier run of the same config
+    repaired: tuple[str, ...] = ()  # with repair: each block recomputed because its data failed a check, and why
+    repair: bool = False  # whether the run was asked to repair (and so checked every block)
 
     @property
     def entries_per_second(self) -> float:
@@ -73,6 +78,7 @@ class Start:
     recorded: Provenance | None  # the store's record, when resuming
     todo: list[Block]
     function: Function | None = None  # the functional fingerprint, for a store this run creates
+    bad: tuple[tuple[Block, str], ...] = ()  # a repair's blocks whose data failed a check, and why (in todo)
 
 
 def _now() -> str:
@@ -80,7 +86,7 @@ def _now() -> str:
 
 
 def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", overwrite: bool | None = None,
-        progress: bool = True) -> RunSummary:
+        progress: bool = True, repair: bool = False) -> RunSummary:
     """Compute the kernel a config describes into its Zarr store, resuming a store that holds some
     finished blocks of the same run.
 
@@ -89,9 +95,14 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
       executor: "ray" (one Ray task per strip of blocks) or "local" (in this process, the reference).
       overwrite: overrides ``output.overwrite``: start afresh instead of resuming.
       progress: show a progress bar on stderr.
+      repair: also recompute the blocks marked done whose data fails a check (a chunk unreadable or
+        failing its checksum, a deleted chunk, values not finite: ``kernel.bad_blocks``), even in a
+        complete store; a resume, with its checks. Their markers are cleared first, so an interrupted
+        repair is finished by any later resume.
 
     Returns:
-      A RunSummary (blocks computed by this run, blocks already done, seconds, kernel entries).
+      A RunSummary (blocks computed by this run, blocks already done, seconds, kernel entries, the
+      blocks repaired).
     """
     cfg, search_path = resolve(config)
     if overwrite is not None:
@@ -99,16 +110,19 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
     if executor not in EXECUTORS:
         raise ConfigError("executor", f"expected one of {', '.join(EXECUTORS)}, got {executor!r}")
     check_not_an_input(cfg)
-    start = _start(cfg, search_path)
+    start = _start(cfg, search_path, repair)
     p, skipped = start.p, len(start.p.plan.blocks) - len(start.todo)
+    repaired = tuple(f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}): {why}" for b, why in start.bad)
     if not start.todo and start.recorded is not None and start.recorded.status == "complete":
-        return RunSummary(cfg.output.path, p.method, 0, 0.0, _entries(p), 0.0, skipped=skipped)
+        return RunSummary(cfg.output.path, p.method, 0, 0.0, _entries(p), 0.0, skipped=skipped, repair=repair)
     ex = EXECUTORS[executor](cfg.ray, search_path)
     ex.start()  # a missing GPU or an unreachable cluster is refused before the output is written
     lease = Lease(cfg.output.path, cfg.output.lease_seconds, cfg.output.storage_options)
     try:
         prov = start.recorded or _create(p, start.action, start.function)
         lease.acquire()
+        if start.bad:
+            unmark(cfg.output.path, [b for b, _ in start.bad], cfg.output.storage_options)
         prov = prov.model_copy(update={"status": "running", "last_started": _now(), "runs": (prov.runs or 0) + 1,
                                        "strip": _strip(p, len(start.todo), ex.slots()), "error": None})
         update_provenance(cfg.output.path, prov, cfg.output.storage_options)
@@ -122,17 +136,19 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
         lease.release()
         ex.stop()
     return RunSummary(cfg.output.path, p.method, len(book.results), book.seconds, _entries(p),
-                      sum(r.seconds for r in book.results), skipped=skipped)
+                      sum(r.seconds for r in book.results), skipped=skipped, repaired=repaired, repair=repair)
 
 
 def _entries(p: Prepared) -> int:
     return kernel_entries(p.plan.n1, p.plan.n2, p.o, p.config.ntk.mode)
 
 
-def _start(cfg: RunConfig, search_path: str | None) -> Start:
+def _start(cfg: RunConfig, search_path: str | None, repair: bool = False) -> Start:
     """What the output holds and what this run does with it: prepared, checked, nothing written yet."""
     path, opts = cfg.output.path, cfg.output.storage_options
     action = check_output(path, cfg.output.overwrite, opts)
+    if repair:
+        _check_repair(action, path)
     if action != "resume":
         if action == "overwrite" and lease_alive(holder := lease_holder(path, opts)):
             raise StoreError("output.path", f"another run is writing {path}: {describe_lease(holder or {})}; "
@@ -148,7 +164,23 @@ def _start(cfg: RunConfig, search_path: str | None) -> Start:
         mismatch = function_mismatch(recorded.function, function_fingerprint(p), cfg.ntk.dtype)
     if mismatch:
         raise StoreError("output.path", f"cannot resume {path}: {mismatch}; use --overwrite to start afresh")
-    return Start(action, p, recorded, [b for b in p.plan.blocks if not stored.done[b.row, b.col]])
+    bad = tuple(bad_blocks(stored)) if repair else ()
+    return Start(action, p, recorded, _todo(p.plan.blocks, stored.done, bad), bad)
+
+
+def _check_repair(action: str, path: str) -> None:
+    """A repair is a resume: refuse it with overwrite or without a store."""
+    if action == "overwrite":
+        raise ConfigError("output.overwrite", "a repair recomputes the bad blocks of an existing store; it "
+                          "cannot be combined with overwrite")
+    if action == "create":
+        raise StoreError("output.path", f"{path} does not exist; a repair needs a store to repair")
+
+
+def _todo(blocks: Sequence[Block], done: np.ndarray, bad: tuple[tuple[Block, str], ...]) -> list[Block]:
+    """The blocks a resume computes, in the plan's order: those not marked done, and the ``bad`` ones."""
+    redo = {b.index for b, _ in bad}
+    return [b for b in blocks if not done[b.row, b.col] or b.index in redo]
 
 
 def _versions() -> dict[str, str]:

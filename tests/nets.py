@@ -147,6 +147,21 @@ class SlowMLP(nn.Module):
         return self.net(x)
 
 
+class FailsInBlocks(nn.Module):
+    """Runs on any rows without gradients (every input row passes the check before a run), and raises
+    when a batch of ``block`` rows is differentiated: a model that fails only inside a block's task."""
+
+    def __init__(self, d_in: int = 3, o: int = 2, block: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, 5), nn.Tanh(), nn.Linear(5, o))
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.dim() == 2 and x.shape[0] == self.block:
+            raise ValueError(f"cannot differentiate {self.block} rows at once\n(a second line of the reason)")
+        return self.net(x)
+
+
 class DieOnce(nn.Module):
     """Kills the process running it (once, and never the process that built it): a worker that dies."""
 

@@ -219,3 +219,37 @@ def test_inspect_and_predict_read_a_kernel_on_s3(s3, write_config, tmp_path):
     dense = ref @ np.linalg.solve(a, y)  # float64: K(test, train) K_reg^-1 Y with test = train
     pred = np.load(tmp_path / "pred.npy")
     np.testing.assert_allclose(pred, dense, rtol=0, atol=1e-6 * np.abs(dense).max())
+
+
+def test_overwrite_on_s3_removes_only_our_nodes_and_refuses_anything_else(s3, write_config):
+    opts = {"endpoint_url": s3}
+    fs = _fs(s3)
+    prefix = f"{BUCKET}/{uuid.uuid4().hex}"
+
+    # A Zarr store ntk-pipeline did not write, with an object beside its array: refused, even with
+    # overwrite, and left as it was.
+    foreign = f"s3://{prefix}/foreign.zarr"
+    zarr.open_group(foreign, mode="w", storage_options=opts).create_array("a", data=np.arange(3.0))
+    fs.pipe(f"{prefix}/foreign.zarr/notes.txt", b"precious")
+    with pytest.raises(pipeline.StoreError, match=r"is a Zarr store that ntk-pipeline did not write"):
+        pipeline.run(_config(write_config, foreign, s3), executor="local", overwrite=True, progress=False)
+    assert fs.cat(f"{prefix}/foreign.zarr/notes.txt") == b"precious"
+    np.testing.assert_array_equal(zarr.open_group(foreign, mode="r", storage_options=opts)["a"][...], np.arange(3.0))
+
+    # A prefix of other objects is not a Zarr store: refused too.
+    fs.pipe(f"{prefix}/other.zarr/readme.txt", b"mine")
+    with pytest.raises(pipeline.StoreError, match=r"exists and is not a Zarr store; refusing to overwrite it"):
+        pipeline.run(_config(write_config, f"s3://{prefix}/other.zarr", s3), executor="local", overwrite=True,
+                     progress=False)
+    assert fs.cat(f"{prefix}/other.zarr/readme.txt") == b"mine"
+
+    # Our own store: overwritten, the user's object beside the kernel kept.
+    url = f"s3://{prefix}/kernel.zarr"
+    cfg = _config(write_config, url, s3)
+    pipeline.run(cfg, executor="local", progress=False)
+    fs.pipe(f"{prefix}/kernel.zarr/notes.txt", b"precious")
+    summary = pipeline.run(cfg, executor="local", overwrite=True, progress=False)
+    assert (summary.blocks, summary.skipped) == (10, 0)
+    assert fs.cat(f"{prefix}/kernel.zarr/notes.txt") == b"precious"
+    np.testing.assert_allclose(zarr.open_group(url, mode="r", storage_options=opts)["kernel"][...], _reference(cfg),
+                               **TOLERANCES[torch.float64])

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pipeline.execute.worker import BlockTask, OnDone, run_strip
+from pipeline.errors import BlockError, PipelineError
+from pipeline.execute.ray_session import unwrap
+from pipeline.execute.worker import BlockTask, OnDone, run_strip, strip_name
 from pipeline.plan import Block
 
 
@@ -27,7 +29,18 @@ class InProcessExecutor:
         return 1
 
     def run(self, task: BlockTask, strips: Iterable[list[Block]], on_done: OnDone) -> None:
-        """Compute each strip in turn, calling ``on_done`` with each block's result."""
+        """Compute each strip in turn, calling ``on_done`` with each block's result.
+
+        Raises:
+          PipelineError: a strip's own error, as itself; BlockError naming the blocks (and the cause in
+            one line) for any other exception, as the Ray executor reports a failed task.
+        """
         for strip in strips:
-            for result in run_strip(task, strip):
+            try:
+                results = run_strip(task, strip)
+            except PipelineError:
+                raise
+            except Exception as err:  # kept as the cause, for a debugger; the CLI prints one line
+                raise unwrap(err, BlockError, strip_name(strip)) from err
+            for result in results:
                 on_done(result)

@@ -11,7 +11,7 @@ from typing import Any
 from pipeline.config import RaySpec
 from pipeline.errors import BlockError, ConfigError
 from pipeline.execute.ray_session import RaySession, unwrapped
-from pipeline.execute.worker import BlockTask, OnDone, run_strip
+from pipeline.execute.worker import BlockTask, OnDone, run_strip, strip_name
 from pipeline.plan import Block
 
 
@@ -82,9 +82,7 @@ class RayExecutor:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     strip = pending.pop(ref)
-                    where = f"block {strip[0].index}" if len(strip) == 1 else \
-                        f"blocks {strip[0].index}-{strip[-1].index}"
-                    with unwrapped(BlockError, where):
+                    with unwrapped(BlockError, strip_name(strip)):
                         results = ray.get(ref)
                     for result in results:
                         on_done(result)

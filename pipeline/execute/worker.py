@@ -127,6 +127,11 @@ def run_strip(task: BlockTask, blocks: Sequence[Block]) -> list[BlockResult]:
     return results
 
 
+def strip_name(strip: Sequence[Block]) -> str:
+    """What a strip's failure is about: ``block 3`` or ``blocks 3-5`` (the key of its BlockError)."""
+    return f"block {strip[0].index}" if len(strip) == 1 else f"blocks {strip[0].index}-{strip[-1].index}"
+
+
 def strips(blocks: Iterable[Block], length: int) -> list[list[Block]]:
     """Consecutive blocks of one row, at most ``length`` to a strip (the plan's blocks are row-major)."""
     out: list[list[Block]] = []

@@ -18,18 +18,21 @@ from pipeline.store.layout import (
     LEASE,
     BlockWriter,
     check_output,
+    clear,
     create,
     done_mask,
     existing,
     open_group,
     transpose,
     transposed_copy,
+    unmark,
     update_provenance,
 )
 from pipeline.store.lease import Lease, describe_lease, lease_alive, lease_holder
 
 __all__ = [
     "ATTRIBUTE", "COMPRESSORS", "DIMENSIONS", "DONE", "FORMAT_VERSION", "KERNEL", "LEASE", "BlockWriter", "Function",
-    "Lease", "Provenance", "Strip", "check_output", "create", "describe_lease", "done_mask", "existing", "lease_alive",
-    "lease_holder", "open_group", "parse", "read_provenance", "transpose", "transposed_copy", "update_provenance",
+    "Lease", "Provenance", "Strip", "check_output", "clear", "create", "describe_lease", "done_mask", "existing",
+    "lease_alive", "lease_holder", "open_group", "parse", "read_provenance", "transpose", "transposed_copy", "unmark",
+    "update_provenance",
 ]

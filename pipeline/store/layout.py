@@ -5,6 +5,8 @@
       done                    (grid rows, grid cols) uint8, one chunk per block: 1 once its data is written
       lease                   a group whose attributes name the run that writes the store (lease.py)
 
+These nodes and the root's attributes are all that ntk-pipeline writes, and all that ``--overwrite`` removes.
+
 Read it without this package: ``zarr.open_group(path)["kernel"]``; with it: ``pipeline.open_kernel``.
 Only this package writes with zarr (data.py reads Zarr inputs, kernel.py reads through this package).
 """
@@ -15,6 +17,7 @@ import os
 import threading
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
@@ -38,39 +41,65 @@ def open_group(path: str, mode: str, options: dict[str, Any] | None, **kwargs: A
     return zarr.open_group(path, mode=mode, storage_options=url_options(path, options), **kwargs)  # type: ignore[arg-type]
 
 
+def _listing(path: str, options: dict[str, Any] | None) -> str:
+    """What the path holds, by listing it (fsspec, the same code for a folder and a URL): "none" (nothing,
+    or an empty folder or prefix), "zarr" (a ``zarr.json`` at its root) or "other" (a file, a dangling
+    link, or a folder of anything else)."""
+    if not is_url(path) and os.path.islink(path) and not os.path.exists(path):
+        return "other"
+    fs, root = fsspec.core.url_to_fs(path, **(url_options(path, options) or {}))
+    fs.invalidate_cache()  # an object store's listing may have been cached before this run wrote to it
+    if not fs.exists(root):
+        return "none"
+    if fs.isfile(root):
+        return "other"
+    if not fs.ls(root, detail=False):
+        return "none"
+    return "zarr" if fs.isfile(f"{root.rstrip('/')}/zarr.json") else "other"
+
+
 def existing(path: str, options: dict[str, Any] | None = None) -> str:
-    """What is at the output path: "none" (or an empty folder), "kernel" (an ntk-pipeline store),
-    "zarr" (another Zarr store) or "other" (anything else)."""
-    if not is_url(path):
-        if not os.path.lexists(path) or (os.path.isdir(path) and not os.listdir(path)):
-            return "none"
-        if not os.path.isfile(os.path.join(path, "zarr.json")):
-            return "other"
+    """What is at the output path: "none" (nothing, or an empty folder), "kernel" (an ntk-pipeline store),
+    "ours" (a group with ntk-pipeline's ``ntk_pipeline`` attribute whose kernel or markers are missing: its
+    creation was interrupted), "zarr" (a Zarr store ntk-pipeline did not write) or "other" (anything else).
+    A local path and an fsspec URL go through the same code."""
+    try:
+        kind = _listing(path, options)
+    except Exception as err:
+        raise StoreError("output.path", f"cannot read {path}: {brief(err)}") from None
+    if kind != "zarr":
+        return kind
     try:
         group = open_group(path, "r", options)
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-        return "none" if is_url(path) else "zarr"
+        return "zarr"  # a zarr.json that is not a group's (an array's, or unreadable as a group)
     except Exception as err:
         raise StoreError("output.path", f"cannot read {path}: {brief(err)}") from None
-    return "kernel" if ATTRIBUTE in group.attrs and KERNEL in group and DONE in group else "zarr"
+    if ATTRIBUTE not in group.attrs:
+        return "zarr"
+    return "kernel" if KERNEL in group and DONE in group else "ours"
 
 
 def check_output(path: str, overwrite: bool, options: dict[str, Any] | None = None) -> str:
     """What a run may do with its output path: "create", "overwrite" or "resume".
 
-    Never overwrites what is not a Zarr store; never resumes what is not an ntk-pipeline store.
+    Overwrites only a store that carries ntk-pipeline's attribute (and then only its own nodes, see
+    ``create``); never writes into anything else, whatever ``overwrite`` says.
     """
     kind = existing(path, options)
     if kind == "none":
         return "create"
+    verb = "overwrite" if overwrite else "write into"
     if kind == "other":
-        raise StoreError("output.path", f"{path} exists and is not a Zarr store; refusing to "
-                         + ("overwrite" if overwrite else "write into") + " it")
+        raise StoreError("output.path", f"{path} exists and is not a Zarr store; refusing to {verb} it")
+    if kind == "zarr":
+        raise StoreError("output.path", f"{path} is a Zarr store that ntk-pipeline did not write (no {ATTRIBUTE!r} "
+                         f"attribute); refusing to {verb} it; choose another output.path")
     if overwrite:
         return "overwrite"
-    if kind == "zarr":
-        raise StoreError("output.path", f"{path} is a Zarr store but not an ntk-pipeline output; set "
-                         "output.overwrite: true (or --overwrite) to replace it")
+    if kind == "ours":
+        raise StoreError("output.path", f"{path} is an ntk-pipeline store without its {KERNEL} or {DONE} array (its "
+                         "creation was interrupted); use --overwrite to start afresh")
     return "resume"
 
 
@@ -78,6 +107,19 @@ def done_mask(path: str, options: dict[str, Any] | None = None) -> np.ndarray:
     """(grid rows, grid cols) bool: blocks whose data is written."""
     markers: Any = open_group(path, "r", options)[DONE]
     return np.asarray(markers[...]).astype(bool)
+
+
+def unmark(path: str, blocks: list[Block], options: dict[str, Any] | None = None) -> None:
+    """Clear the done markers of ``blocks`` (both places of a mirrored block), so that a run recomputes
+    them and an interrupted one leaves them to the next resume (a repair does this first)."""
+    try:
+        markers: Any = open_group(path, "r+", options)[DONE]
+        for b in blocks:
+            markers[b.row, b.col] = 0
+            if b.mirrored:
+                markers[b.col, b.row] = 0
+    except OSError as err:
+        raise StoreError("output.path", f"cannot clear the markers of {path}: {brief(err)}") from None
 
 
 COMPRESSORS: dict[str, list[Any]] = {
@@ -89,13 +131,17 @@ COMPRESSORS: dict[str, list[Any]] = {
 
 def create(path: str, plan: Plan, mode: Mode, o: int, dtype: str, prov: Provenance, overwrite: bool,
            compression: str = "none", options: dict[str, Any] | None = None) -> None:
-    """Create the group, the kernel and the markers (replacing an old store; check_output first).
+    """Create the group, the kernel and the markers (``overwrite``: in place of an old store's; check_output
+    first).
 
     The kernel's files are one per block: a chunk, or a shard of ``plan.chunks`` chunks when the
     plan is sharded; every chunk is checksummed (crc32c), compressed only when asked.
     """
     try:
-        group = open_group(path, "w" if overwrite else "w-", options, zarr_format=3, attributes=attributes(prov))
+        if overwrite:
+            group = clear(path, prov, options)
+        else:
+            group = open_group(path, "w-", options, zarr_format=3, attributes=attributes(prov))
         trailing = trailing_shape(mode, o)
         group.create_array(
             KERNEL,
@@ -122,6 +168,27 @@ def create(path: str, plan: Plan, mode: Mode, o: int, dtype: str, prov: Provenan
                          "creating it") from None
     except OSError as err:
         raise StoreError("output.path", f"cannot create {path}: {brief(err)}") from None
+
+
+def clear(path: str, prov: Provenance, options: dict[str, Any] | None = None) -> Any:
+    """Make an ntk-pipeline store at ``path`` an empty one for the run ``prov`` describes, removing only the
+    nodes ntk-pipeline creates (``kernel``, ``done``, ``lease``, and the root group's attributes): anything
+    else in its folder (a file, another array) is left as it is. Returns the root group.
+
+    The new record is written first, so that a store interrupted part-way still carries it and can be
+    overwritten again.
+
+    Raises:
+      StoreError: the path holds no ntk-pipeline store (it changed since ``check_output``).
+    """
+    if existing(path, options) not in ("kernel", "ours"):
+        raise StoreError("output.path", f"{path} is no longer an ntk-pipeline store; not overwriting it")
+    group = open_group(path, "r+", options)
+    group.attrs.put(attributes(prov))  # the root's attributes are ours: the old record (and any others) goes
+    for name in (KERNEL, DONE, LEASE):
+        if name in group:
+            del group[name]
+    return group
 
 
 def update_provenance(path: str, prov: Provenance, options: dict[str, Any] | None = None) -> None:
