@@ -165,7 +165,7 @@ def _start(cfg: RunConfig, search_path: str | None, repair: bool = False) -> Sta
     if mismatch:
         raise StoreError("output.path", f"cannot resume {path}: {mismatch}; use --overwrite to start afresh")
     bad = tuple(bad_blocks(stored)) if repair else ()
-    return Start(action, p, recorded, _todo(p.plan.blocks, stored.done, bad), bad)
+    return Start(action, p, recorded, _todo(p.plan.blocks, stored.done, bad), bad=bad)
 
 
 def _check_repair(action: str, path: str) -> None:
