@@ -28,7 +28,7 @@ from torch.func import functional_call
 from tutorial import empirical_ntk_jacobian_contraction
 
 N = 16  # rows and columns of the block
-JACOBIAN_LIMIT = 12 * 2**30  # bytes of float32 Jacobians (both sides) above which a contraction is not run
+JACOBIAN_LIMIT = 12 * 2**30  # bytes of float32 Jacobians (both sides) above which no contraction runs (--jacobian-gib)
 TIMEOUT_S = 480  # a measurement that has not come back by then (its process killed for memory, say) is reported
 
 
@@ -190,7 +190,7 @@ def reference(name: str) -> dict[str, Any]:
             "kinds": sorted({s.kind for s in lay.sites}), "pipeline": pipeline.__version__}
 
 
-def run_model(name: str, repeats: int, pool: Any) -> None:
+def run_model(name: str, repeats: int, pool: Any, jacobian_limit: float = JACOBIAN_LIMIT) -> None:
     ref = pool.apply(reference, (name,))
     print(f"\n{name}: P = {ref['p']:,}; auto (cost model) takes {ref['auto']}; structured rules "
           f"({', '.join(ref['kinds'])}) cover {ref['by_rule'] / ref['p']:.1%} of the parameters"
@@ -201,7 +201,7 @@ def run_model(name: str, repeats: int, pool: Any) -> None:
     for method in METHODS:
         if (name, method) in SKIP:
             rows[method] = SKIP[(name, method)]
-        elif method in ("tutorial", "jacobian_contraction") and jac32 > JACOBIAN_LIMIT:
+        elif method in ("tutorial", "jacobian_contraction") and jac32 > jacobian_limit:
             rows[method] = f"its Jacobians take {jac32 / 2**30:.1f} GiB; not run"
         else:
             with mp.get_context("spawn").Pool(1) as one:
@@ -226,13 +226,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--jacobian-gib", type=float, default=JACOBIAN_LIMIT / 2**30,
+                    help="run a contraction only if both sides' float32 Jacobians take at most this many GiB")
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {mp.cpu_count()} cpus, 2 torch threads, torch {torch.__version__}; "
           f"float32, full mode, {N} x {N} blocks; median of {args.repeats} runs after a warm-up, each method in "
           "a fresh process; ratio = tutorial contraction time / method time; error = max |K - K64| / max |K64|")
     with mp.get_context("spawn").Pool(1) as pool:
         for name in args.models:
-            run_model(name, args.repeats, pool)
+            run_model(name, args.repeats, pool, args.jacobian_gib * 2**30)
 
 
 if __name__ == "__main__":
