@@ -131,12 +131,17 @@ class Provenance(BaseModel):
         return {**data, "format_version": FORMAT_VERSION}
 
 
-# What a resume must find unchanged: everything that decides the kernel's values and layout.
+# What a resume must find unchanged: everything that decides the kernel's values and layout, but for
+# RESUME_FREE: how many blocks one task computes (tiling.strip) changes neither a block's bits nor where
+# it lies. The other sections (output's lease, overwrite, timeouts; ray.*) never change the kernel.
 RESUME_SECTIONS = ("model", "data", "ntk", "tiling")
+RESUME_FREE = frozenset({"tiling.strip"})
 _FINGERPRINTS = {"parameters": "model parameters", "x1": "data.x1 values", "x2": "data.x2 values"}
 
 
 def _first_difference(recorded: Any, now: Any, key: str) -> str | None:
+    if key in RESUME_FREE:
+        return None
     if isinstance(recorded, dict) and isinstance(now, dict):
         for k in sorted(set(recorded) | set(now)):
             found = _first_difference(recorded.get(k), now.get(k), f"{key}.{k}")
@@ -197,5 +202,5 @@ def _first_error(err: Exception) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-__all__ = ["ATTRIBUTE", "FORMAT_VERSION", "RESUME_SECTIONS", "RUN_STATE", "Provenance", "Strip", "attributes", "parse",
-           "read_provenance", "write_provenance"]
+__all__ = ["ATTRIBUTE", "FORMAT_VERSION", "RESUME_FREE", "RESUME_SECTIONS", "RUN_STATE", "Provenance", "Strip",
+           "attributes", "parse", "read_provenance", "write_provenance"]
