@@ -141,6 +141,9 @@ def check_kernels(train: Kernel, test: Kernel) -> None:
                          "kernel is K(test, train)")
     if test.o != train.o:
         raise StoreError(test.path, f"the model has o = {test.o} outputs, the train kernel's {train.o}")
+    if test.dtype != train.dtype:  # parameters are fingerprinted in the run's dtype: compare dtypes first
+        raise StoreError(test.path, f"computed in {test.dtype}, the train kernel in {train.dtype} (ntk.dtype); "
+                         "compute both kernels with the same ntk.dtype")
     ours, theirs = test.provenance.fingerprints, train.provenance.fingerprints
     if ours.get("parameters") and theirs.get("parameters") and ours["parameters"] != theirs["parameters"]:
         raise StoreError(test.path, "computed with other model parameters than the train kernel (fingerprint "
