@@ -18,12 +18,12 @@ import torch
 
 from pipeline.config import Method, parse_config
 from pipeline.data import open_source
-from pipeline.errors import PipelineError, brief
+from pipeline.errors import PipelineError, StoreError, brief
 from pipeline.kernel import Kernel, open_kernel
 from pipeline.methods import check_model, compute_block
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module
 from pipeline.plan import Block
-from pipeline.store import describe_lease, lease_alive, lease_holder, transpose
+from pipeline.store import CONNECT_TIMEOUT_S, describe_lease, lease_alive, lease_holder, run_status, transpose
 
 # verify's tolerance, relative to the largest magnitude in the block, by the stored dtype.
 VERIFY_TOLERANCE = {"float32": 1e-3, "float64": 1e-8}
@@ -32,17 +32,25 @@ OTHER_METHOD = {Method.STRUCTURED: Method.JACOBIAN_CONTRACTION, Method.JACOBIAN_
                 Method.NTK_VECTOR_PRODUCTS: Method.STRUCTURED}
 
 
-def status(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+def status(path: str, options: dict[str, Any] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
     """Blocks done / total, method, dtype, shapes, times, nodes and the lease; safe while a run writes.
-    ``options``: fsspec storage options for a URL."""
-    k = open_kernel(path, options)
+    ``options``: fsspec storage options for a URL; ``timeout``: seconds its object store has to answer.
+    ``status`` is the recorded status, but "interrupted" (``status_reason`` says why) for a record that
+    says "running" while no live run holds the lease."""
+    k = open_kernel(path, options, timeout)
     prov, plan = k.provenance, k.plan
-    lease = lease_holder(path, options)
+    try:
+        lease = lease_holder(path, options)
+    except Exception as err:
+        raise StoreError(path, f"its lease is unreadable: {brief(err)}") from None
     alive = lease_alive(lease)
+    shown, why = run_status(prov.status, lease)
     nodes = prov.nodes or ()
     return {
         "path": path,
-        "status": prov.status,
+        "status": shown,  # the recorded status, but "interrupted" for a "running" one whose lease is free
+        "status_reason": why,
+        "recorded_status": prov.status,
         "complete": prov.status == "complete",
         "blocks_done": sum(bool(k.done[b.row, b.col]) for b in plan.blocks),
         "blocks_total": len(plan.blocks),
@@ -63,14 +71,15 @@ def status(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-def verify(path: str, sample: int = 2, seed: int = 0, options: dict[str, Any] | None = None) -> dict[str, Any]:
+def verify(path: str, sample: int = 2, seed: int = 0, options: dict[str, Any] | None = None,
+           timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
     """Check that every block is marked done, read every chunk (checksums, finite values), and
     recompute ``sample`` random blocks in float64 with another method.
 
     Returns:
       ``{"ok": bool, "checked": [...what was checked...], "failures": [...one line each...]}``.
     """
-    k = open_kernel(path, options)
+    k = open_kernel(path, options, timeout)
     plan, done = k.plan, k.done
     checked: list[str] = []
     failures: list[str] = []

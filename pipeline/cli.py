@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 from typing import Any
 
@@ -42,9 +43,16 @@ def main() -> None:
 @fails_cleanly
 def run(config: str, overwrite: bool | None, executor: str, progress: bool) -> None:
     """Compute the NTK that CONFIG describes into its Zarr store."""
+    from pipeline.errors import Interrupted
     from pipeline.run import run as run_pipeline
 
-    s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress)
+    try:
+        s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress)
+    except KeyboardInterrupt as err:  # SIGINT or SIGTERM: one line, the shell's exit status for the signal
+        name = err.signal if isinstance(err, Interrupted) else "SIGINT"
+        click.echo(f"Error: interrupted by {name}: the finished blocks are kept; rerun the same command to "
+                   "resume", err=True)
+        sys.exit(128 + signal.Signals[name].value)
     if s.blocks == 0 and s.skipped:
         click.echo(f"nothing to do: all {s.skipped} blocks are done already (method {s.method})")
     else:
@@ -223,17 +231,18 @@ def submit(config: str, address: str | None, follow: bool, no_wait: bool, job_id
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @storage_options_option
 @fails_cleanly
-def status(output: str, as_json: bool, options: dict[str, Any] | None) -> None:
+def status(output: str, as_json: bool, options: dict[str, Any] | None, connect_timeout: float) -> None:
     """Progress of the run writing OUTPUT (or that wrote it): blocks done, times, nodes, lease."""
     from pipeline.audit import status as read_status
 
-    s = read_status(output, options)
+    s = read_status(output, options, connect_timeout)
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
     trailing = {Mode.FULL: f" x {s['o']} x {s['o']}", Mode.DIAGONAL: f" x {s['o']}"}
     shape = f"{s['n1']} x {s['n2']}" + trailing.get(s["mode"], "")
-    click.echo(f"status     {s['status']}{'' if s['complete'] else ' (incomplete)'}")
+    why = "; ".join(w for w in ("" if s["complete"] else "incomplete", s["status_reason"]) if w)
+    click.echo(f"status     {s['status']}" + (f" ({why})" if why else ""))
     click.echo(f"blocks     {s['blocks_done']} of {s['blocks_total']} done")
     click.echo(f"kernel     {shape} ({s['mode']}, {s['dtype']}), method {s['method']}, blocks of "
                f"{s['block'][0]} x {s['block'][1]}{', symmetric' if s['symmetric'] else ''}")
@@ -253,11 +262,11 @@ def status(output: str, as_json: bool, options: dict[str, Any] | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Which blocks --sample picks.")
 @storage_options_option
 @fails_cleanly
-def verify(output: str, sample: int, seed: int, options: dict[str, Any] | None) -> None:
+def verify(output: str, sample: int, seed: int, options: dict[str, Any] | None, connect_timeout: float) -> None:
     """Check OUTPUT: every block marked done, every chunk readable (checksums), samples recomputed."""
     from pipeline.audit import verify as run_verify
 
-    r = run_verify(output, sample=sample, seed=seed, options=options)
+    r = run_verify(output, sample=sample, seed=seed, options=options, timeout=connect_timeout)
     for line in r["checked"]:
         click.echo(f"checked: {line}")
     for line in r["failures"]:

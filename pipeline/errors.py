@@ -68,3 +68,15 @@ class StoreError(PipelineError):
 
 class BlockError(PipelineError):
     """A block failed for good; the finished blocks are kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run (``signal``: the signal's name); a KeyboardInterrupt, so that
+    whatever treats Ctrl-C treats it the same. The run records "interrupted"; its finished blocks stay."""
+
+    def __init__(self, signal: str) -> None:
+        super().__init__(signal)
+        self.signal = signal
+
+    def __str__(self) -> str:
+        return f"interrupted by {self.signal}"
