@@ -204,9 +204,11 @@ def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool,
               help="More files of the config's folder to leave out of the upload (gitignore syntax).")
 @click.option("--entrypoint-num-cpus", type=click.FloatRange(0), default=None,
               help="CPUs to reserve for the job's driver (default: none; it only schedules and records).")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              metavar="SECONDS", help="Seconds to wait for the job server to answer before stopping with one line.")
 @fails_cleanly
 def submit(config: str, address: str | None, follow: bool, no_wait: bool, job_id: str | None,
-           exclude: tuple[str, ...], entrypoint_num_cpus: float | None) -> None:
+           exclude: tuple[str, ...], entrypoint_num_cpus: float | None, connect_timeout: float) -> None:
     """Run CONFIG as a Ray job on a cluster: the config's folder travels with the job, whose
     entrypoint is `ntk-pipeline run`. Prints the job id; waits for the job unless --no-wait."""
     from pipeline.submit import job_message, wait
@@ -214,7 +216,8 @@ def submit(config: str, address: str | None, follow: bool, no_wait: bool, job_id
 
     if follow and no_wait:
         raise click.UsageError("--follow and --no-wait exclude each other")
-    jid = submit_job(config, address, job_id=job_id, excludes=exclude, entrypoint_num_cpus=entrypoint_num_cpus)
+    jid = submit_job(config, address, job_id=job_id, excludes=exclude, entrypoint_num_cpus=entrypoint_num_cpus,
+                     timeout=connect_timeout)
     click.echo(jid)
     if no_wait:
         return

@@ -161,6 +161,20 @@ def test_the_ray_executor_waits_in_bounded_steps_and_keeps_its_limit_in_flight(m
     assert fake.most_in_flight == 2 and fake.waits == 18
 
 
+@pytest.mark.slow
+def test_submit_to_a_job_server_that_never_answers_ends_in_one_line(silent_port, tmp_path):
+    config = _config(tmp_path, output={"path": str(tmp_path / "out.zarr")})
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(config), "--address",
+                        f"http://127.0.0.1:{silent_port}", "--no-wait", "--connect-timeout", "2"], env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        f"Error: --address: no Ray job server answered at http://127.0.0.1:{silent_port} within 2 s; check the "
+        "address and that the head node is up (ray status)"], r.stderr[-2000:]
+    assert time.monotonic() - t0 < 45  # start-up, then 2 s (Ray's client alone waits without a limit)
+
+
 # --- object stores --------------------------------------------------------------------------------
 
 

@@ -21,14 +21,15 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from pipeline.errors import ConfigError, PipelineError, brief
 
 # Seconds to wait for a Ray cluster to answer when joining one (``ray.connect_timeout_s``).
 CONNECT_TIMEOUT_S = 60.0
 CHECK = "check the address and that the head node is up (ray status)"
+T = TypeVar("T")
 # Ray's log lines that say nothing to a user of this tool: the token authentication Ray enables for a
 # local instance this tool starts and stops itself, and the SIGTERM handler it does not set when it is
 # joined from a thread (the run sets its own).
@@ -58,6 +59,36 @@ def quiet_ray() -> Iterator[None]:
     finally:
         for logger, f in filters:
             logger.removeFilter(f)
+
+
+class NoAnswer(TimeoutError):
+    """``bounded``'s call did not return in time."""
+
+
+def bounded(call: Callable[[], T], timeout: float) -> T:
+    """``call()`` in a daemon thread, waited for at most ``timeout`` seconds (this thread still answers
+    SIGINT and SIGTERM meanwhile): its result, or its exception raised here, or NoAnswer. A call that
+    never returns (Ray's clients may retry for many minutes) is left to its thread, which the process
+    leaves behind when it exits."""
+    outcome: list[Any] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as err:  # handed to the waiting thread
+            failure.append(err)
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="ntk-bounded", daemon=True).start()
+    if not done.wait(max(0.0, timeout)):
+        raise NoAnswer(f"no answer within {timeout:g} s")
+    if failure:
+        raise failure[0]
+    result: T = outcome[0]
+    return result
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -152,24 +183,15 @@ class RaySession:
         why = probe(target, self.timeout)
         if why:
             raise self.error(self.key, f"{why}; {CHECK}")
-        failure: list[BaseException] = []
-        done = threading.Event()
-
-        def join() -> None:
-            try:
-                self._init()
-            except BaseException as err:  # handed to the waiting thread
-                failure.append(err)
-            finally:
-                done.set()
-
-        threading.Thread(target=join, name="ntk-ray-join", daemon=True).start()
-        if not done.wait(max(0.0, deadline - time.monotonic())):
-            raise self.error(self.key, f"no Ray cluster answered at {target} within {self.timeout:g} s; {CHECK}")
-        if failure:
-            err = failure[0]
-            raise err if isinstance(err, PipelineError) else \
-                self.error(self.key, f"cannot join the Ray cluster at {target}: {brief(err)}; {CHECK}") from None
+        try:
+            bounded(self._init, deadline - time.monotonic())
+        except NoAnswer:
+            raise self.error(self.key, f"no Ray cluster answered at {target} within {self.timeout:g} s; "
+                             f"{CHECK}") from None
+        except PipelineError:
+            raise
+        except Exception as err:
+            raise self.error(self.key, f"cannot join the Ray cluster at {target}: {brief(err)}; {CHECK}") from None
 
     def stop(self) -> None:
         """Shut Ray down if ``start`` started it; else leave the instance to whoever started it."""
@@ -207,5 +229,5 @@ def unwrapped(error: type[PipelineError], key: str, what: str = "") -> Iterator[
         raise unwrap(err, error, key, what) from None
 
 
-__all__ = ["CONNECT_TIMEOUT_S", "RaySession", "cluster_address", "host_port", "probe", "quiet_ray", "unwrap",
-           "unwrapped"]
+__all__ = ["CHECK", "CONNECT_TIMEOUT_S", "NoAnswer", "RaySession", "bounded", "cluster_address", "host_port", "probe",
+           "quiet_ray", "unwrap", "unwrapped"]
