@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from pipeline.config import Method, RunConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StoreError, brief
 from pipeline.fingerprint import function_fingerprint, function_mismatch
 from pipeline.kernel import Kernel, bad_blocks, open_kernel
 from pipeline.methods import check_model, compute_block
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import Block
 from pipeline.prepare import prepare, resolve
-from pipeline.store import describe_lease, lease_alive, lease_holder
+from pipeline.store import CONNECT_TIMEOUT_S, describe_lease, lease_alive, lease_holder, run_status
 from pipeline.store.format import LOCATIONS, VERIFY_SECTIONS
 
 # verify's tolerance, relative to the largest magnitude in the block, by the stored dtype.
@@ -36,17 +36,25 @@ OTHER_METHOD = {Method.STRUCTURED: Method.JACOBIAN_CONTRACTION, Method.JACOBIAN_
                 Method.NTK_VECTOR_PRODUCTS: Method.STRUCTURED}
 
 
-def status(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+def status(path: str, options: dict[str, Any] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
     """Blocks done / total, method, dtype, shapes, times, nodes and the lease; safe while a run writes.
-    ``options``: fsspec storage options for a URL."""
-    k = open_kernel(path, options)
+    ``options``: fsspec storage options for a URL; ``timeout``: seconds its object store has to answer.
+    ``status`` is the recorded status, but "interrupted" (``status_reason`` says why) for a record that
+    says "running" while no live run holds the lease."""
+    k = open_kernel(path, options, timeout)
     prov, plan = k.provenance, k.plan
-    lease = lease_holder(path, options)
+    try:
+        lease = lease_holder(path, options)
+    except Exception as err:
+        raise StoreError(path, f"its lease is unreadable: {brief(err)}") from None
     alive = lease_alive(lease)
+    shown, why = run_status(prov.status, lease)
     nodes = prov.nodes or ()
     return {
         "path": path,
-        "status": prov.status,
+        "status": shown,  # the recorded status, but "interrupted" for a "running" one whose lease is free
+        "status_reason": why,
+        "recorded_status": prov.status,
         "complete": prov.status == "complete",
         "blocks_done": sum(bool(k.done[b.row, b.col]) for b in plan.blocks),
         "blocks_total": len(plan.blocks),
@@ -68,10 +76,11 @@ def status(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def verify(path: str, sample: int = 2, seed: int = 0, options: dict[str, Any] | None = None,
-           config: RunConfig | str | os.PathLike[str] | None = None) -> dict[str, Any]:
+           config: RunConfig | str | os.PathLike[str] | None = None,
+           timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
     """Check that every block is marked done, read every chunk (checksums, finite values, a mirrored
     block's copy), and, given the run's ``config``, recompute ``sample`` random blocks in float64
-    with another method.
+    with another method. ``timeout``: seconds an object store has to answer.
 
     Nothing the store records is imported or run: blocks are recomputed only from ``config`` (a
     RunConfig, or a YAML path whose folder ``model.target`` imports from, as for ``run``), and only
@@ -82,7 +91,7 @@ def verify(path: str, sample: int = 2, seed: int = 0, options: dict[str, Any] | 
     Returns:
       ``{"ok": bool, "checked": [...what was checked...], "failures": [...one line each...]}``.
     """
-    k = open_kernel(path, options)
+    k = open_kernel(path, options, timeout)
     checked: list[str] = []
     failures: list[str] = []
     readable = _read_all(k, checked, failures)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 from typing import Any
 
@@ -45,11 +46,18 @@ def main() -> None:
 @fails_cleanly
 def run(config: str, overwrite: bool | None, repair: bool, executor: str, progress: bool) -> None:
     """Compute the NTK that CONFIG describes into its Zarr store."""
+    from pipeline.errors import Interrupted
     from pipeline.run import run as run_pipeline
 
     if repair and overwrite:
         raise click.UsageError("--repair and --overwrite exclude each other: a repair keeps the good blocks")
-    s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress, repair=repair)
+    try:
+        s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress, repair=repair)
+    except KeyboardInterrupt as err:  # SIGINT or SIGTERM: one line, the shell's exit status for the signal
+        name = err.signal if isinstance(err, Interrupted) else "SIGINT"
+        click.echo(f"Error: interrupted by {name}: the finished blocks are kept; rerun the same command to "
+                   "resume", err=True)
+        sys.exit(128 + signal.Signals[name].value)
     for line in s.repaired:
         click.echo(f"repaired: {line}")
     if s.blocks == 0 and s.skipped and s.repair:
@@ -207,9 +215,11 @@ def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool,
               help="More files of the config's folder to leave out of the upload (gitignore syntax).")
 @click.option("--entrypoint-num-cpus", type=click.FloatRange(0), default=None,
               help="CPUs to reserve for the job's driver (default: none; it only schedules and records).")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              metavar="SECONDS", help="Seconds to wait for the job server to answer before stopping with one line.")
 @fails_cleanly
 def submit(config: str, address: str | None, follow: bool, no_wait: bool, job_id: str | None,
-           exclude: tuple[str, ...], entrypoint_num_cpus: float | None) -> None:
+           exclude: tuple[str, ...], entrypoint_num_cpus: float | None, connect_timeout: float) -> None:
     """Run CONFIG as a Ray job on a cluster: the config's folder travels with the job, whose
     entrypoint is `ntk-pipeline run`. Prints the job id; waits for the job unless --no-wait."""
     from pipeline.submit import job_message, wait
@@ -217,7 +227,8 @@ def submit(config: str, address: str | None, follow: bool, no_wait: bool, job_id
 
     if follow and no_wait:
         raise click.UsageError("--follow and --no-wait exclude each other")
-    jid = submit_job(config, address, job_id=job_id, excludes=exclude, entrypoint_num_cpus=entrypoint_num_cpus)
+    jid = submit_job(config, address, job_id=job_id, excludes=exclude, entrypoint_num_cpus=entrypoint_num_cpus,
+                     timeout=connect_timeout)
     click.echo(jid)
     if no_wait:
         return
@@ -234,17 +245,18 @@ def submit(config: str, address: str | None, follow: bool, no_wait: bool, job_id
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @storage_options_option
 @fails_cleanly
-def status(output: str, as_json: bool, options: dict[str, Any] | None) -> None:
+def status(output: str, as_json: bool, options: dict[str, Any] | None, connect_timeout: float) -> None:
     """Progress of the run writing OUTPUT (or that wrote it): blocks done, times, nodes, lease."""
     from pipeline.audit import status as read_status
 
-    s = read_status(output, options)
+    s = read_status(output, options, connect_timeout)
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
     trailing = {Mode.FULL: f" x {s['o']} x {s['o']}", Mode.DIAGONAL: f" x {s['o']}"}
     shape = f"{s['n1']} x {s['n2']}" + trailing.get(s["mode"], "")
-    click.echo(f"status     {s['status']}{'' if s['complete'] else ' (incomplete)'}")
+    why = "; ".join(w for w in ("" if s["complete"] else "incomplete", s["status_reason"]) if w)
+    click.echo(f"status     {s['status']}" + (f" ({why})" if why else ""))
     click.echo(f"blocks     {s['blocks_done']} of {s['blocks_total']} done")
     click.echo(f"kernel     {shape} ({s['mode']}, {s['dtype']}), method {s['method']}, blocks of "
                f"{s['block'][0]} x {s['block'][1]}{', symmetric' if s['symmetric'] else ''}")
@@ -267,12 +279,13 @@ def status(output: str, as_json: bool, options: dict[str, Any] | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Which blocks --sample picks.")
 @storage_options_option
 @fails_cleanly
-def verify(output: str, config: str | None, sample: int, seed: int, options: dict[str, Any] | None) -> None:
+def verify(output: str, config: str | None, sample: int, seed: int, options: dict[str, Any] | None,
+           connect_timeout: float) -> None:
     """Check OUTPUT: every block marked done, every chunk readable (checksums), finite and symmetric;
     with --config CONFIG, --sample blocks recomputed from CONFIG."""
     from pipeline.audit import verify as run_verify
 
-    r = run_verify(output, sample=sample, seed=seed, options=options, config=config)
+    r = run_verify(output, sample=sample, seed=seed, options=options, config=config, timeout=connect_timeout)
     for line in r["checked"]:
         click.echo(f"checked: {line}")
     for line in r["failures"]:

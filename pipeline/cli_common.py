@@ -24,6 +24,10 @@ def fails_cleanly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except PipelineError as err:
+            if "zarr" in sys.modules:  # a failed read may leave others in flight: let them end quietly
+                from pipeline.store.layout import settle
+
+                settle()
             click.echo(f"Error: {err}", err=True)
             sys.exit(1)
 
@@ -54,11 +58,21 @@ def parse_storage_options(ctx: click.Context, param: click.Parameter, value: str
 
 
 def storage_options_flag(what: str = "a URL OUTPUT") -> Callable[[F], F]:
-    """``--storage-options JSON`` (parameter ``options``): fsspec options for ``what``, used for URLs only."""
-    return click.option(
+    """``--storage-options JSON`` (parameter ``options``): fsspec options for ``what``, used for URLs only;
+    and ``--connect-timeout SECONDS`` (parameter ``connect_timeout``): how long its object store has to answer."""
+    options = click.option(
         "--storage-options", "options", callback=parse_storage_options, metavar="JSON",
         help=f'fsspec options for {what}, e.g. \'{{"endpoint_url": "http://127.0.0.1:8333"}}\'; credentials '
              "come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).")
+    timeout = click.option(
+        "--connect-timeout", "connect_timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+        show_default=True, metavar="SECONDS",
+        help=f"Seconds to wait for the object store of {what} to answer before stopping with one line.")
+
+    def both(fn: F) -> F:
+        return options(timeout(fn))
+
+    return both
 
 
 storage_options_option = storage_options_flag()

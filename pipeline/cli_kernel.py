@@ -60,11 +60,11 @@ def _num(x: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @storage_options_option
 @fails_cleanly
-def inspect(output: str, stats: bool, as_json: bool, options: dict[str, Any] | None) -> None:
+def inspect(output: str, stats: bool, as_json: bool, options: dict[str, Any] | None, connect_timeout: float) -> None:
     """Shape, dtype, chunks, bytes, method, provenance, completeness and statistics of the kernel in OUTPUT."""
     from pipeline.kernel import open_kernel
 
-    d = open_kernel(output, options).describe(stats=stats)
+    d = open_kernel(output, options, connect_timeout).describe(stats=stats)
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
@@ -103,13 +103,13 @@ def inspect(output: str, stats: bool, as_json: bool, options: dict[str, Any] | N
 @storage_options_option
 @fails_cleanly
 def plot(output: str, out: str, size: int, eigenvalues: int, spectrum: str, dpi: int, executor: str,
-         options: dict[str, Any] | None) -> None:
+         options: dict[str, Any] | None, connect_timeout: float) -> None:
     """Plot the kernel in OUTPUT (a heatmap, and for a K(x, x) its eigenvalue spectrum) into a PNG."""
     from pipeline.kernel import Products, open_kernel
     from pipeline.spectrum import plot_kernel
 
     _check_writable(out)
-    k = open_kernel(output, options)
+    k = open_kernel(output, options, connect_timeout)
     with Products(k, executor) as products:
         fig, info = plot_kernel(k, size=size, eigenvalues=eigenvalues, method=spectrum, dpi=dpi, products=products)
     _write_atomically(out, lambda f: fig.savefig(f, format="png"))
@@ -145,7 +145,7 @@ def plot(output: str, out: str, size: int, eigenvalues: int, spectrum: str, dpi:
 @fails_cleanly
 def predict(train_kernel: str, test_kernel: str, targets: str, diag_reg: float, t: float | None,
             learning_rate: float, tol: float, maxiter: int, executor: str, ray_address: str | None, out: str,
-            as_json: bool, options: dict[str, Any] | None) -> None:
+            as_json: bool, options: dict[str, Any] | None, connect_timeout: float) -> None:
     """Predict the linearized network trained on MSE (to convergence, or for --time) on the test inputs."""
     import numpy as np
 
@@ -153,7 +153,8 @@ def predict(train_kernel: str, test_kernel: str, targets: str, diag_reg: float, 
 
     _check_writable(out)
     p = run_predict(train_kernel, test_kernel, targets, diag_reg=diag_reg, time=t, learning_rate=learning_rate,
-                    tol=tol, maxiter=maxiter, executor=executor, ray_address=ray_address, options=options)
+                    tol=tol, maxiter=maxiter, executor=executor, ray_address=ray_address, options=options,
+                    timeout=connect_timeout)
     _write_atomically(out, lambda f: np.save(f, p.values))
     if as_json:
         click.echo(json.dumps({

@@ -234,6 +234,9 @@ class OutputSpec(_Spec):
     compression: Literal["none", "zstd", "blosc"] = "none"
     # fsspec options for a URL path, e.g. {endpoint_url: "http://minio:9000"} for s3://; no credentials.
     storage_options: dict[str, Any] | None = None
+    # Seconds to wait for an object store (a URL path) to answer when the run first reaches it; a
+    # minute covers a slow first connection, and a store that does not answer ends the run in one line.
+    connect_timeout_s: PositiveFloat = 60.0
 
     @field_validator("path")
     @classmethod
@@ -252,6 +255,8 @@ class RaySpec(_Spec):
     cpus_per_task: PositiveFloat = 1
     max_in_flight: PositiveInt | None = None  # None: twice the tasks the cluster can run at once
     max_retries: NonNegativeInt = 3  # re-runs of a block whose worker process or node died
+    # Seconds to wait for a cluster at ``address`` to answer; Ray alone would retry for many minutes.
+    connect_timeout_s: PositiveFloat = 60.0
 
 
 class RunConfig(_Spec):

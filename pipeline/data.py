@@ -21,6 +21,7 @@ import torch
 
 from pipeline.config import InputSpec, Synthetic, is_url, url_options
 from pipeline.errors import DataError, brief
+from pipeline.models import load_tensors
 
 # Synthetic rows are drawn in fixed groups, each from its own seeded generator, so that any
 # slice is reproducible without drawing the rows before it.
@@ -156,12 +157,12 @@ class NpySource(Source):
 def _load_pt(path: str, options: str = "{}") -> torch.Tensor:
     loaded: torch.Tensor  # checked by the caller: torch.load gives whatever the file holds
     if not is_url(path):
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = load_tensors(path)
         return loaded
     import fsspec
 
     with fsspec.open(path, "rb", **json.loads(options)) as f:
-        loaded = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        loaded = load_tensors(io.BytesIO(f.read()))
     return loaded
 
 

@@ -8,10 +8,30 @@ themselves.
 
 from __future__ import annotations
 
+import re
 
-def brief(err: BaseException, limit: int = 200) -> str:
-    """An exception as ``Type: first line``, cut to ``limit`` characters, for one-line messages."""
-    lines = str(err).strip().splitlines()
+# How Zarr's errors name a store or a node in it, and what the user gave instead: ``StorePath(LocalStore,
+# 'file:///a/k.zarr/kernel')`` and ``LocalStore('file:///a/k.zarr')`` are /a/k.zarr/kernel and /a/k.zarr;
+# ``<FsspecStore(S3FileSystem, bucket/k.zarr)>`` is bucket/k.zarr.
+_STORE_NAMES = (
+    (re.compile(r"StorePath\(\w+, '([^']*)'\)"), r"\1"),
+    (re.compile(r"<?\b\w*Store\(\w+, ([^)>]*)\)>?"), r"\1"),
+    (re.compile(r"\b\w*Store\('([^']*)'\)"), r"\1"),
+    (re.compile(r"file://(/[^\s'\"]*)"), r"\1"),
+)
+
+
+def plain_paths(text: str) -> str:
+    """``text`` with Zarr's reprs of stores and store paths replaced by the paths they stand for."""
+    for pattern, replacement in _STORE_NAMES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def brief(err: BaseException, limit: int = 2000) -> str:
+    """An exception as ``Type: first line`` for one-line messages: the whole first line (cut only past
+    ``limit`` characters, for a cause that quotes a whole array), stores named by their paths."""
+    lines = plain_paths(str(err)).strip().splitlines()
     text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -48,3 +68,15 @@ class StoreError(PipelineError):
 
 class BlockError(PipelineError):
     """A block failed for good; the finished blocks are kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run (``signal``: the signal's name); a KeyboardInterrupt, so that
+    whatever treats Ctrl-C treats it the same. The run records "interrupted"; its finished blocks stay."""
+
+    def __init__(self, signal: str) -> None:
+        super().__init__(signal)
+        self.signal = signal
+
+    def __str__(self) -> str:
+        return f"interrupted by {self.signal}"

@@ -29,7 +29,18 @@ from pipeline.config import Method, Mode, is_url, url_options
 from pipeline.errors import StoreError, brief
 from pipeline.execute.ray_session import RaySession, unwrapped
 from pipeline.plan import Block, Plan, tile
-from pipeline.store import DONE, KERNEL, Provenance, existing, open_group, read_provenance, transpose
+from pipeline.store import (
+    CONNECT_TIMEOUT_S,
+    DONE,
+    KERNEL,
+    Provenance,
+    existing,
+    lease_holder,
+    open_group,
+    read_provenance,
+    run_status,
+    transpose,
+)
 
 # Bytes of kernel one tile read holds (at least one chunk, whatever this says).
 TILE_BYTES = 256 << 20
@@ -43,7 +54,7 @@ DESCRIBED = ("config", "method", "auto", "fallbacks", "p", "versions", "fingerpr
              "finished")
 
 
-def open_kernel(path: str, options: dict[str, Any] | None = None) -> Kernel:
+def open_kernel(path: str, options: dict[str, Any] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> Kernel:
     """Open an ntk-pipeline store for reading.
 
     Args:
@@ -51,13 +62,14 @@ def open_kernel(path: str, options: dict[str, Any] | None = None) -> Kernel:
       options: fsspec storage options for a URL (ignored for a local path), e.g. ``{"endpoint_url":
         ...}``; the Kernel keeps them for every later open (xarray, Ray product tasks). Credentials
         come from the environment, as for the run that wrote the store.
+      timeout: seconds to wait for the object store of a URL to answer.
 
     Raises:
-      StoreError: the path is not an ntk-pipeline store, cannot be read, or its provenance record is
-        malformed or of a newer store format (named by the path).
+      StoreError: the path is not an ntk-pipeline store, cannot be read (or its object store does not
+        answer in time), or its provenance record is malformed or of a newer store format (named by the path).
     """
     try:
-        kind = existing(path, options)
+        kind = existing(path, options, timeout)
     except StoreError as err:
         raise StoreError(path, err.message) from None
     if kind != "kernel":
@@ -67,8 +79,16 @@ def open_kernel(path: str, options: dict[str, Any] | None = None) -> Kernel:
         raise StoreError(path, what)
     try:
         group: Any = open_group(path, "r", options)
-        return Kernel(path, group[KERNEL], read_provenance(group, path), np.asarray(group[DONE][...]).astype(bool),
-                      options)
+        array, markers = group[KERNEL], group[DONE]
+        for name, node in ((KERNEL, array), (DONE, markers)):
+            if not hasattr(node, "dtype"):
+                raise StoreError(path, f"its {name!r} node is a group, not an array: not an ntk-pipeline output")
+        prov = read_provenance(group, path)
+        try:
+            done = np.asarray(markers[...]).astype(bool)
+        except Exception as err:
+            raise StoreError(path, f"its block markers ({DONE}) are unreadable: {brief(err)}") from None
+        return Kernel(path, array, prov, done, options, timeout)
     except StoreError:
         raise
     except Exception as err:
@@ -88,6 +108,7 @@ class Kernel:
     provenance: Provenance  # the store's ``ntk_pipeline`` record: config, method, versions, fingerprints, status
     done: np.ndarray = field(repr=False)  # (grid rows, grid cols) bool: blocks written
     options: dict[str, Any] | None = field(default=None, repr=False)  # fsspec storage options (URL paths)
+    timeout: float = field(default=CONNECT_TIMEOUT_S, repr=False)  # seconds an object store has to answer
 
     @property
     def mode(self) -> Mode:
@@ -143,7 +164,7 @@ class Kernel:
 
     def reopen(self) -> Kernel:
         """The store read again: its provenance and markers as they are now (a run may be writing it)."""
-        return open_kernel(self.path, self.options)
+        return open_kernel(self.path, self.options, self.timeout)
 
     def read_block(self, block: Block) -> tuple[np.ndarray, np.ndarray | None]:
         """A block's stored values, and for a mirrored block its transposed copy, read now; reading
@@ -164,6 +185,14 @@ class Kernel:
             raise StoreError(self.path, f"incomplete: {len(missing)} of {total} blocks are not done (status "
                              f"{self.provenance.status}); finish it with `ntk-pipeline run` first")
 
+    def status(self) -> str:
+        """The recorded status, but "interrupted" for a "running" one whose lease is free (its run died)."""
+        try:
+            lease = lease_holder(self.path, self.options)
+        except Exception:  # an unreadable lease holds nothing
+            lease = None
+        return run_status(self.provenance.status, lease)[0]
+
     def describe(self, stats: bool = True, tile_bytes: int = TILE_BYTES) -> dict[str, Any]:
         """What ``ntk-pipeline inspect`` shows: shape, dtype, chunks, bytes, method, provenance,
         completeness and (``stats``: one read of the kernel) the statistics of ``stats()``."""
@@ -175,7 +204,7 @@ class Kernel:
             "shards": list(self.array.shards) if self.array.shards else None,
             "nbytes": self.nbytes, "stored_bytes": int(self.array.nbytes_stored()),
             "mode": self.mode, "method": self.method, "n1": self.n1, "n2": self.n2, "o": self.o,
-            "symmetric": self.symmetric, "status": self.provenance.status, "complete": not missing,
+            "symmetric": self.symmetric, "status": self.status(), "complete": not missing,
             "blocks_done": total - len(missing), "blocks_total": total,
             "provenance": {k: self.provenance.record().get(k) for k in DESCRIBED},
             "stats": self.stats(tile_bytes) if stats else None,
@@ -197,11 +226,39 @@ class Kernel:
         return out
 
     def read(self, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
-        """Rows i0:i1 by columns j0:j1, read (and checksummed) now; StoreError naming them on failure."""
+        """Rows i0:i1 by columns j0:j1, read (and checksummed) now.
+
+        Raises:
+          StoreError: naming the block whose file fails to read (its index, rows, columns and file), as
+            ``verify`` does, or the rows and columns where no single file fails on its own.
+        """
         try:
             return np.asarray(self.array[i0:i1, j0:j1])
         except Exception as err:
-            raise StoreError(self.path, f"reading rows {i0}:{i1}, columns {j0}:{j1} failed: {brief(err)}") from None
+            raise StoreError(self.path, self.unreadable(i0, i1, j0, j1) or
+                             f"reading rows {i0}:{i1}, columns {j0}:{j1} failed: {brief(err)}") from None
+
+    def unreadable(self, i0: int, i1: int, j0: int, j1: int) -> str | None:
+        """Which block's file among rows i0:i1, columns j0:j1 fails to read, and why, in one line; None
+        when each reads on its own. A file is a block (a chunk, or a shard of chunks), or for a symmetric
+        kernel the mirrored copy of one."""
+        rows, cols = (self.array.shards or self.array.chunks)[:2]
+        by_place = {(b.row, b.col): b for b in self.plan.blocks}
+        trailing = (0,) * (self.array.ndim - 2)
+        for r in range(i0 // rows, -(-i1 // rows)):
+            for c in range(j0 // cols, -(-j1 // cols)):
+                try:
+                    self.array[r * rows : (r + 1) * rows, c * cols : (c + 1) * cols]
+                except Exception as err:
+                    file = f"{KERNEL}/{self.array.metadata.encode_chunk_key((r, c, *trailing))}"
+                    row, col = r * rows // self.provenance.block[0], c * cols // self.provenance.block[1]
+                    b = by_place.get((row, col)) or by_place.get((col, row))
+                    if b is None:
+                        return f"file {file} is unreadable: {brief(err)}"
+                    copy = "" if (b.row, b.col) == (row, col) else " its mirrored copy"
+                    return (f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}):{copy} unreadable "
+                            f"(file {file}): {brief(err)}")
+        return None
 
     def _unit(self, tile_bytes: int) -> tuple[int, int]:
         """The store's file (a block) when one fits ``tile_bytes``, else its chunk."""

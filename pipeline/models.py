@@ -15,8 +15,9 @@ import hashlib
 import importlib
 import math
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -110,10 +111,19 @@ def build_model(spec: ModelSpec, search_path: str | None = None) -> nn.Module:
     return model.eval()
 
 
+def load_tensors(f: str | IO[bytes]) -> Any:
+    """What a torch.save file holds, read with ``weights_only=True`` (tensors and plain containers, never
+    code), on the CPU. The one torch.load: quiet about a pickle protocol other than torch.save's own,
+    which torch warns of even when the file loads (one it cannot read raises)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(model: nn.Module, path: str) -> None:
     """Load a state_dict file into ``model`` (weights_only, strict)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path)
     except Exception as err:
         raise ModelError("model.checkpoint", f"cannot load {path}: {brief(err)}") from None
     if not isinstance(state, dict):

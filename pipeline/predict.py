@@ -32,6 +32,7 @@ import numpy as np
 from pipeline.config import Mode
 from pipeline.errors import ConfigError, DataError, PipelineError, StoreError, brief
 from pipeline.kernel import TILE_BYTES, Kernel, Products, open_kernel
+from pipeline.store import CONNECT_TIMEOUT_S
 
 Apply = Callable[[np.ndarray], np.ndarray]  # (N, c) -> (N, c)
 
@@ -52,7 +53,7 @@ class Prediction:
 def predict(train: Kernel | str, test: Kernel | str, targets: np.ndarray | str, *, diag_reg: float = 0.0,
             time: float | None = None, learning_rate: float = 1.0, tol: float = 1e-6, maxiter: int = 1000,
             executor: str = "auto", tile_bytes: int = TILE_BYTES, ray_address: str | None = None,
-            options: dict[str, Any] | None = None) -> Prediction:
+            options: dict[str, Any] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> Prediction:
     """Predictions of the linearized network on the test kernel's x1 (see the module docstring).
 
     Args:
@@ -66,6 +67,7 @@ def predict(train: Kernel | str, test: Kernel | str, targets: np.ndarray | str, 
       maxiter: most iterations (each one read of the train kernel).
       executor, tile_bytes, ray_address: how the products run (pipeline.kernel.Products).
       options: fsspec storage options for ``train`` and ``test`` given as URLs (both; see open_kernel).
+      timeout: seconds their object store has to answer.
 
     Returns:
       A Prediction: (n_test, k) or (n_test, o) values with the solver's iterations and accuracy.
@@ -80,8 +82,8 @@ def predict(train: Kernel | str, test: Kernel | str, targets: np.ndarray | str, 
         raise ConfigError("time", f"expected a time >= 0 (or None for infinity), got {time}")
     if not learning_rate > 0:
         raise ConfigError("learning_rate", f"expected a number > 0, got {learning_rate}")
-    k_train = train if isinstance(train, Kernel) else open_kernel(train, options)
-    k_test = test if isinstance(test, Kernel) else open_kernel(test, options)
+    k_train = train if isinstance(train, Kernel) else open_kernel(train, options, timeout)
+    k_test = test if isinstance(test, Kernel) else open_kernel(test, options, timeout)
     check_kernels(k_train, k_test)
     y = read_targets(targets, k_train)  # (N, c)
     diag = k_train.diagonal(tile_bytes).astype(np.float64).reshape(-1)  # (N,)
@@ -141,6 +143,9 @@ def check_kernels(train: Kernel, test: Kernel) -> None:
                          "kernel is K(test, train)")
     if test.o != train.o:
         raise StoreError(test.path, f"the model has o = {test.o} outputs, the train kernel's {train.o}")
+    if test.dtype != train.dtype:  # parameters are fingerprinted in the run's dtype: compare dtypes first
+        raise StoreError(test.path, f"computed in {test.dtype}, the train kernel in {train.dtype} (ntk.dtype); "
+                         "compute both kernels with the same ntk.dtype")
     ours, theirs = test.provenance.fingerprints, train.provenance.fingerprints
     if ours.get("parameters") and theirs.get("parameters") and ours["parameters"] != theirs["parameters"]:
         raise StoreError(test.path, "computed with other model parameters than the train kernel (fingerprint "

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 
 from pipeline import policy
 from pipeline.config import Method, RunConfig
-from pipeline.errors import ConfigError, PipelineError, StoreError
+from pipeline.errors import ConfigError, Interrupted, PipelineError, StoreError
 from pipeline.execute import EXECUTORS, BlockResult, BlockTask, Executor, strips
 from pipeline.fingerprint import function_fingerprint, function_mismatch
 from pipeline.kernel import bad_blocks, open_kernel
@@ -119,24 +121,49 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
     ex.start()  # a missing GPU or an unreachable cluster is refused before the output is written
     lease = Lease(cfg.output.path, cfg.output.lease_seconds, cfg.output.storage_options)
     try:
-        prov = start.recorded or _create(p, start.action, start.function)
-        lease.acquire()
-        if start.bad:
-            unmark(cfg.output.path, [b for b, _ in start.bad], cfg.output.storage_options)
-        prov = prov.model_copy(update={"status": "running", "last_started": _now(), "runs": (prov.runs or 0) + 1,
-                                       "strip": _strip(p, len(start.todo), ex.slots()), "error": None})
-        update_provenance(cfg.output.path, prov, cfg.output.storage_options)
-        task = BlockTask(p.fm, p.x1, p.x2, p.method, cfg.ntk.mode, cfg.ntk.dtype,
-                         BlockWriter(cfg.output.path, cfg.output.storage_options),
-                         gpu=cfg.ray.gpus_per_task > 0 and executor == "ray")
-        with tqdm(total=len(p.plan.blocks), initial=skipped, unit="block", desc="ntk", disable=not progress) as bar:
-            book = Progress(cfg, prov, lease, skipped, bar)
-            book.execute(ex, task, strips(start.todo, prov.strip.length if prov.strip else 1))
+        with stop_on_signals():  # after ex.start(): a local Ray instance sets its own SIGTERM handler
+            prov = start.recorded or _create(p, start.action, start.function)
+            lease.acquire()
+            if start.bad:
+                unmark(cfg.output.path, [b for b, _ in start.bad], cfg.output.storage_options)
+            prov = prov.model_copy(update={"status": "running", "last_started": _now(),
+                                           "runs": (prov.runs or 0) + 1,
+                                           "strip": _strip(p, len(start.todo), ex.slots()), "error": None})
+            update_provenance(cfg.output.path, prov, cfg.output.storage_options)
+            task = BlockTask(p.fm, p.x1, p.x2, p.method, cfg.ntk.mode, cfg.ntk.dtype,
+                             BlockWriter(cfg.output.path, cfg.output.storage_options),
+                             gpu=cfg.ray.gpus_per_task > 0 and executor == "ray")
+            with tqdm(total=len(p.plan.blocks), initial=skipped, unit="block", desc="ntk",
+                      disable=not progress) as bar:
+                book = Progress(cfg, prov, lease, skipped, bar)
+                book.execute(ex, task, strips(start.todo, prov.strip.length if prov.strip else 1))
     finally:
         lease.release()
         ex.stop()
     return RunSummary(cfg.output.path, p.method, len(book.results), book.seconds, _entries(p),
                       sum(r.seconds for r in book.results), skipped=skipped, repaired=repaired, repair=repair)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM raise Interrupted in this thread (the main one: elsewhere this
+    does nothing), so that a run stopped by either records "interrupted", keeps its finished blocks and
+    releases its lease; the previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, interrupt)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _entries(p: Prepared) -> int:
@@ -145,8 +172,8 @@ def _entries(p: Prepared) -> int:
 
 def _start(cfg: RunConfig, search_path: str | None, repair: bool = False) -> Start:
     """What the output holds and what this run does with it: prepared, checked, nothing written yet."""
-    path, opts = cfg.output.path, cfg.output.storage_options
-    action = check_output(path, cfg.output.overwrite, opts)
+    path, opts, timeout = cfg.output.path, cfg.output.storage_options, cfg.output.connect_timeout_s
+    action = check_output(path, cfg.output.overwrite, opts, timeout)
     if repair:
         _check_repair(action, path)
     if action != "resume":
@@ -155,7 +182,7 @@ def _start(cfg: RunConfig, search_path: str | None, repair: bool = False) -> Sta
                              "not overwriting it")
         p = prepare(cfg, search_path, measure=True)
         return Start(action, p, None, list(p.plan.blocks), function_fingerprint(p))
-    stored = open_kernel(path, opts)  # the one reader: a malformed or newer-format record is refused
+    stored = open_kernel(path, opts, timeout)  # the one reader: a malformed or newer-format record is refused
     recorded = stored.provenance
     # The recorded choice: the same bits as before.
     p = prepare(cfg, search_path, recorded=(recorded.method, recorded.auto))
@@ -273,7 +300,8 @@ class Progress:
     def _fail(self, err: BaseException) -> None:
         self._record_nodes()
         self.prov = self.prov.model_copy(update={
-            "status": "failed" if isinstance(err, Exception) else "interrupted", "error": str(err),
+            "status": "failed" if isinstance(err, Exception) else "interrupted",
+            "error": str(err) or type(err).__name__,
             "blocks_done": self.skipped + len(self.results), "updated": _now()})
         if not self.lease.lost:  # a run that lost its lease leaves the record to the run that took it
             with contextlib.suppress(Exception):  # the store itself may be what failed

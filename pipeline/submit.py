@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.config import is_url, parse_config, read_yaml
 from pipeline.errors import ConfigError, PipelineError, brief
+from pipeline.execute.ray_session import CHECK, CONNECT_TIMEOUT_S, NoAnswer, bounded
 
 # Left out of the uploaded working_dir: stores, version control, caches (Ray's gitignore-style patterns).
 EXCLUDES = ["*.zarr", "*.zarr/", ".git/", "__pycache__/", "*.pyc", ".venv/", ".pytest_cache/", ".mypy_cache/"]
@@ -43,15 +44,19 @@ def address_or_default(address: str | None) -> str:
     return address
 
 
-def client(address: str) -> Any:
-    """A JobSubmissionClient; authentication failures become one line saying what to set."""
+def client(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
+    """A JobSubmissionClient, whose server must answer within ``timeout`` seconds (Ray's client waits
+    without a limit); a server that does not, and authentication failures, become one line."""
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # a token given is a token meant to be used
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        return bounded(lambda: JobSubmissionClient(address), timeout)
+    except NoAnswer:
+        raise SubmitError("--address", f"no Ray job server answered at {address} within {timeout:g} s; "
+                          f"{CHECK}") from None
     except AuthenticationError as err:
         why = "rejected the token" if "invalid" in str(err).lower() else "requires a token and none was found"
         raise SubmitError("--address", f"the Ray cluster at {address} {why}: {TOKEN_HELP}") from None
@@ -78,7 +83,8 @@ def _check_paths(raw: dict[str, Any], folder: Path) -> None:
 
 
 def submit(config: str | os.PathLike[str], address: str | None = None, *, job_id: str | None = None,
-           excludes: tuple[str, ...] = (), entrypoint_num_cpus: float | None = None) -> str:
+           excludes: tuple[str, ...] = (), entrypoint_num_cpus: float | None = None,
+           timeout: float = CONNECT_TIMEOUT_S) -> str:
     """Submit ``ntk-pipeline run CONFIG`` as a Ray job; returns its submission id.
 
     The config is validated here first (keys, types, values; files that exist only on the cluster
@@ -90,7 +96,7 @@ def submit(config: str | os.PathLike[str], address: str | None = None, *, job_id
     parse_config(raw, base=folder, check_files=False)
     _check_paths(raw, folder)
     addr = address_or_default(address)
-    c = client(addr)
+    c = client(addr, timeout)
     runtime_env = {"working_dir": str(folder), "excludes": [*EXCLUDES, *excludes]}
     entrypoint = f"ntk-pipeline run {shlex.quote(path.name)} --no-progress"
     try:

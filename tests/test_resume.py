@@ -90,7 +90,9 @@ def test_sigkill_part_way_then_resume_equals_an_uninterrupted_run(workdir):
     st = CliRunner().invoke(main, ["status", str(workdir / "out.zarr"), "--json"])
     s = json.loads(st.stdout)
     assert s["blocks_done"] == grid_done and s["blocks_total"] == 15 and not s["complete"]
-    assert s["status"] == "running" and s["lease"]["held"] is False  # its process is gone
+    # its process is gone: the record still says running, status says what happened
+    assert s["status"] == "interrupted" and s["recorded_status"] == "running" and s["lease"]["held"] is False
+    assert "stopped without recording its end" in s["status_reason"]
     ver = CliRunner().invoke(main, ["verify", str(workdir / "out.zarr"), "--sample", "0"])
     assert ver.exit_code == 1 and f"{15 - grid_done} blocks not done" in ver.stdout
     # resume: the same config, run again

@@ -31,7 +31,7 @@ class RayExecutor:
         # Workers unpickle the user's model by reference: let them import from the config's folder.
         paths = [p for p in (search_path, os.environ.get("PYTHONPATH")) if p]
         runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}} if paths else None
-        self._session = RaySession(spec.address, "ray.address", ConfigError, runtime_env)
+        self._session = RaySession(spec.address, "ray.address", ConfigError, runtime_env, spec.connect_timeout_s)
 
     def start(self) -> None:
         """Join or start Ray, and refuse a cluster without the CPUs or GPUs one task asks for."""
@@ -73,13 +73,12 @@ class RayExecutor:
         limit = self.spec.max_in_flight or 2 * self.slots()  # keep every slot busy while results come back
         try:
             while True:
-                for strip in todo:
+                while len(pending) < limit and (strip := next(todo, None)) is not None:
                     pending[remote.remote(task_ref, strip)] = strip
-                    if len(pending) >= limit:
-                        break
                 if not pending:
                     return
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                # A bounded wait, so that SIGINT and SIGTERM reach this thread within a second.
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                 for ref in ready:
                     strip = pending.pop(ref)
                     with unwrapped(BlockError, strip_name(strip)):

@@ -6,18 +6,120 @@
         session.ray.get(ref)
     session.stop()                                   # shuts Ray down only if start() started it
 
-Ray is imported only inside ``pipeline.execute``, and only when used: importing this module (as
-``pipeline.kernel`` does) costs nothing.
+Joining a cluster is bounded: Ray's own client retries an address where nothing answers for many
+minutes, deaf to SIGTERM, so ``start`` first connects to the address with a plain TCP socket, then
+joins in a thread it waits for at most ``timeout`` seconds; either failure is one line naming the
+address. Ray is imported only inside ``pipeline.execute``, and only when used: importing this module
+(as ``pipeline.kernel`` does) costs nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
-from typing import Any
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from pipeline.errors import ConfigError, PipelineError, brief
+
+# Seconds to wait for a Ray cluster to answer when joining one (``ray.connect_timeout_s``).
+CONNECT_TIMEOUT_S = 60.0
+CHECK = "check the address and that the head node is up (ray status)"
+T = TypeVar("T")
+# Ray's log lines that say nothing to a user of this tool: the token authentication Ray enables for a
+# local instance this tool starts and stops itself, and the SIGTERM handler it does not set when it is
+# joined from a thread (the run sets its own).
+QUIET = {
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled",
+    "ray._private.worker": "SIGTERM handler is not set",
+}
+
+
+class _Drop(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def quiet_ray() -> Iterator[None]:
+    """Drop Ray's QUIET log lines while inside."""
+    filters = [(logging.getLogger(name), _Drop(prefix)) for name, prefix in QUIET.items()]
+    for logger, f in filters:
+        logger.addFilter(f)
+    try:
+        yield
+    finally:
+        for logger, f in filters:
+            logger.removeFilter(f)
+
+
+class NoAnswer(TimeoutError):
+    """``bounded``'s call did not return in time."""
+
+
+def bounded(call: Callable[[], T], timeout: float) -> T:
+    """``call()`` in a daemon thread, waited for at most ``timeout`` seconds (this thread still answers
+    SIGINT and SIGTERM meanwhile): its result, or its exception raised here, or NoAnswer. A call that
+    never returns (Ray's clients may retry for many minutes) is left to its thread, which the process
+    leaves behind when it exits."""
+    outcome: list[Any] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as err:  # handed to the waiting thread
+            failure.append(err)
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="ntk-bounded", daemon=True).start()
+    if not done.wait(max(0.0, timeout)):
+        raise NoAnswer(f"no answer within {timeout:g} s")
+    if failure:
+        raise failure[0]
+    result: T = outcome[0]
+    return result
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster ``ray.init(address)`` joins: ``address``, or ``$RAY_ADDRESS`` for None and "auto"
+    (as Ray reads it); None: none, a local instance starts."""
+    env = os.environ.get("RAY_ADDRESS")
+    return env if env and address in (None, "auto") else address
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``host:port`` or ``ray://host:port``; None for "auto" and anything without a port."""
+    rest = address.split("://", 1)[-1].split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    return (host.strip("[]") or "127.0.0.1", int(port)) if sep and port.isdigit() else None
+
+
+def probe(address: str, timeout: float) -> str | None:
+    """Why nothing answers at ``address`` (a TCP connection to its host and port, at most ``timeout``
+    seconds), or None: something listens there, or the address names no port to try."""
+    where = host_port(address)
+    if where is None:
+        return None
+    try:
+        socket.create_connection(where, timeout=timeout).close()
+    except TimeoutError:
+        return f"no Ray cluster answered at {address} within {timeout:g} s"
+    except ConnectionRefusedError:
+        return f"no Ray cluster answered at {address}: connection refused"
+    except OSError as err:
+        return f"no Ray cluster answered at {address}: {err.strerror or brief(err)}"
+    return None
 
 
 class RaySession:
@@ -29,11 +131,13 @@ class RaySession:
       key: what a connection failure is about, named in its one-line error (``ray.address``).
       error: the PipelineError subclass of that error.
       runtime_env: Ray's runtime environment for the workers of an instance this session starts.
+      timeout: seconds to wait for a cluster to answer when joining one (not for a local start).
     """
 
     def __init__(self, address: str | None, key: str, error: type[PipelineError] = ConfigError,
-                 runtime_env: dict[str, Any] | None = None) -> None:
+                 runtime_env: dict[str, Any] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> None:
         self.address, self.key, self.error, self.runtime_env = address, key, error, runtime_env
+        self.timeout = timeout
         self.started = False  # whether start() started Ray (and so stop() shuts it down)
 
     @property
@@ -47,17 +151,47 @@ class RaySession:
         """Join the Ray instance this process has, else start one at ``address``.
 
         Raises:
-          PipelineError: of type ``error`` naming ``key``, when ``address`` cannot be reached.
+          PipelineError: of type ``error`` naming ``key``, when the cluster at ``address`` does not
+            answer within ``timeout`` seconds or refuses to be joined.
         """
         import ray
 
-        if not ray.is_initialized():
-            try:
-                ray.init(address=self.address, include_dashboard=False, runtime_env=self.runtime_env,
-                         logging_level=logging.WARNING)
-            except ConnectionError as err:
-                raise self.error(self.key, f"cannot connect to {self.address!r}: {err}") from None
-            self.started = True
+        if ray.is_initialized():
+            return
+        target = cluster_address(self.address)
+        with quiet_ray():
+            if target is None:  # a local instance: nothing to wait for
+                self._init()
+            else:
+                self._join(target)
+        self.started = True
+
+    def _init(self) -> None:
+        import ray
+
+        try:
+            ray.init(address=self.address, include_dashboard=False, runtime_env=self.runtime_env,
+                     logging_level=logging.WARNING)
+        except ConnectionError as err:
+            raise self.error(self.key, f"cannot connect to {self.address!r}: {brief(err)}") from None
+
+    def _join(self, target: str) -> None:
+        """Join the cluster at ``target`` within ``timeout`` seconds: a TCP probe first, then ``ray.init``
+        in a thread this one waits for (still answering SIGINT and SIGTERM). A join that does not end in
+        time is left to its thread, which the process leaves behind when it exits."""
+        deadline = time.monotonic() + self.timeout
+        why = probe(target, self.timeout)
+        if why:
+            raise self.error(self.key, f"{why}; {CHECK}")
+        try:
+            bounded(self._init, deadline - time.monotonic())
+        except NoAnswer:
+            raise self.error(self.key, f"no Ray cluster answered at {target} within {self.timeout:g} s; "
+                             f"{CHECK}") from None
+        except PipelineError:
+            raise
+        except Exception as err:
+            raise self.error(self.key, f"cannot join the Ray cluster at {target}: {brief(err)}; {CHECK}") from None
 
     def stop(self) -> None:
         """Shut Ray down if ``start`` started it; else leave the instance to whoever started it."""
@@ -81,7 +215,7 @@ def unwrap(err: BaseException, error: type[PipelineError], key: str, what: str =
     cause: BaseException = getattr(err, "cause", None) or err
     if isinstance(cause, PipelineError):
         return cause
-    return error(key, f"{what}{brief(cause, limit=500)}")
+    return error(key, f"{what}{brief(cause)}")
 
 
 @contextlib.contextmanager
@@ -95,4 +229,5 @@ def unwrapped(error: type[PipelineError], key: str, what: str = "") -> Iterator[
         raise unwrap(err, error, key, what) from None
 
 
-__all__ = ["RaySession", "unwrap", "unwrapped"]
+__all__ = ["CHECK", "CONNECT_TIMEOUT_S", "NoAnswer", "RaySession", "bounded", "cluster_address", "host_port", "probe",
+           "quiet_ray", "unwrap", "unwrapped"]

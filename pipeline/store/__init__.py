@@ -12,6 +12,7 @@ from __future__ import annotations
 from pipeline.store.format import ATTRIBUTE, FORMAT_VERSION, Function, Provenance, Strip, parse, read_provenance
 from pipeline.store.layout import (
     COMPRESSORS,
+    CONNECT_TIMEOUT_S,
     DIMENSIONS,
     DONE,
     KERNEL,
@@ -23,16 +24,17 @@ from pipeline.store.layout import (
     done_mask,
     existing,
     open_group,
+    reach,
     transpose,
     transposed_copy,
     unmark,
     update_provenance,
 )
-from pipeline.store.lease import Lease, describe_lease, lease_alive, lease_holder
+from pipeline.store.lease import STOPPED, Lease, describe_lease, lease_alive, lease_holder, run_status
 
 __all__ = [
-    "ATTRIBUTE", "COMPRESSORS", "DIMENSIONS", "DONE", "FORMAT_VERSION", "KERNEL", "LEASE", "BlockWriter", "Function",
-    "Lease", "Provenance", "Strip", "check_output", "clear", "create", "describe_lease", "done_mask", "existing",
-    "lease_alive", "lease_holder", "open_group", "parse", "read_provenance", "transpose", "transposed_copy", "unmark",
-    "update_provenance",
+    "ATTRIBUTE", "COMPRESSORS", "CONNECT_TIMEOUT_S", "DIMENSIONS", "DONE", "FORMAT_VERSION", "KERNEL", "LEASE",
+    "STOPPED", "BlockWriter", "Function", "Lease", "Provenance", "Strip", "check_output", "clear", "create",
+    "describe_lease", "done_mask", "existing", "lease_alive", "lease_holder", "open_group", "parse", "reach",
+    "read_provenance", "run_status", "transpose", "transposed_copy", "unmark", "update_provenance",
 ]

@@ -183,8 +183,11 @@ class Provenance(BaseModel):
         return {**data, "format_version": FORMAT_VERSION}
 
 
-# What a resume must find unchanged: everything that decides the kernel's values and layout.
+# What a resume must find unchanged: everything that decides the kernel's values and layout, but for
+# RESUME_FREE: how many blocks one task computes (tiling.strip) changes neither a block's bits nor where
+# it lies. The other sections (output's lease, overwrite, timeouts; ray.*) never change the kernel.
 RESUME_SECTIONS = ("model", "data", "ntk", "tiling")
+RESUME_FREE = frozenset({"tiling.strip"})
 # What ``verify`` checks a given config against: what decides the kernel's values. Where the inputs and
 # the checkpoint lie is left out (a store is often verified on another machine): the fingerprints
 # of their contents are compared instead.
@@ -195,7 +198,7 @@ _FINGERPRINTS = {"parameters": "model parameters", "x1": "data.x1 values", "x2":
 
 
 def _first_difference(recorded: Any, now: Any, key: str, ignore: frozenset[str] = frozenset()) -> str | None:
-    if key in ignore:
+    if key in ignore or key in RESUME_FREE:
         return None
     if isinstance(recorded, dict) and isinstance(now, dict):
         for k in sorted(set(recorded) | set(now)):
@@ -257,5 +260,6 @@ def _first_error(err: Exception) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-__all__ = ["ATTRIBUTE", "FORMAT_VERSION", "LOCATIONS", "RESUME_SECTIONS", "RUN_STATE", "VERIFY_SECTIONS", "Function",
-           "Provenance", "SourceFile", "Strip", "Values", "attributes", "parse", "read_provenance", "write_provenance"]
+__all__ = ["ATTRIBUTE", "FORMAT_VERSION", "LOCATIONS", "RESUME_FREE", "RESUME_SECTIONS", "RUN_STATE", "VERIFY_SECTIONS",
+           "Function", "Provenance", "SourceFile", "Strip", "Values", "attributes", "parse", "read_provenance",
+           "write_provenance"]

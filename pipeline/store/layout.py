@@ -13,8 +13,12 @@ Only this package writes with zarr (data.py reads Zarr inputs, kernel.py reads t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import socket
 import threading
+import urllib.parse
 from typing import Any
 
 import fsspec
@@ -41,6 +45,48 @@ def open_group(path: str, mode: str, options: dict[str, Any] | None, **kwargs: A
     return zarr.open_group(path, mode=mode, storage_options=url_options(path, options), **kwargs)  # type: ignore[arg-type]
 
 
+# Seconds to wait for an object store to answer when a command first reaches it (output.connect_timeout_s,
+# --connect-timeout): a minute covers a slow first connection.
+CONNECT_TIMEOUT_S = 60.0
+
+
+def reach(path: str, options: dict[str, Any] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise StoreError unless the object store of the URL ``path`` answers within ``timeout`` seconds
+    (one request, in a thread this one waits for); a local path needs nothing. Its answer may be that
+    nothing is there, or that access is denied: the callers say what that means."""
+    if not is_url(path):
+        return
+    opts = options or {}
+    endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def ask() -> None:
+        try:
+            if isinstance(endpoint, str) and (url := urllib.parse.urlsplit(endpoint)).hostname:
+                # A closed port at once: the client would retry a refused connection for seconds.
+                port = url.port or (443 if url.scheme == "https" else 80)
+                socket.create_connection((url.hostname, port), timeout=timeout).close()
+            fs, root = fsspec.core.url_to_fs(path, **opts)
+            fs.info(f"{root.rstrip('/')}/zarr.json")
+        except (FileNotFoundError, PermissionError):
+            pass  # an answer
+        except BaseException as err:  # handed to the waiting thread
+            failure.append(err)
+        finally:
+            done.set()
+
+    threading.Thread(target=ask, name="ntk-store-probe", daemon=True).start()
+    where = f" at {endpoint}" if endpoint else ""
+    check = "storage_options.endpoint_url, the network" if endpoint else "the URL, the network"
+    if not done.wait(timeout):
+        raise StoreError("output.path", f"no object store answered{where} for {path} within {timeout:g} s; "
+                         f"check {check} and that the store is up")
+    if failure:
+        raise StoreError("output.path", f"cannot reach the object store{where} for {path}: {brief(failure[0])}; "
+                         f"check {check}, the credentials and that the store is up")
+
+
 def _listing(path: str, options: dict[str, Any] | None) -> str:
     """What the path holds, by listing it (fsspec, the same code for a folder and a URL): "none" (nothing,
     or an empty folder or prefix), "zarr" (a ``zarr.json`` at its root) or "other" (a file, a dangling
@@ -58,11 +104,13 @@ def _listing(path: str, options: dict[str, Any] | None) -> str:
     return "zarr" if fs.isfile(f"{root.rstrip('/')}/zarr.json") else "other"
 
 
-def existing(path: str, options: dict[str, Any] | None = None) -> str:
+def existing(path: str, options: dict[str, Any] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> str:
     """What is at the output path: "none" (nothing, or an empty folder), "kernel" (an ntk-pipeline store),
     "ours" (a group with ntk-pipeline's ``ntk_pipeline`` attribute whose kernel or markers are missing: its
     creation was interrupted), "zarr" (a Zarr store ntk-pipeline did not write) or "other" (anything else).
-    A local path and an fsspec URL go through the same code."""
+    A local path and an fsspec URL go through the same code; an object store that does not answer within
+    ``timeout`` seconds is a StoreError."""
+    reach(path, options, timeout)
     try:
         kind = _listing(path, options)
     except Exception as err:
@@ -71,22 +119,24 @@ def existing(path: str, options: dict[str, Any] | None = None) -> str:
         return kind
     try:
         group = open_group(path, "r", options)
+        if ATTRIBUTE not in group.attrs:
+            return "zarr"
+        complete = KERNEL in group and DONE in group  # reads their metadata
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return "zarr"  # a zarr.json that is not a group's (an array's, or unreadable as a group)
     except Exception as err:
         raise StoreError("output.path", f"cannot read {path}: {brief(err)}") from None
-    if ATTRIBUTE not in group.attrs:
-        return "zarr"
-    return "kernel" if KERNEL in group and DONE in group else "ours"
+    return "kernel" if complete else "ours"
 
 
-def check_output(path: str, overwrite: bool, options: dict[str, Any] | None = None) -> str:
+def check_output(path: str, overwrite: bool, options: dict[str, Any] | None = None,
+                 timeout: float = CONNECT_TIMEOUT_S) -> str:
     """What a run may do with its output path: "create", "overwrite" or "resume".
 
     Overwrites only a store that carries ntk-pipeline's attribute (and then only its own nodes, see
     ``create``); never writes into anything else, whatever ``overwrite`` says.
     """
-    kind = existing(path, options)
+    kind = existing(path, options, timeout)
     if kind == "none":
         return "create"
     verb = "overwrite" if overwrite else "write into"
@@ -101,6 +151,21 @@ def check_output(path: str, overwrite: bool, options: dict[str, Any] | None = No
         raise StoreError("output.path", f"{path} is an ntk-pipeline store without its {KERNEL} or {DONE} array (its "
                          "creation was interrupted); use --overwrite to start afresh")
     return "resume"
+
+
+def settle(timeout: float = 3.0) -> None:
+    """Let Zarr's reads still in flight after a failed one end (a read of many chunks fails at the first
+    bad one and leaves the others running), so that none is pending when the process exits: asyncio
+    prints "Task was destroyed but it is pending!" for each one that is."""
+    from zarr.core.sync import sync
+
+    async def others() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    with contextlib.suppress(Exception):
+        sync(others())
 
 
 def done_mask(path: str, options: dict[str, Any] | None = None) -> np.ndarray:

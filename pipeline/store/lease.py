@@ -51,6 +51,18 @@ def lease_alive(lease: dict[str, Any] | None, now: float | None = None) -> bool:
     return (time.time() if now is None else now) - float(lease["heartbeat"]) < float(lease["ttl"])
 
 
+# Why a reader shows "interrupted" for a store whose record still says "running" (run_status).
+STOPPED = "the run writing it stopped without recording its end: its lease is free"
+
+
+def run_status(recorded: str, lease: dict[str, Any] | None) -> tuple[str, str | None]:
+    """The status to show for a store: the recorded one and None, but ("interrupted", STOPPED) when the
+    record says "running" and no live run holds the lease (a run killed by SIGKILL or with its machine)."""
+    if recorded == "running" and not lease_alive(lease):
+        return "interrupted", STOPPED
+    return recorded, None
+
+
 def describe_lease(lease: dict[str, Any]) -> str:
     age = time.time() - float(lease["heartbeat"])
     return f"run {lease['owner'][:8]} on {lease['host']} (pid {lease['pid']}), last heartbeat {age:.0f} s ago"
