@@ -85,6 +85,11 @@ class RayExecutor:
                         results = ray.get(ref)
                     for result in results:
                         on_done(result)
+        except KeyboardInterrupt:  # SIGINT, SIGTERM (errors.Interrupted): the driver's exit ends its tasks
+            # and not a ray.cancel, which racing a task that just finished aborts the whole process in Ray
+            # 2.60 ("Tried to complete task that was not pending").
+            pending.clear()
+            raise
         finally:
             for ref in pending:
                 ray.cancel(ref)
