@@ -37,13 +37,14 @@ OTHER_METHOD = {Method.STRUCTURED: Method.JACOBIAN_CONTRACTION, Method.JACOBIAN_
 
 
 def status(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Blocks done / total, method, dtype, shapes, times, nodes and the lease; safe while a run writes.
+    """Blocks done / total, method, dtype, shapes, times, nodes, devices and the lease; safe while a run writes.
     ``options``: fsspec storage options for a URL."""
     k = open_kernel(path, options)
     prov, plan = k.provenance, k.plan
     lease = lease_holder(path, options)
     alive = lease_alive(lease)
     nodes = prov.nodes or ()
+    devices = prov.devices or ()
     return {
         "path": path,
         "status": prov.status,
@@ -62,6 +63,7 @@ def status(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
         "finished": prov.finished,
         "error": prov.error,
         "nodes": dict(Counter(nodes[i] for i in prov.block_nodes or () if i >= 0)),
+        "devices": dict(Counter(devices[i] for i in prov.block_devices or () if i >= 0)),
         "lease": {"held": alive, "holder": describe_lease(lease) if lease and alive else None,
                   "heartbeat_age_s": round(time.time() - float(lease["heartbeat"]), 1) if lease else None},
     }
