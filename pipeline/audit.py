@@ -37,10 +37,10 @@ OTHER_METHOD = {Method.STRUCTURED: Method.JACOBIAN_CONTRACTION, Method.JACOBIAN_
 
 
 def status(path: str, options: dict[str, Any] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
-    """Blocks done / total, method, dtype, shapes, times, nodes and the lease; safe while a run writes.
-    ``options``: fsspec storage options for a URL; ``timeout``: seconds its object store has to answer.
-    ``status`` is the recorded status, but "interrupted" (``status_reason`` says why) for a record that
-    says "running" while no live run holds the lease."""
+    """Blocks done / total, method, dtype, shapes, times, nodes, devices and the lease; safe while a run
+    writes. ``options``: fsspec storage options for a URL; ``timeout``: seconds its object store has to
+    answer. ``status`` is the recorded status, but "interrupted" (``status_reason`` says why) for a
+    record that says "running" while no live run holds the lease."""
     k = open_kernel(path, options, timeout)
     prov, plan = k.provenance, k.plan
     try:
@@ -50,6 +50,7 @@ def status(path: str, options: dict[str, Any] | None = None, timeout: float = CO
     alive = lease_alive(lease)
     shown, why = run_status(prov.status, lease)
     nodes = prov.nodes or ()
+    devices = prov.devices or ()
     return {
         "path": path,
         "status": shown,  # the recorded status, but "interrupted" for a "running" one whose lease is free
@@ -70,6 +71,7 @@ def status(path: str, options: dict[str, Any] | None = None, timeout: float = CO
         "finished": prov.finished,
         "error": prov.error,
         "nodes": dict(Counter(nodes[i] for i in prov.block_nodes or () if i >= 0)),
+        "devices": dict(Counter(devices[i] for i in prov.block_devices or () if i >= 0)),
         "lease": {"held": alive, "holder": describe_lease(lease) if lease and alive else None,
                   "heartbeat_age_s": round(time.time() - float(lease["heartbeat"]), 1) if lease else None},
     }

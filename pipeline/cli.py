@@ -41,7 +41,7 @@ def main() -> None:
 @click.option("--repair", is_flag=True, help="Resume, and also recompute every block whose chunks fail their "
               "checksum, are missing or are not finite (reads the whole kernel), even in a complete store.")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
-              help="ray: one Ray task per block; local: every block in this process (for debugging).")
+              help="ray: one Ray task per block; local: every block in this process (on its GPU where it has one).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @fails_cleanly
 def run(config: str, overwrite: bool | None, repair: bool, executor: str, progress: bool) -> None:
@@ -246,7 +246,7 @@ def submit(config: str, address: str | None, follow: bool, no_wait: bool, job_id
 @storage_options_option
 @fails_cleanly
 def status(output: str, as_json: bool, options: dict[str, Any] | None, connect_timeout: float) -> None:
-    """Progress of the run writing OUTPUT (or that wrote it): blocks done, times, nodes, lease."""
+    """Progress of the run writing OUTPUT (or that wrote it): blocks done, times, nodes, devices, lease."""
     from pipeline.audit import status as read_status
 
     s = read_status(output, options, connect_timeout)
@@ -264,6 +264,8 @@ def status(output: str, as_json: bool, options: dict[str, Any] | None, connect_t
     click.echo(f"last write {s['last_write'] or '-'}" + (f", finished {s['finished']}" if s["finished"] else ""))
     if s["nodes"]:
         click.echo("nodes      " + ", ".join(f"{node} ({n} blocks)" for node, n in s["nodes"].items()))
+    if s["devices"]:
+        click.echo("devices    " + ", ".join(f"{device} ({n} blocks)" for device, n in s["devices"].items()))
     click.echo(f"lease      {'held by ' + s['lease']['holder'] if s['lease']['held'] else 'free'}")
     if s["error"]:
         click.echo(f"error      {s['error']}")

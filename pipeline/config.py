@@ -183,6 +183,9 @@ class NtkSpec(_Spec):
     method: Method = Field(default=Method.AUTO, strict=False)
     mode: Mode = Field(default=Mode.FULL, strict=False)
     dtype: DType = "float32"
+    # Where blocks run (pipeline.execute.device.resolve_device): auto takes CUDA where a block task has a
+    # GPU (the local executor on a machine with one; a Ray task given one by ray.gpus_per_task > 0).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class TilingSpec(_Spec):

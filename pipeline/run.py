@@ -29,6 +29,7 @@ from pipeline import policy
 from pipeline.config import Method, RunConfig
 from pipeline.errors import ConfigError, Interrupted, PipelineError, StoreError
 from pipeline.execute import EXECUTORS, BlockResult, BlockTask, Executor, strips
+from pipeline.execute.device import resolve_device
 from pipeline.fingerprint import function_fingerprint, function_mismatch
 from pipeline.kernel import bad_blocks, open_kernel
 from pipeline.methods import estimate_flops
@@ -111,6 +112,7 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"overwrite": overwrite})})
     if executor not in EXECUTORS:
         raise ConfigError("executor", f"expected one of {', '.join(EXECUTORS)}, got {executor!r}")
+    device = resolve_device(cfg.ntk.device, cfg.ray.gpus_per_task, executor)  # a missing local GPU is refused here
     check_not_an_input(cfg)
     start = _start(cfg, search_path, repair)
     p, skipped = start.p, len(start.p.plan.blocks) - len(start.todo)
@@ -132,7 +134,7 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
             update_provenance(cfg.output.path, prov, cfg.output.storage_options)
             task = BlockTask(p.fm, p.x1, p.x2, p.method, cfg.ntk.mode, cfg.ntk.dtype,
                              BlockWriter(cfg.output.path, cfg.output.storage_options),
-                             gpu=cfg.ray.gpus_per_task > 0 and executor == "ray")
+                             device=device, step=cfg.tiling.chunk_shape[0] if cfg.tiling.chunk_shape else 64)
             with tqdm(total=len(p.plan.blocks), initial=skipped, unit="block", desc="ntk",
                       disable=not progress) as bar:
                 book = Progress(cfg, prov, lease, skipped, bar)
@@ -287,15 +289,16 @@ class Progress:
 
     def _record_nodes(self) -> None:
         """``nodes`` (names) and ``block_nodes`` (per block index, an index into ``nodes``, or -1 for a
-        block not computed yet) for the results since the last record. Earlier runs' entries stay."""
-        nodes = list(self.prov.nodes or ())
-        per_block = list(self.prov.block_nodes or [-1] * self.prov.blocks_total)
-        for r in self.results[self._recorded:]:
-            if r.node not in nodes:
-                nodes.append(r.node)
-            per_block[r.index] = nodes.index(r.node)
+        block not computed yet) for the results since the last record, and likewise ``devices`` and
+        ``block_devices``. Earlier runs' entries stay."""
+        new = self.results[self._recorded:]
         self._recorded = len(self.results)
-        self.prov = self.prov.model_copy(update={"nodes": tuple(nodes), "block_nodes": tuple(per_block)})
+        nodes, block_nodes = _indexed(self.prov.nodes, self.prov.block_nodes, self.prov.blocks_total,
+                                      [(r.index, r.node) for r in new])
+        devices, block_devices = _indexed(self.prov.devices, self.prov.block_devices, self.prov.blocks_total,
+                                          [(r.index, r.device) for r in new])
+        self.prov = self.prov.model_copy(update={"nodes": nodes, "block_nodes": block_nodes, "devices": devices,
+                                                 "block_devices": block_devices})
 
     def _fail(self, err: BaseException) -> None:
         self._record_nodes()
@@ -318,6 +321,17 @@ class Progress:
             update["startup_seconds"] = round(max(0.0, min(x.started for x in r) - t0_wall), 3)
         self.prov = self.prov.model_copy(update=update)
         update_provenance(self.path, self.prov, self.options)
+
+
+def _indexed(names: Sequence[str] | None, per_block: Sequence[int] | None, blocks: int,
+             results: list[tuple[int, str]]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Names, and per block an index into them (-1: not computed yet), with (block, name) ``results`` added."""
+    out, index = list(names or ()), list(per_block or [-1] * blocks)
+    for block, name in results:
+        if name not in out:
+            out.append(name)
+        index[block] = out.index(name)
+    return tuple(out), tuple(index)
 
 
 __all__ = ["PipelineError", "RunSummary", "run"]

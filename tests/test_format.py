@@ -28,6 +28,8 @@ from pipeline.kernel import open_kernel
 from pipeline.store import ATTRIBUTE, FORMAT_VERSION, Provenance, parse
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# Keys format 1 records that format 0 stores lack: all optional.
+NEWER_KEYS = {"format_version", "function", "devices", "block_devices"}
 
 
 @functools.cache
@@ -117,7 +119,9 @@ def test_resuming_a_format_0_store_writes_format_1_and_the_same_bytes(v0):
     assert (summary.blocks, summary.skipped) == (1, 5)
     after = _record(v0)
     assert after["format_version"] == FORMAT_VERSION and after["runs"] == 2
-    assert {k: v for k, v in after.items() if k != "format_version"}.keys() == before.keys()
+    # New optional keys only: which device computed each block (-1: computed before the record had them)
+    assert {k: v for k, v in after.items() if k not in NEWER_KEYS}.keys() == before.keys()
+    assert after["devices"] == ["cpu"] and after["block_devices"] == [-1, 0, -1, -1, -1, -1]
     assert all(after[k] == before[k] for k in ("config", "fingerprints", "n1", "block", "chunk", "started"))
     np.testing.assert_array_equal(open_kernel(str(v0)).array[...], np.load(FIXTURES / "store_v0_kernel.npy"))
 
@@ -128,9 +132,8 @@ def test_a_new_store_records_format_1_with_the_keys_and_shapes_of_format_0(tmp_p
     pipeline.run(cfg, executor="local", progress=False)
     record = _record(tmp_path / "new.zarr")
     assert record["format_version"] == FORMAT_VERSION == 1
-    assert set(record) == set(before) | {"format_version", "function"}  # function: the functional fingerprint
-    shapes = {k: _shape(v) for k, v in record.items() if k not in ("format_version", "config", "versions",
-                                                                   "function")}
+    assert set(record) == set(before) | NEWER_KEYS  # function: the functional fingerprint
+    shapes = {k: _shape(v) for k, v in record.items() if k not in NEWER_KEYS | {"config", "versions"}}
     assert shapes == {k: _shape(v) for k, v in before.items() if k not in ("config", "versions")}
     prov = parse(record, "new.zarr")
     assert prov.format_version == 1 and prov.record() == record  # parse and write round-trip exactly

@@ -1,6 +1,8 @@
-"""The reference executor: every strip one after another in this process, no Ray.
+"""The reference executor: every strip one after another in this process, no Ray, on this machine's
+GPU where it has one (``ntk.device``: pipeline.execute.device.resolve_device).
 
-For debugging and tests; every other executor must give the same kernel, byte for byte.
+For one machine, debugging and tests; every other executor must give the same kernel, byte for byte, on
+the same device.
 """
 
 from __future__ import annotations

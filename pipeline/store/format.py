@@ -99,8 +99,8 @@ class Function(BaseModel):
 # The optional keys a record may lack (run state, absent until a run sets it; fallbacks; the functional
 # fingerprint, absent from stores written before it existed): written only when set.
 RUN_STATE = frozenset({
-    "last_started", "runs", "strip", "nodes", "block_nodes", "updated", "finished", "seconds", "block_seconds",
-    "write_seconds", "startup_seconds", "error", "fallbacks", "function",
+    "last_started", "runs", "strip", "nodes", "block_nodes", "devices", "block_devices", "updated", "finished",
+    "seconds", "block_seconds", "write_seconds", "startup_seconds", "error", "fallbacks", "function",
 })
 
 
@@ -108,7 +108,8 @@ class Provenance(BaseModel):
     """Everything the ``ntk_pipeline`` attribute holds: what was computed, how, from what, and how far.
 
     Shapes: ``block``, ``chunk`` (rows, cols) of a block and of a chunk; ``grid`` (blocks along x1,
-    along x2); ``block_nodes`` one entry per block of the plan, an index into ``nodes`` or -1.
+    along x2); ``block_nodes`` one entry per block of the plan, an index into ``nodes`` or -1, and
+    ``block_devices`` likewise into ``devices`` ("cpu", "cuda:0 NVIDIA H200"; absent in older stores).
     """
 
     model_config = _RECORD
@@ -140,6 +141,8 @@ class Provenance(BaseModel):
     strip: Strip | None = None
     nodes: tuple[str, ...] | None = None
     block_nodes: tuple[int, ...] | None = None
+    devices: tuple[str, ...] | None = None
+    block_devices: tuple[int, ...] | None = None
     updated: str | None = None
     finished: str | None = None
     seconds: float | None = None
@@ -166,7 +169,8 @@ class Provenance(BaseModel):
     def mismatch(self, config: Mapping[str, Any], fingerprints: Mapping[str, str | None], sections: tuple[str, ...],
                  ignore: frozenset[str] = frozenset()) -> str | None:
         """The first difference in ``sections`` of the config (keys in ``ignore``, dotted, left out), else
-        in the parameter and input fingerprints, or None."""
+        in the parameter and input fingerprints, or None. Where blocks run (PLACEMENT) is never a difference."""
+        ignore = ignore | PLACEMENT
         for section in sections:
             found = _first_difference(self.config.get(section), config[section], section, ignore)
             if found:
@@ -194,6 +198,9 @@ RESUME_FREE = frozenset({"tiling.strip"})
 VERIFY_SECTIONS = ("model", "data", "ntk")
 LOCATIONS = frozenset({"model.checkpoint", "data.x1.path", "data.x1.storage_options", "data.x2.path",
                        "data.x2.storage_options"})
+# Where blocks run: a resume or a verify may run them on another device (their values agree to the dtype's
+# rounding, which the functional fingerprint checks); each block's device is recorded in ``block_devices``.
+PLACEMENT = frozenset({"ntk.device"})
 _FINGERPRINTS = {"parameters": "model parameters", "x1": "data.x1 values", "x2": "data.x2 values"}
 
 
@@ -260,6 +267,6 @@ def _first_error(err: Exception) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-__all__ = ["ATTRIBUTE", "FORMAT_VERSION", "LOCATIONS", "RESUME_FREE", "RESUME_SECTIONS", "RUN_STATE", "VERIFY_SECTIONS",
-           "Function", "Provenance", "SourceFile", "Strip", "Values", "attributes", "parse", "read_provenance",
-           "write_provenance"]
+__all__ = ["ATTRIBUTE", "FORMAT_VERSION", "LOCATIONS", "PLACEMENT", "RESUME_FREE", "RESUME_SECTIONS", "RUN_STATE",
+           "VERIFY_SECTIONS", "Function", "Provenance", "SourceFile", "Strip", "Values", "attributes", "parse",
+           "read_provenance", "write_provenance"]
