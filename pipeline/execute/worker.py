@@ -25,6 +25,7 @@ from pipeline.errors import BlockError
 from pipeline.methods import combine, side
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import Block
+from pipeline.precision import at_task_precision
 from pipeline.store import BlockWriter, transpose
 
 
@@ -40,6 +41,7 @@ class BlockTask:
     dtype: str
     writer: BlockWriter
     gpu: bool = False
+    precision: str = "highest"  # ntk.precision: float32 products in float32, or "tf32" (pipeline.precision)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -80,6 +82,7 @@ def _node_name() -> str:
     return host
 
 
+@at_task_precision  # the strip runs at ntk.precision; the process's own setting is put back after
 def run_strip(task: BlockTask, blocks: Sequence[Block]) -> list[BlockResult]:
     """Compute blocks that share their x1 rows, forming the rows' side (Jacobians, or layer inputs
     and cotangents) once; each block is written (and then marked done) by a background thread
