@@ -9,7 +9,16 @@ Reading a store is ``pipeline.kernel.open_kernel``'s job; this package writes it
 
 from __future__ import annotations
 
-from pipeline.store.format import ATTRIBUTE, FORMAT_VERSION, Function, Provenance, Strip, parse, read_provenance
+from pipeline.store.format import (
+    ATTRIBUTE,
+    FORMAT_VERSION,
+    BlockSizing,
+    Function,
+    Provenance,
+    Strip,
+    parse,
+    read_provenance,
+)
 from pipeline.store.layout import (
     COMPRESSORS,
     DIMENSIONS,
@@ -31,7 +40,8 @@ from pipeline.store.layout import (
 from pipeline.store.lease import Lease, describe_lease, lease_alive, lease_holder
 
 __all__ = [
-    "ATTRIBUTE", "COMPRESSORS", "DIMENSIONS", "DONE", "FORMAT_VERSION", "KERNEL", "LEASE", "BlockWriter", "Function",
+    "ATTRIBUTE", "COMPRESSORS", "DIMENSIONS", "DONE", "FORMAT_VERSION", "KERNEL", "LEASE", "BlockSizing", "BlockWriter",
+    "Function",
     "Lease", "Provenance", "Strip", "check_output", "clear", "create", "describe_lease", "done_mask", "existing",
     "lease_alive", "lease_holder", "open_group", "parse", "read_provenance", "transpose", "transposed_copy", "unmark",
     "update_provenance",
