@@ -29,8 +29,22 @@ from pipeline.prepare import prepare, resolve
 from pipeline.store import CONNECT_TIMEOUT_S, describe_lease, lease_alive, lease_holder, run_status
 from pipeline.store.format import LOCATIONS, VERIFY_SECTIONS
 
-# verify's tolerance, relative to the largest magnitude in the block, by the stored dtype.
-VERIFY_TOLERANCE = {"float32": 1e-3, "float64": 1e-8}
+# verify's tolerance, relative to the largest magnitude in the block, by the stored dtype, and "tf32"
+# for float32 blocks computed with ntk.precision: tf32. TF32 keeps 10 of float32's 23 explicit
+# mantissa bits: each input of a matrix product or convolution is rounded by up to u = 2**-11 (about
+# 4.9e-4), so each product carries up to about 2u = 1e-3 relative error, against 2**-23 in float32.
+# Summed in float32, an entry's error stays within 2u of sum_k |J1_k J2_k| <= |J1| |J2| (Cauchy-Schwarz),
+# which is K's diagonal scale; the forward and backward passes that form the Jacobians (every layer's
+# products in TF32) add about 2u per layer. 2e-2 = 40u allows for a dozen or so layers and an
+# off-diagonal block whose largest value is a few times below its rows' diagonal, while still
+# catching a wrong block (errors of order 1). A bound from the arithmetic, not a measurement: the
+# measured error of TF32 kernels needs a GPU (README, "Precision").
+VERIFY_TOLERANCE = {"float32": 1e-3, "float64": 1e-8, "tf32": 2e-2}
+
+
+def verify_tolerance(dtype: str, precision: str = "highest") -> float:
+    """verify's tolerance for a store of ``dtype`` computed at ``precision`` (ntk.precision)."""
+    return VERIFY_TOLERANCE["tf32" if precision == "tf32" else dtype]
 # verify recomputes with a method other than the recorded one.
 OTHER_METHOD = {Method.STRUCTURED: Method.JACOBIAN_CONTRACTION, Method.JACOBIAN_CONTRACTION: Method.STRUCTURED,
                 Method.NTK_VECTOR_PRODUCTS: Method.STRUCTURED}
@@ -62,9 +76,11 @@ def status(path: str, options: dict[str, Any] | None = None, timeout: float = CO
         "method": prov.method,
         "mode": prov.mode,
         "dtype": prov.dtype,
+        "precision": prov.ntk_precision,
         "n1": prov.n1, "n2": prov.n2, "o": prov.o,
         "symmetric": prov.symmetric,
         "block": list(prov.block),
+        "block_sizing": None if prov.block_sizing is None else prov.block_sizing.model_dump(mode="json"),
         "started": prov.started,
         "last_started": prov.last_started,
         "last_write": prov.updated,
@@ -132,7 +148,7 @@ def _recompute(k: Kernel, config: RunConfig | str | os.PathLike[str], sample: in
     where = "the given config" if isinstance(config, RunConfig) else f"config {config}"
     try:
         cfg, search_path = resolve(config)
-        p = prepare(cfg, search_path, recorded=(prov.method, prov.auto))
+        p = prepare(cfg, search_path, recorded=(prov.method, prov.auto), block=prov.plan_block)
         mismatch = prov.mismatch(cfg.model_dump(mode="json"), p.fingerprints, VERIFY_SECTIONS, LOCATIONS)
         if not mismatch and prov.function is not None:
             mismatch = function_mismatch(prov.function, function_fingerprint(p), prov.dtype)
@@ -148,7 +164,7 @@ def _recompute(k: Kernel, config: RunConfig | str | os.PathLike[str], sample: in
     fm = FunctionalModel(p.module.double(), cfg.model.output)
     check_model(fm, cast_input(p.x1.read(0, min(2, p.x1.n)), torch.float64))
     method = OTHER_METHOD[prov.method]
-    tol = VERIFY_TOLERANCE[prov.dtype]
+    tol = verify_tolerance(prov.dtype, prov.ntk_precision)
     failures = []
     for b in blocks:
         a = cast_input(p.x1.read(b.i0, b.i1), torch.float64)

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli_common import fails_cleanly, size, storage_options_option
+from pipeline.cli_common import fails_cleanly, numbers, size, storage_options_option
 from pipeline.config import Method, Mode
 
 
@@ -123,12 +123,12 @@ def plan(config: str, as_json: bool, workers: int | None, memory: int | None, be
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
-    click.echo(f"kernel     {d['n1']} x {d['n2']} ({d['mode']}, o={d['o']}, {d['dtype']}), "
+    click.echo(f"kernel     {d['n1']} x {d['n2']} ({d['mode']}, o={d['o']}, {numbers(d['dtype'], d['precision'])}), "
                f"{size(d['kernel_bytes'])}{', symmetric' if d['symmetric'] else ''}")
     click.echo(f"model      {d['p']:,} trainable parameters, {_flops(d['forward_flops_per_sample'])} per forward "
                "sample")
     click.echo(f"blocks     {d['blocks']} tasks of {d['block'][0]} x {d['block'][1]} (grid "
-               f"{d['grid'][0]} x {d['grid'][1]})")
+               f"{d['grid'][0]} x {d['grid'][1]}){_auto_block(d['block_sizing'])}")
     lay = d["layout"]
     chunk = f"{d['chunk'][0]} x {d['chunk'][1]} ({size(lay['chunk_bytes'])})"
     inner = f"shards of {lay['chunks_per_file']} chunks of {chunk}" if d["sharded"] else "one chunk each"
@@ -151,9 +151,21 @@ def plan(config: str, as_json: bool, workers: int | None, memory: int | None, be
         _echo_sizing(d["sizing"])
 
 
+def _auto_block(z: dict[str, Any] | None) -> str:
+    """How tiling.block: auto chose the block, as ``plan`` and ``status`` show it; '' for a given block."""
+    if z is None:
+        return ""
+    fits = f"{z['headroom']:.0%} of {size(z['memory_bytes'])} ({z['source']})"
+    why = {"memory": f"the largest whose task ({size(z['task_memory_bytes'])}) fits {fits}",
+           "kernel": f"the whole kernel, whose task ({size(z['task_memory_bytes'])}) fits {fits}",
+           "balance": f"a block that fits {fits}, halved for at least 4 tasks per worker ({z['workers']} at once)"}
+    return f"; tiling.block auto: {why[z['limited_by']]}"
+
+
 def _echo_sizing(z: dict[str, Any]) -> None:
     fits = {"memory": f", the largest whose task fits {size(z['memory_bytes'])} with 20% headroom",
             "balance": ", small enough for at least 4 tasks per worker (task memory allows more)",
+            "kernel": f", the whole kernel: its task fits {size(z['memory_bytes'])} with 20% headroom",
             "config": " (tiling.block)"}[z["block_limited_by"]]
     click.echo(f"sizing     {z['workers']} workers: blocks of {z['block'][0]} x {z['block'][1]}{fits}; "
                f"{z['tasks']:,} tasks; {size(z['task_memory_bytes'])} per task; {_flops(z['total_flops'])} "
@@ -258,8 +270,9 @@ def status(output: str, as_json: bool, options: dict[str, Any] | None, connect_t
     why = "; ".join(w for w in ("" if s["complete"] else "incomplete", s["status_reason"]) if w)
     click.echo(f"status     {s['status']}" + (f" ({why})" if why else ""))
     click.echo(f"blocks     {s['blocks_done']} of {s['blocks_total']} done")
-    click.echo(f"kernel     {shape} ({s['mode']}, {s['dtype']}), method {s['method']}, blocks of "
-               f"{s['block'][0]} x {s['block'][1]}{', symmetric' if s['symmetric'] else ''}")
+    click.echo(f"kernel     {shape} ({s['mode']}, {numbers(s['dtype'], s['precision'])}), method {s['method']}, "
+               f"blocks of {s['block'][0]} x {s['block'][1]}{', symmetric' if s['symmetric'] else ''}"
+               f"{_auto_block(s['block_sizing'])}")
     click.echo(f"started    {s['started']}" + (f", last run started {s['last_started']}" if s["last_started"] else ""))
     click.echo(f"last write {s['last_write'] or '-'}" + (f", finished {s['finished']}" if s["finished"] else ""))
     if s["nodes"]:

@@ -1,5 +1,5 @@
 """What the commands of pipeline.cli and pipeline.cli_kernel share: turning a PipelineError into
-``Error: ...`` and exit 1, human-readable sizes, and the ``--storage-options JSON`` option."""
+``Error: ...`` and exit 1, human-readable sizes and dtypes, and the ``--storage-options JSON`` option."""
 
 from __future__ import annotations
 
@@ -41,6 +41,12 @@ def size(n: float) -> str:
             return f"{n:.1f} {prefix}B" if prefix else f"{n:.0f} B"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def numbers(dtype: str, precision: str | None) -> str:
+    """A kernel's dtype as the commands show it, with ``ntk.precision`` when it is not the default:
+    ``float32`` or ``float32 with TF32 products``."""
+    return dtype if precision in (None, "highest") else f"{dtype} with {precision.upper()} products"
 
 
 def parse_storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:

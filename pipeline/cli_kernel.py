@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import click
 
-from pipeline.cli_common import fails_cleanly, size, storage_options_flag, storage_options_option
+from pipeline.cli_common import fails_cleanly, numbers, size, storage_options_flag, storage_options_option
 from pipeline.errors import ConfigError, StoreError, brief
 from pipeline.kernel import EXECUTORS
 
@@ -69,8 +69,8 @@ def inspect(output: str, stats: bool, as_json: bool, options: dict[str, Any] | N
         click.echo(json.dumps(d, indent=2))
         return
     prov = d["provenance"]
-    click.echo(f"kernel     {' x '.join(map(str, d['shape']))} ({d['mode']}, {d['dtype']}), dims "
-               f"{', '.join(d['dims'])}{', symmetric K(x, x)' if d['symmetric'] else ''}")
+    click.echo(f"kernel     {' x '.join(map(str, d['shape']))} ({d['mode']}, {numbers(d['dtype'], d['precision'])}), "
+               f"dims {', '.join(d['dims'])}{', symmetric K(x, x)' if d['symmetric'] else ''}")
     shards = f", in shards of {' x '.join(map(str, d['shards']))}" if d["shards"] else ""
     click.echo(f"storage    chunks {' x '.join(map(str, d['chunks']))}{shards}; {size(d['nbytes'])} "
                f"({size(d['stored_bytes'])} stored)")

@@ -51,6 +51,7 @@ class Mode(StrEnum):
 
 
 DType = Literal["float32", "float64"]
+Precision = Literal["highest", "tf32"]
 
 
 def is_url(path: str) -> bool:
@@ -186,20 +187,40 @@ class NtkSpec(_Spec):
     # Where blocks run (pipeline.execute.device.resolve_device): auto takes CUDA where a block task has a
     # GPU (the local executor on a machine with one; a Ray task given one by ray.gpus_per_task > 0).
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # How float32 matrix products run on the workers (pipeline.precision): "highest" in float32,
+    # "tf32" in TensorFloat-32 on GPUs that have it (10 mantissa bits per input, much faster).
+    precision: Precision = "highest"
+
+    @field_validator("precision")
+    @classmethod
+    def _float32_only(cls, v: str, info: ValidationInfo) -> str:
+        if v == "tf32" and info.data.get("dtype") == "float64":
+            raise ValueError("tf32 applies to float32 products only, and ntk.dtype is float64; use "
+                             "precision: highest with float64, or dtype: float32 with tf32")
+        return v
+
+
+def _pair_form(v: Any) -> bool:
+    """Whether ``v`` is a positive int or a list of two."""
+    parts = v if isinstance(v, list) else [v]
+    ok = len(parts) == 2 if isinstance(v, list) else True
+    return ok and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in parts)
 
 
 class TilingSpec(_Spec):
     # 256 x 256 blocks: large enough that per-task overhead is small, small enough that a
-    # CNN-sized model's Jacobians for 512 samples fit a worker's memory.
-    block: int | list[int] = 256
+    # CNN-sized model's Jacobians for 512 samples fit a worker's memory. "auto": the largest square
+    # block whose task fits a worker's memory, measured on a worker when the store is created
+    # (pipeline.prepare.auto_block); a resume keeps the block the store was made with.
+    block: int | list[int] | Literal["auto"] = 256
 
     @field_validator("block", mode="before")
     @classmethod
     def _block_form(cls, v: Any) -> Any:
-        parts = v if isinstance(v, list) else [v]
-        ok = len(parts) == 2 if isinstance(v, list) else True
-        if not ok or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in parts):
-            raise ValueError(f"expected a positive int or [rows, cols] of positive ints, got {v!r}")
+        if v == "auto":
+            return v
+        if not _pair_form(v):
+            raise ValueError(f"expected a positive int, [rows, cols] of positive ints, or 'auto', got {v!r}")
         return v
 
     # Chunks for readers inside each block's shard (Zarr v3 sharding): one file per block however
@@ -209,16 +230,19 @@ class TilingSpec(_Spec):
     @field_validator("chunk", mode="before")
     @classmethod
     def _chunk_form(cls, v: Any) -> Any:
-        return v if v is None else cls._block_form(v)
+        if v is not None and not _pair_form(v):
+            raise ValueError(f"expected a positive int or [rows, cols] of positive ints, got {v!r}")
+        return v
 
     # Blocks of one row computed by one task, forming the rows' Jacobians (or layer inputs and
     # cotangents) once. "auto": the cost model decides, at run time, from the blocks and the workers.
     strip: PositiveInt | Literal["auto"] = "auto"
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, int] | None:
+        """(rows, cols) of a block; None for ``auto`` (decided when the store is created)."""
         b = self.block
-        return (b, b) if isinstance(b, int) else (b[0], b[1])
+        return None if b == "auto" else (b, b) if isinstance(b, int) else (b[0], b[1])
 
     @property
     def chunk_shape(self) -> tuple[int, int] | None:

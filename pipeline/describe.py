@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,12 +17,12 @@ import torch
 from pipeline import policy
 from pipeline.config import Method, RunConfig
 from pipeline.errors import ConfigError
+from pipeline.execute.memory import WorkerMemory
 from pipeline.methods import METHODS, estimate_flops, outputs, structured, task_memory
 from pipeline.plan import Plan, kernel_bytes, layout, tile
-from pipeline.prepare import Prepared, prepare, resolve
+from pipeline.prepare import Prepared, fit_block, local_memory, prepare, resolve
 
-# Sizing refuses plans of more tasks than this (the driver holds one small record per task).
-MAX_SIZED_TASKS = 10_000_000
+MAX_SIZED_TASKS = policy.MAX_SIZED_TASKS  # sizing refuses plans of more tasks than this
 
 Shape = tuple[int, int, bool]  # a block's rows, columns, and whether it is on a symmetric diagonal
 
@@ -43,7 +44,8 @@ def describe_plan(config: RunConfig | str | os.PathLike[str], *, workers: int | 
     """What ``ntk-pipeline plan`` prints: blocks, kernel bytes, task memory and FLOPs per method; with
     any of ``workers``, ``memory_bytes`` or ``bench``, also ``sizing`` (see ``size_plan``)."""
     cfg, search_path = resolve(config)
-    p = prepare(cfg, search_path, fingerprint=False)  # plans read no more of the inputs than a block's rows
+    p = prepare(cfg, search_path, fingerprint=False,  # plans read no more of the inputs than a block's rows
+                memory=lambda: plan_memory(cfg, workers, memory_bytes))
     mode, item, plan = cfg.ntk.mode, p.fm.itemsize, p.plan
     b1, b2 = plan.block
     x = p.rows(0, min(2, p.x1.n))
@@ -57,34 +59,39 @@ def describe_plan(config: RunConfig | str | os.PathLike[str], *, workers: int | 
         "chunk": list(plan.chunks), "sharded": plan.sharded, "layout": layout(plan, outputs(p.fm, x, mode), mode, item),
         "method": p.method, "auto": p.auto, "fallbacks": p.fm.fallbacks, "methods": per_method,
         "structured_layout": structured.summary(p.fm, x), "output": cfg.output.path,
+        "precision": cfg.ntk.precision,
+        "block_sizing": None if p.block_sizing is None else p.block_sizing.model_dump(mode="json"),
     }
     if workers or memory_bytes or bench:
         out["sizing"] = size_plan(p, x, workers or 1, memory_bytes, bench)
     return out
 
 
-def _fitting_block(p: Prepared, x: torch.Tensor, workers: int, memory_bytes: int | None) -> tuple[int, str]:
-    """The square block the sizing takes, and what limits it: "memory", "balance" or "config"."""
-    n1, n2, symmetric = p.plan.n1, p.plan.n2, p.plan.symmetric
-    step = p.config.tiling.chunk_shape[0] if p.config.tiling.chunk_shape else 64
-    limit = "config"
-    block = p.plan.block[0]
+def plan_memory(cfg: RunConfig, workers: int | None, memory_bytes: int | None) -> WorkerMemory:
+    """The memory ``plan`` sizes ``tiling.block: auto`` for: ``--gpu-memory`` when given, else this
+    machine's (``prepare.local_memory``), shared by ``--workers`` (default 1)."""
     if memory_bytes is not None:
-        limit = "memory"
-        budget = policy.MEMORY_HEADROOM * memory_bytes
-        block = policy.largest_block(lambda b: block_memory(p, p.method, min(b, n1), min(b, n2), x), budget,
-                                     max(n1, n2), step)
-        if block == 0:
-            need = block_memory(p, p.method, 1, 1, x)
-            raise ConfigError("--gpu-memory", f"not even a 1 x 1 block of {p.method} fits in "
-                              f"{policy.MEMORY_HEADROOM:.0%} of {memory_bytes / 2**30:.3g} GiB (it needs "
-                              f"{need / 2**30:.3g} GiB)")
-    block, halved = policy.balance_block(block, step, n1, n2, symmetric, workers)
+        return WorkerMemory(memory_bytes, "--gpu-memory", workers or 1)
+    if cfg.ray.gpus_per_task > 0 and not torch.cuda.is_available():
+        raise ConfigError("tiling.block", "auto sizes the block for a GPU worker (ray.gpus_per_task > 0), and this "
+                          "machine has no CUDA device to measure; give plan --gpu-memory (e.g. 80GB)")
+    return replace(local_memory(cfg), workers=workers or 1)
+
+
+def _fitting_block(p: Prepared, x: torch.Tensor, workers: int, memory_bytes: int | None) -> tuple[int, str]:
+    """The square block the sizing takes, and what limits it: "memory", "kernel", "balance" or "config"."""
+    n1, n2, symmetric = p.plan.n1, p.plan.n2, p.plan.symmetric
+    if memory_bytes is not None:
+        z = fit_block(p.fm, x, p.method, p.config, (n1, n2), WorkerMemory(memory_bytes, "--gpu-memory", workers),
+                      key="--gpu-memory")
+        return max(z.block), z.limited_by
+    step = policy.block_step(p.config.tiling.chunk_shape)
+    block, halved = policy.balance_block(p.plan.block[0], step, n1, n2, symmetric, workers)
     tasks = policy.task_count(n1, n2, block, symmetric)
     if tasks > MAX_SIZED_TASKS:
-        raise ConfigError("--gpu-memory", f"the largest block that fits is {block} x {block}, which makes "
-                          f"{tasks:,} tasks of this {n1:,} x {n2:,} kernel; give each worker more memory")
-    return block, "balance" if halved else limit
+        raise ConfigError("--workers", f"blocks of {block} x {block} make {tasks:,} tasks of this {n1:,} x {n2:,} "
+                          "kernel; give tiling.block a larger block")
+    return block, "balance" if halved else "config"
 
 
 def size_plan(p: Prepared, x: torch.Tensor, workers: int, memory_bytes: int | None,

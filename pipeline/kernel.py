@@ -51,7 +51,7 @@ EXECUTORS = ("auto", "local", "ray")
 Tile = tuple[int, int, int, int]  # rows i0:i1, columns j0:j1
 # The provenance ``describe`` (``ntk-pipeline inspect``) shows: where the kernel came from.
 DESCRIBED = ("config", "method", "auto", "fallbacks", "p", "versions", "fingerprints", "status", "started",
-             "finished")
+             "finished", "precision", "block_sizing")
 
 
 def open_kernel(path: str, options: dict[str, Any] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> Kernel:
@@ -200,6 +200,7 @@ class Kernel:
         total = len(self.plan.blocks)
         return {
             "path": self.path, "shape": list(self.shape), "dtype": str(self.dtype),
+            "precision": self.provenance.ntk_precision,  # ntk.precision: float32 products in float32, or tf32
             "dims": list(self.array.metadata.dimension_names or ()), "chunks": list(self.array.chunks),
             "shards": list(self.array.shards) if self.array.shards else None,
             "nbytes": self.nbytes, "stored_bytes": int(self.array.nbytes_stored()),

@@ -9,6 +9,7 @@ allows, and how long a plan's blocks take on a cluster. No torch, no Ray, no sto
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -21,6 +22,11 @@ MIN_TASKS_PER_WORKER = 4
 # Of a device's memory, the share a block task may plan on (the framework, allocator slack and the
 # model itself take the rest).
 MEMORY_HEADROOM = 0.8
+# Blocks that fit a memory are multiples of this many rows (or of the chunk): whole warps and
+# matrix-unit tiles on a GPU, and few distinct ragged shapes.
+BLOCK_STEP = 64
+# Sizing refuses plans of more tasks than this (the driver holds one small record per task).
+MAX_SIZED_TASKS = 10_000_000
 
 
 def strip_length(configured: int | Literal["auto"], full_flops: float, diagonal_flops: float, row_blocks: int,
@@ -58,6 +64,12 @@ def largest_block(memory: Callable[[int], int], budget: float, n: int, step: int
         else:
             hi = mid - 1
     return lo if lo >= n or lo < step else lo // step * step
+
+
+def block_step(chunk: tuple[int, int] | None) -> int:
+    """What a block that fits a memory is a multiple of: the chunk's rows and columns (their least
+    common multiple, so that the chunk divides the block) or BLOCK_STEP."""
+    return math.lcm(*chunk) if chunk else BLOCK_STEP
 
 
 def task_count(n1: int, n2: int, block: int, symmetric: bool) -> int:

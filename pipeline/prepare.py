@@ -16,13 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import policy
 from pipeline.config import Method, RunConfig, is_url, load_config
 from pipeline.data import Source, as_tensor, open_source
 from pipeline.errors import ConfigError, DataError, ModelError, StoreError, brief
-from pipeline.methods import check_model
+from pipeline.execute.memory import WorkerMemory, device_free, per_task
+from pipeline.methods import check_model, task_memory
 from pipeline.methods.auto import auto_method
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
 from pipeline.plan import Plan, tile
+from pipeline.store.format import BlockSizing
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Prepared:
     auto: dict[str, Any] | None  # auto's decision (estimates, timings, reason); None for a configured method
     search_path: str | None
     fingerprints: dict[str, str | None]
+    block_sizing: BlockSizing | None = None  # how tiling.block: auto chose plan.block; None for a given block
 
     @property
     def dtype(self) -> torch.dtype:
@@ -123,16 +127,69 @@ def _rejects(fm: FunctionalModel, rows: np.ndarray, dtype: torch.dtype) -> Excep
     return None
 
 
-def _plan(config: RunConfig, x1: Source, x2: Source | None) -> Plan:
+def _plan(config: RunConfig, x1: Source, x2: Source | None, block: tuple[int, int]) -> Plan:
     try:
-        return tile(x1.n, x1.n if x2 is None else x2.n, config.tiling.shape, symmetric=x2 is None,
-                    chunk=config.tiling.chunk_shape)
+        return tile(x1.n, x1.n if x2 is None else x2.n, block, symmetric=x2 is None, chunk=config.tiling.chunk_shape)
     except ValueError as err:
         raise ConfigError("tiling.chunk" if "chunk" in str(err) else "tiling.block", str(err)) from None
 
 
+# tiling.block: auto sizes the block for the method configured, recorded, or chosen by ``auto`` on a
+# first block of this many rows (a multiple of the chunk): the method decides the task's memory.
+AUTO_PROBE_BLOCK = 256
+
+
+def local_memory(config: RunConfig) -> WorkerMemory:
+    """What one block task may use in this process: its CUDA device's free memory when the config
+    asks for GPUs (``ray.gpus_per_task`` > 0), else the host's available memory; one task at a time."""
+    return per_task(*device_free(config.ray.gpus_per_task > 0), tasks=1)
+
+
+def fit_block(fm: FunctionalModel, x: torch.Tensor, method: Method, config: RunConfig, n: tuple[int, int],
+              memory: WorkerMemory, key: str = "tiling.block") -> BlockSizing:
+    """The block ``tiling.block: auto`` takes (and ``plan --gpu-memory`` shows): the largest square
+    block, a multiple of ``policy.block_step`` (64, or the chunk), whose task (``methods.task_memory``
+    of ``method`` on samples like ``x``) fits ``policy.MEMORY_HEADROOM`` of ``memory.bytes``
+    (``policy.largest_block``), halved while ``memory.workers`` would have fewer than 4 tasks each
+    (``policy.balance_block``).
+
+    Args:
+      n: (n1, n2), the kernel's rows and columns.
+      key: what an error names (``--gpu-memory`` for ``plan``).
+
+    Raises:
+      ConfigError: naming ``key`` when not even a 1 x 1 block fits, or the block that fits makes
+        more than ``policy.MAX_SIZED_TASKS`` tasks.
+    """
+    (n1, n2), mode, symmetric = n, config.ntk.mode, config.data.x2 is None
+    step = policy.block_step(config.tiling.chunk_shape)
+
+    def need(b: int) -> int:
+        return task_memory(fm, x, method, min(b, n1), min(b, n2), mode)
+
+    fits = policy.largest_block(need, policy.MEMORY_HEADROOM * memory.bytes, max(n1, n2), step)
+    if fits == 0:
+        raise ConfigError(key, f"not even a 1 x 1 block of {method} fits in {policy.MEMORY_HEADROOM:.0%} of "
+                          f"{memory.bytes / 2**30:.3g} GiB ({memory.source}); it needs {need(1) / 2**30:.3g} GiB")
+    if config.tiling.chunk_shape and fits % step:  # the whole kernel, or less than one step: the chunk must divide it
+        if fits < step:
+            raise ConfigError("tiling.chunk", f"the largest block that fits is {fits} x {fits}, and the chunk "
+                              f"{config.tiling.chunk} needs a multiple of {step}; give a smaller chunk")
+        fits = -(-fits // step) * step  # the whole kernel, rounded up to a multiple of the chunk: tile clips it
+    block, halved = policy.balance_block(fits, step, n1, n2, symmetric, memory.workers)
+    tasks = policy.task_count(n1, n2, block, symmetric)
+    if tasks > policy.MAX_SIZED_TASKS:
+        raise ConfigError(key, f"the largest block that fits is {block} x {block}, which makes {tasks:,} tasks of "
+                          f"this {n1:,} x {n2:,} kernel; give each worker more memory")
+    return BlockSizing(memory_bytes=memory.bytes, source=memory.source, headroom=policy.MEMORY_HEADROOM,
+                       workers=memory.workers, task_memory_bytes=need(block),
+                       limited_by="balance" if halved else "memory" if fits < max(n1, n2) else "kernel",
+                       block=(block, block))
+
+
 def prepare(config: RunConfig, search_path: str | None = None, *, measure: bool = False,
-            recorded: tuple[Method, dict[str, Any] | None] | None = None, fingerprint: bool = True) -> Prepared:
+            recorded: tuple[Method, dict[str, Any] | None] | None = None, fingerprint: bool = True,
+            block: tuple[int, int] | None = None, memory: Callable[[], WorkerMemory] | None = None) -> Prepared:
     """Build and check everything a run needs, without touching the output.
 
     Args:
@@ -141,6 +198,10 @@ def prepare(config: RunConfig, search_path: str | None = None, *, measure: bool 
       recorded: the method (and auto's record) a store was written with: a resume keeps it, so that
         its blocks are the same bits as the earlier run's.
       fingerprint: read every input row once for the fingerprints (refusing NaN or Inf).
+      block: for ``tiling.block: auto``, the block a store was made with (``Provenance.plan_block``):
+        a resume keeps it (its chunk grid is fixed), whatever auto would pick now.
+      memory: for ``tiling.block: auto`` (and no ``block``), what one block task may use: an
+        executor's ``worker_memory``, called only then; None: ``local_memory``.
 
     Raises:
       PipelineError: naming the key and the bad value.
@@ -159,14 +220,21 @@ def prepare(config: RunConfig, search_path: str | None = None, *, measure: bool 
         _check_runs(fm, x2, "data.x2", dtype)
     head = cast_input(x1.read(0, min(2, x1.n)), dtype)
     check_model(fm, head)  # which transforms it takes: fm.fallbacks
-    plan = _plan(config, x1, x2)
+    shape = config.tiling.shape or block
+    step = policy.block_step(config.tiling.chunk_shape)
+    plan = _plan(config, x1, x2, shape or (max(step, AUTO_PROBE_BLOCK // step * step),) * 2)
     fp = forward_flops(fm, head)  # of head[:1]
     method, auto = recorded or choose_method(config, fm, x1, x2, plan, measure)
+    sizing = None
+    if shape is None:  # tiling.block: auto, for a new store
+        measured = memory() if memory is not None else local_memory(config)
+        sizing = fit_block(fm, head, Method(method), config, (plan.n1, plan.n2), measured)
+        plan = _plan(config, x1, x2, sizing.block)
     fingerprints: dict[str, str | None] = {}
     if fingerprint:  # one read of every row: the hash, the NaN check, and the model on every row
         fingerprints = {"parameters": fingerprint_module(module), "x1": x1.fingerprint(forward_rows(fm, x1, dtype, fp)),
                         "x2": None if x2 is None else x2.fingerprint(forward_rows(fm, x2, dtype, fp))}
-    return Prepared(config, fm, module, x1, x2, o, fp, plan, Method(method), auto, search_path, fingerprints)
+    return Prepared(config, fm, module, x1, x2, o, fp, plan, Method(method), auto, search_path, fingerprints, sizing)
 
 
 def choose_method(config: RunConfig, fm: FunctionalModel, x1: Source, x2: Source | None, plan: Plan,

@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from pipeline import policy
 from pipeline.config import Method, RunConfig
 from pipeline.errors import ConfigError, Interrupted, PipelineError, StoreError
-from pipeline.execute import EXECUTORS, BlockResult, BlockTask, Executor, strips
+from pipeline.execute import EXECUTORS, BlockResult, BlockTask, Executor, WorkerMemory, strips
 from pipeline.execute.device import resolve_device
 from pipeline.fingerprint import function_fingerprint, function_mismatch
 from pipeline.kernel import bad_blocks, open_kernel
@@ -114,34 +114,22 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
         raise ConfigError("executor", f"expected one of {', '.join(EXECUTORS)}, got {executor!r}")
     device = resolve_device(cfg.ntk.device, cfg.ray.gpus_per_task, executor)  # a missing local GPU is refused here
     check_not_an_input(cfg)
-    start = _start(cfg, search_path, repair)
-    p, skipped = start.p, len(start.p.plan.blocks) - len(start.todo)
-    repaired = tuple(f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}): {why}" for b, why in start.bad)
-    if not start.todo and start.recorded is not None and start.recorded.status == "complete":
-        return RunSummary(cfg.output.path, p.method, 0, 0.0, _entries(p), 0.0, skipped=skipped, repair=repair)
-    ex = EXECUTORS[executor](cfg.ray, search_path)
-    ex.start()  # a missing GPU or an unreachable cluster is refused before the output is written
-    lease = Lease(cfg.output.path, cfg.output.lease_seconds, cfg.output.storage_options)
+    # Where block tasks compute: what tiling.block: auto measures, and what the workers use.
+    workers = Workers(EXECUTORS[executor](cfg.ray, search_path), device == "cuda")
     try:
-        with stop_on_signals():  # after ex.start(): a local Ray instance sets its own SIGTERM handler
-            prov = start.recorded or _create(p, start.action, start.function)
-            lease.acquire()
-            if start.bad:
-                unmark(cfg.output.path, [b for b, _ in start.bad], cfg.output.storage_options)
-            prov = prov.model_copy(update={"status": "running", "last_started": _now(),
-                                           "runs": (prov.runs or 0) + 1,
-                                           "strip": _strip(p, len(start.todo), ex.slots()), "error": None})
-            update_provenance(cfg.output.path, prov, cfg.output.storage_options)
-            task = BlockTask(p.fm, p.x1, p.x2, p.method, cfg.ntk.mode, cfg.ntk.dtype,
-                             BlockWriter(cfg.output.path, cfg.output.storage_options),
-                             device=device, step=cfg.tiling.chunk_shape[0] if cfg.tiling.chunk_shape else 64)
-            with tqdm(total=len(p.plan.blocks), initial=skipped, unit="block", desc="ntk",
-                      disable=not progress) as bar:
-                book = Progress(cfg, prov, lease, skipped, bar)
-                book.execute(ex, task, strips(start.todo, prov.strip.length if prov.strip else 1))
+        start = _start(cfg, search_path, repair, workers.memory)
+        p, skipped = start.p, len(start.p.plan.blocks) - len(start.todo)
+        if not start.todo and start.recorded is not None and start.recorded.status == "complete":
+            return RunSummary(cfg.output.path, p.method, 0, 0.0, _entries(p), 0.0, skipped=skipped, repair=repair)
+        ex = workers.start()  # a missing GPU or an unreachable cluster is refused before the output is written
+        task = BlockTask(p.fm, p.x1, p.x2, p.method, cfg.ntk.mode, cfg.ntk.dtype,
+                         BlockWriter(cfg.output.path, cfg.output.storage_options), device=device,
+                         step=cfg.tiling.chunk_shape[0] if cfg.tiling.chunk_shape else 64,
+                         precision=cfg.ntk.precision)
+        book = _execute(start, ex, task, progress)
     finally:
-        lease.release()
-        ex.stop()
+        workers.ex.stop()
+    repaired = tuple(f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}): {why}" for b, why in start.bad)
     return RunSummary(cfg.output.path, p.method, len(book.results), book.seconds, _entries(p),
                       sum(r.seconds for r in book.results), skipped=skipped, repaired=repaired, repair=repair)
 
@@ -168,12 +156,58 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
+class Workers:
+    """A run's executor, started once, on first need: by ``tiling.block: auto`` asking what a block
+    task's memory is (before the plan is made, so for a new store only), else just before the output
+    is written. The run stops it (``ex.stop()``) whether or not it started."""
+
+    def __init__(self, ex: Executor, gpu: bool) -> None:
+        self.ex, self.gpu, self.started = ex, gpu, False
+
+    def start(self) -> Executor:
+        if not self.started:
+            self.ex.start()
+            self.started = True
+        return self.ex
+
+    def memory(self) -> WorkerMemory:
+        """The executor's ``worker_memory`` for the run's block tasks (``gpu``: their CUDA device's)."""
+        return self.start().worker_memory(self.gpu)
+
+
+def _execute(start: Start, ex: Executor, task: BlockTask, progress: bool) -> Progress:
+    """Create the store (or take the resumed one), lease it, and run the blocks to do on ``ex``."""
+    p, cfg = start.p, start.p.config
+    skipped = len(p.plan.blocks) - len(start.todo)
+    lease = Lease(cfg.output.path, cfg.output.lease_seconds, cfg.output.storage_options)
+    try:
+        with stop_on_signals():  # after ex.start(): a local Ray instance sets its own SIGTERM handler
+            prov = start.recorded or _create(p, start.action, start.function)
+            lease.acquire()
+            if start.bad:
+                unmark(cfg.output.path, [b for b, _ in start.bad], cfg.output.storage_options)
+            prov = prov.model_copy(update={"status": "running", "last_started": _now(),
+                                           "runs": (prov.runs or 0) + 1,
+                                           "strip": _strip(p, len(start.todo), ex.slots()), "error": None})
+            update_provenance(cfg.output.path, prov, cfg.output.storage_options)
+            with tqdm(total=len(p.plan.blocks), initial=skipped, unit="block", desc="ntk",
+                      disable=not progress) as bar:
+                book = Progress(cfg, prov, lease, skipped, bar)
+                book.execute(ex, task, strips(start.todo, prov.strip.length if prov.strip else 1))
+    finally:
+        lease.release()
+    return book
+
+
 def _entries(p: Prepared) -> int:
     return kernel_entries(p.plan.n1, p.plan.n2, p.o, p.config.ntk.mode)
 
 
-def _start(cfg: RunConfig, search_path: str | None, repair: bool = False) -> Start:
-    """What the output holds and what this run does with it: prepared, checked, nothing written yet."""
+def _start(cfg: RunConfig, search_path: str | None, repair: bool = False,
+           memory: Callable[[], WorkerMemory] | None = None) -> Start:
+    """What the output holds and what this run does with it: prepared, checked, nothing written yet.
+    ``memory``: what one block task may use, asked only to size ``tiling.block: auto`` for a new store
+    (a resume keeps the recorded block: the store's chunk grid is fixed)."""
     path, opts, timeout = cfg.output.path, cfg.output.storage_options, cfg.output.connect_timeout_s
     action = check_output(path, cfg.output.overwrite, opts, timeout)
     if repair:
@@ -182,12 +216,12 @@ def _start(cfg: RunConfig, search_path: str | None, repair: bool = False) -> Sta
         if action == "overwrite" and lease_alive(holder := lease_holder(path, opts)):
             raise StoreError("output.path", f"another run is writing {path}: {describe_lease(holder or {})}; "
                              "not overwriting it")
-        p = prepare(cfg, search_path, measure=True)
+        p = prepare(cfg, search_path, measure=True, memory=memory)
         return Start(action, p, None, list(p.plan.blocks), function_fingerprint(p))
     stored = open_kernel(path, opts, timeout)  # the one reader: a malformed or newer-format record is refused
     recorded = stored.provenance
     # The recorded choice: the same bits as before.
-    p = prepare(cfg, search_path, recorded=(recorded.method, recorded.auto))
+    p = prepare(cfg, search_path, recorded=(recorded.method, recorded.auto), block=recorded.plan_block)
     mismatch = recorded.resume_mismatch(cfg.model_dump(mode="json"), p.fingerprints)
     if not mismatch and recorded.function is not None:  # a store older than the record resumes without it
         mismatch = function_mismatch(recorded.function, function_fingerprint(p), cfg.ntk.dtype)
@@ -227,6 +261,7 @@ def _create(p: Prepared, action: str, function: Function | None) -> Provenance:
     cfg = p.config
     prov = Provenance(
         config=cfg.model_dump(mode="json"), method=p.method, auto=p.auto, mode=cfg.ntk.mode, dtype=cfg.ntk.dtype,
+        precision=cfg.ntk.precision, block_sizing=p.block_sizing,
         n1=p.plan.n1, n2=p.plan.n2, o=p.o, p=p.fm.p, symmetric=p.plan.symmetric, block=p.plan.block,
         chunk=p.plan.chunks, compression=cfg.output.compression, grid=p.plan.grid, blocks_total=len(p.plan.blocks),
         versions=_versions(), fingerprints=p.fingerprints, status="running", started=_now(), blocks_done=0,

@@ -115,6 +115,9 @@ def tmp(tmp_path) -> Path:
 Setup = Callable[[dict[str, Any], Path], None]
 
 
+_BLOCK_FORMS = r"Error: tiling\.block: expected a positive int, \[rows, cols\] of positive ints, or 'auto', got "
+
+
 def _set(dotted: str, value: Any) -> Setup:
     def setup(cfg: dict[str, Any], folder: Path) -> None:
         *parents, last = dotted.split(".")
@@ -214,7 +217,7 @@ CASES = [
                  r"Error: bogus: unknown key \(expected one of: model, data, ntk, tiling, output, ray\)",
                  id="unknown-top-level-key"),
     pytest.param(_set("ntk.modee", "full"),
-                 r"Error: ntk\.modee: unknown key \(expected one of: method, mode, dtype, device\)",
+                 r"Error: ntk\.modee: unknown key \(expected one of: method, mode, dtype, device, precision\)",
                  id="unknown-nested-key"),
     pytest.param(_set("data.x2", {"synthetic": {"n": 2, "shape": [6]}, "pth": "a.npy"}),
                  r"Error: data\.x2\.pth: unknown key \(expected one of: path, array, synthetic, storage_options\)",
@@ -225,17 +228,22 @@ CASES = [
                  id="unknown-model-key"),
     # wrong types and values
     pytest.param(_set("tiling.block", "big"),
-                 r"Error: tiling\.block: expected a positive int or \[rows, cols\] of positive ints, got 'big'",
+                 _BLOCK_FORMS + r"'big'",
                  id="block-str"),
     pytest.param(_set("tiling.block", [1, 2, 3]),
-                 r"Error: tiling\.block: expected a positive int or \[rows, cols\] of positive ints, got \[1, 2, 3\]",
+                 _BLOCK_FORMS + r"\[1, 2, 3\]",
                  id="block-3-list"),
     pytest.param(_set("tiling.block", True),
-                 r"Error: tiling\.block: expected a positive int or \[rows, cols\] of positive ints, got True",
+                 _BLOCK_FORMS + r"True",
                  id="block-bool"),
     pytest.param(_set("tiling.block", 2.5),
-                 r"Error: tiling\.block: expected a positive int or \[rows, cols\] of positive ints, got 2\.5",
+                 _BLOCK_FORMS + r"2\.5",
                  id="block-float"),
+    pytest.param(_set("ntk.precision", "bf16"), r"Error: ntk\.precision: .*'highest'.*'tf32'.*got 'bf16'",
+                 id="precision-unknown"),
+    pytest.param(_both(_set("ntk.dtype", "float64"), _set("ntk.precision", "tf32")),
+                 r"Error: ntk\.precision: tf32 applies to float32 products only, and ntk\.dtype is float64; .*",
+                 id="precision-tf32-float64"),
     pytest.param(_set("ntk.mode", "ful"), r"Error: ntk\.mode: .*'full'.*'trace'.*'diagonal'.*got 'ful'",
                  id="mode-typo"),
     pytest.param(_set("ntk.method", "fastest"), r"Error: ntk\.method: .*'jacobian_contraction'.*got 'fastest'",
@@ -389,7 +397,8 @@ def test_plan_gives_the_same_one_line_errors(write_config, tmp_path):
     cfg = base()
     cfg["ntk"] = {"modee": "full"}
     result = invoke("plan", str(write_config(cfg)))
-    assert error_line(result) == "Error: ntk.modee: unknown key (expected one of: method, mode, dtype, device)"
+    assert error_line(result) == ("Error: ntk.modee: unknown key (expected one of: method, mode, dtype, device, "
+                                  "precision)")
     assert not (tmp_path / "out.zarr").exists()
 
 

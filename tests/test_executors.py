@@ -10,7 +10,7 @@ import zarr
 import pipeline
 from pipeline.config import RaySpec
 from pipeline.errors import BlockError, DataError, StoreError
-from pipeline.execute import EXECUTORS, Executor, InProcessExecutor, RayExecutor
+from pipeline.execute import EXECUTORS, Executor, InProcessExecutor, RayExecutor, WorkerMemory
 from pipeline.execute.ray_session import RaySession, unwrap
 
 
@@ -52,6 +52,21 @@ def test_every_executor_satisfies_the_protocol(name):
     ex = EXECUTORS[name](RaySpec(), None)  # constructing starts nothing
     assert isinstance(ex, Executor) and ex.name == name
     assert isinstance(InProcessExecutor(), Executor) and isinstance(RayExecutor(RaySpec()), Executor)
+
+
+def test_every_executor_measures_what_a_block_task_may_use(executor):
+    ex = EXECUTORS[executor](RaySpec(), None)  # one CPU per task: the session's Ray runs 2 at once
+    ex.start()
+    try:
+        m = ex.worker_memory(False)
+        assert isinstance(m, WorkerMemory) and m.workers == ex.slots()
+    finally:
+        ex.stop()
+    total = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+    shared = {"local": 1, "ray": 2}[executor]  # the tasks that run at once on the measured node share it
+    assert 0 < m.bytes * shared <= total
+    assert m.source.startswith("MemAvailable of ")
+    assert m.source.endswith(" / 2 tasks at once") == (shared == 2)
 
 
 def test_an_unknown_executor_is_refused(write_config):

@@ -132,8 +132,10 @@ def test_a_new_store_records_format_1_with_the_keys_and_shapes_of_format_0(tmp_p
     pipeline.run(cfg, executor="local", progress=False)
     record = _record(tmp_path / "new.zarr")
     assert record["format_version"] == FORMAT_VERSION == 1
-    assert set(record) == set(before) | NEWER_KEYS  # function: the functional fingerprint
-    shapes = {k: _shape(v) for k, v in record.items() if k not in NEWER_KEYS | {"config", "versions"}}
+    # function: the functional fingerprint; precision: ntk.precision (absent from older stores: "highest")
+    assert set(record) == set(before) | NEWER_KEYS | {"precision"}
+    assert record["precision"] == "highest" and parse(before, "v0").ntk_precision == "highest"
+    shapes = {k: _shape(v) for k, v in record.items() if k not in NEWER_KEYS | {"config", "versions", "precision"}}
     assert shapes == {k: _shape(v) for k, v in before.items() if k not in ("config", "versions")}
     prov = parse(record, "new.zarr")
     assert prov.format_version == 1 and prov.record() == record  # parse and write round-trip exactly

@@ -82,3 +82,15 @@ def test_wall_seconds_within_grahams_bound(seconds, workers):
     wall = policy.wall_seconds(seconds, workers)
     total = sum(seconds)
     assert total / workers - 1e-9 <= wall <= total / workers + max(seconds, default=0.0) + 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 512), cols=st.integers(1, 512), n=st.integers(1, 5000))
+def test_a_fitting_block_is_a_multiple_of_the_chunk_so_the_chunk_divides_it(rows, cols, n):
+    assert policy.block_step(None) == policy.BLOCK_STEP == 64
+    step = policy.block_step((rows, cols))
+    assert step % rows == 0 and step % cols == 0 and step <= rows * cols
+    b = policy.largest_block(lambda b: b, n, n, step)  # everything fits: n itself, or a multiple of the step
+    assert b == n
+    b = policy.largest_block(lambda b: b, n // 2, n, step)
+    assert b < step or (b % rows == 0 and b % cols == 0)

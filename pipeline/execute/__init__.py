@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 
 from pipeline.config import RaySpec
 from pipeline.execute.local import InProcessExecutor
+from pipeline.execute.memory import WorkerMemory
 from pipeline.execute.ray_executor import RayExecutor
 from pipeline.execute.worker import BlockResult, BlockTask, OnDone, run_strip, strips
 from pipeline.plan import Block
@@ -39,6 +40,11 @@ class Executor(Protocol):
     def slots(self) -> int:
         """Block tasks it runs at once (sizes the strips and the tasks in flight)."""
 
+    def worker_memory(self, gpu: bool) -> WorkerMemory:
+        """The memory one block task may use (``gpu``: its CUDA device's, else its host's), measured
+        where block tasks run and shared by the tasks that run at once there; after ``start``.
+        ``tiling.block: auto`` sizes the block from it."""
+
     def run(self, task: BlockTask, strips: Iterable[list[Block]], on_done: OnDone) -> None:
         """Compute every strip (each ``run_strip(task, strip)``), calling ``on_done`` in this process
         with each block's result as it finishes; a failure raises a PipelineError naming the blocks."""
@@ -53,4 +59,4 @@ def _local(spec: RaySpec, search_path: str | None) -> Executor:
 EXECUTORS: dict[str, Callable[[RaySpec, str | None], Executor]] = {"ray": RayExecutor, "local": _local}
 
 __all__ = ["EXECUTORS", "BlockResult", "BlockTask", "Executor", "InProcessExecutor", "OnDone", "RayExecutor",
-           "run_strip", "strips"]
+           "WorkerMemory", "run_strip", "strips"]

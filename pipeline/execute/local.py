@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pipeline.errors import BlockError, PipelineError
+from pipeline.execute.memory import WorkerMemory, device_free, per_task
 from pipeline.execute.ray_session import unwrap
 from pipeline.execute.worker import BlockTask, OnDone, run_strip, strip_name
 from pipeline.plan import Block
@@ -29,6 +30,11 @@ class InProcessExecutor:
     def slots(self) -> int:
         """Block tasks it runs at once: one."""
         return 1
+
+    def worker_memory(self, gpu: bool) -> WorkerMemory:
+        """This process's device (CUDA's free memory with ``gpu``, else the host's available memory):
+        one task at a time."""
+        return per_task(*device_free(gpu), tasks=1)  # workers: 1
 
     def run(self, task: BlockTask, strips: Iterable[list[Block]], on_done: OnDone) -> None:
         """Compute each strip in turn, calling ``on_done`` with each block's result.

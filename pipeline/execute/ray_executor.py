@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from pipeline.config import RaySpec
 from pipeline.errors import BlockError, ConfigError
+from pipeline.execute.memory import WorkerMemory, device_free, per_task, tasks_per_gpu
 from pipeline.execute.ray_session import RaySession, unwrapped
 from pipeline.execute.worker import BlockTask, OnDone, run_strip, strip_name
 from pipeline.plan import Block
@@ -55,6 +57,25 @@ class RayExecutor:
             slots = min(slots, resources.get("GPU", 0) / self.spec.gpus_per_task)
         return max(1, int(slots))
 
+    def worker_memory(self, gpu: bool) -> WorkerMemory:
+        """Measured by one Ray task with a block task's resources (so on a node, and a GPU, that block
+        tasks get), divided by the block tasks that share it: those per GPU with ``gpu``, else those
+        the node runs at once. One node's figure: on a cluster of unlike nodes, give tiling.block a number.
+        """
+        ray = self._session.ray
+        probe: Any = ray.remote(_measure).options(num_cpus=self.spec.cpus_per_task, num_gpus=self.spec.gpus_per_task)
+        with unwrapped(ConfigError, "tiling.block", "auto: measuring a worker's memory failed: "):
+            free, what, node = ray.get(probe.remote(gpu))
+        if gpu:
+            sharing = tasks_per_gpu(self.spec.gpus_per_task)
+        else:
+            resources: dict[str, float] = next((n["Resources"] for n in ray.nodes() if n.get("NodeID") == node), {})
+            tasks = resources.get("CPU", 1) / self.spec.cpus_per_task
+            if self.spec.gpus_per_task > 0:
+                tasks = min(tasks, resources.get("GPU", 0) / self.spec.gpus_per_task)
+            sharing = int(tasks)
+        return replace(per_task(free, what, sharing), workers=self.slots())
+
     def run(self, task: BlockTask, strips: Iterable[list[Block]], on_done: OnDone) -> None:
         """Submit the strips as Ray tasks, keeping at most ``max_in_flight`` (default: twice the slots)
         pending, and call ``on_done`` with each block's result as its strip finishes.
@@ -93,3 +114,11 @@ class RayExecutor:
         finally:
             for ref in pending:
                 ray.cancel(ref)
+
+
+def _measure(gpu: bool) -> tuple[int, str, str]:
+    """In a Ray worker: its device's free bytes, what was measured, and its node's id."""
+    import ray
+
+    free, what = device_free(gpu)
+    return free, what, ray.get_runtime_context().get_node_id()

@@ -29,6 +29,7 @@ from pipeline.execute import device as dev
 from pipeline.methods import combine, side, task_memory
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import Block
+from pipeline.precision import at_task_precision
 from pipeline.store import BlockWriter
 
 
@@ -45,6 +46,7 @@ class BlockTask:
     writer: BlockWriter
     device: str = "cpu"  # "cpu" | "cuda": resolved before the run (pipeline.execute.device.resolve_device)
     step: int = 64  # a block size a worker suggests is a multiple of this (tiling.chunk, or 64)
+    precision: str = "highest"  # ntk.precision: float32 products in float32, or "tf32" (pipeline.precision)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -91,6 +93,7 @@ def _node_name() -> str:
     return host
 
 
+@at_task_precision  # the strip runs at ntk.precision; the process's own setting is put back after
 def run_strip(task: BlockTask, blocks: Sequence[Block]) -> list[BlockResult]:
     """Compute blocks that share their x1 rows, forming the rows' side (Jacobians, or layer inputs
     and cotangents) once and keeping it on the device; each block is copied to the host

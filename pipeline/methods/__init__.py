@@ -33,6 +33,7 @@ from pipeline.methods.base import NtkMethod, Probe
 from pipeline.methods.capabilities import check_model
 from pipeline.models import FunctionalModel, batchable_attention, cast_input, eval_mode, forward_flops
 from pipeline.plan import held_kernel_bytes
+from pipeline.precision import float32_precision
 
 # Ties in ``auto`` go in this order.
 REGISTRY: dict[Method, NtkMethod] = {
@@ -134,7 +135,7 @@ def outputs(fm: FunctionalModel, x: torch.Tensor, mode: str) -> int:
 
 
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *, method: str = "auto",
-                  mode: str = "full", output: str | int | None = None) -> torch.Tensor:
+                  mode: str = "full", output: str | int | None = None, precision: str = "highest") -> torch.Tensor:
     """The empirical NTK of ``model`` between x1 and x2, in memory.
 
     The model runs in eval mode (its training flags are restored after); the kernel is taken over
@@ -150,15 +151,20 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
       mode: "full", "trace", "diagonal" or "pntk".
       output: what to take from the model's output: an attribute or key (``"logits"`` of a Hugging
         Face model), a tuple index, or None for a model that returns a tensor.
+      precision: "highest" (float32 products in float32) or "tf32" (TensorFloat-32 matrix products
+        and cuDNN convolutions on GPUs that have them; float32 models only); the process's own
+        setting is put back after (pipeline.precision).
 
     Returns:
       (n1, n2, o, o) for full, (n1, n2) for trace and pntk, (n1, n2, o) for diagonal.
     """
     from pipeline.methods.auto import estimated_choice  # auto reads this registry
 
-    with eval_mode(model):
+    with eval_mode(model), float32_precision(precision):
         fm = FunctionalModel(model, output)
         ref = next(iter(fm.params.values()), x1)
+        if precision == "tf32" and ref.dtype != torch.float32:
+            raise ValueError(f"precision: tf32 applies to float32 products, and the model's parameters are {ref.dtype}")
         x1 = cast_input(x1, ref.dtype, ref.device)
         x2 = None if x2 is None else cast_input(x2, ref.dtype, ref.device)
         check_model(fm, x1)

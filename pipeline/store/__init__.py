@@ -9,7 +9,16 @@ Reading a store is ``pipeline.kernel.open_kernel``'s job; this package writes it
 
 from __future__ import annotations
 
-from pipeline.store.format import ATTRIBUTE, FORMAT_VERSION, Function, Provenance, Strip, parse, read_provenance
+from pipeline.store.format import (
+    ATTRIBUTE,
+    FORMAT_VERSION,
+    BlockSizing,
+    Function,
+    Provenance,
+    Strip,
+    parse,
+    read_provenance,
+)
 from pipeline.store.layout import (
     COMPRESSORS,
     CONNECT_TIMEOUT_S,
@@ -34,7 +43,7 @@ from pipeline.store.lease import STOPPED, Lease, describe_lease, lease_alive, le
 
 __all__ = [
     "ATTRIBUTE", "COMPRESSORS", "CONNECT_TIMEOUT_S", "DIMENSIONS", "DONE", "FORMAT_VERSION", "KERNEL", "LEASE",
-    "STOPPED", "BlockWriter", "Function", "Lease", "Provenance", "Strip", "check_output", "clear", "create",
-    "describe_lease", "done_mask", "existing", "lease_alive", "lease_holder", "open_group", "parse", "reach",
-    "read_provenance", "run_status", "transpose", "transposed_copy", "unmark", "update_provenance",
+    "STOPPED", "BlockSizing", "BlockWriter", "Function", "Lease", "Provenance", "Strip", "check_output", "clear",
+    "create", "describe_lease", "done_mask", "existing", "lease_alive", "lease_holder", "open_group", "parse",
+    "reach", "read_provenance", "run_status", "transpose", "transposed_copy", "unmark", "update_provenance",
 ]

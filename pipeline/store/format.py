@@ -7,7 +7,10 @@
 Versions: a record without ``format_version`` is format 0 (the stores written before the key existed)
 and is read as it is; format 1 is format 0 plus ``format_version``, so every key keeps its name and
 JSON shape and plain Zarr readers (``zarr.open_group(p).attrs["ntk_pipeline"]["status"]``) need no
-change. A record of a newer format than this code reads is refused, never guessed at.
+change. A record of a newer format than this code reads is refused, never guessed at. Keys added
+within format 1 are optional and read as what every earlier run did: ``function`` and
+``block_sizing`` absent, ``precision`` (and, when a config is compared with the record, the recorded
+config's ``ntk.precision``) "highest".
 
 What a reader may trust: the record is data, written by whoever wrote the store. Parsing checks its
 shape and types (a malformed record is refused naming the store), not its truth: the config,
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
@@ -53,6 +56,24 @@ class Strip(BaseModel):
     @model_serializer(mode="wrap")
     def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return _drop_none(handler(self), frozenset({"saving"}))
+
+
+class BlockSizing(BaseModel):
+    """How ``tiling.block: auto`` chose the block (``Provenance.block``) when the store was created:
+    the largest square block whose task (``methods.task_memory``) fits ``headroom`` of
+    ``memory_bytes``, the memory one block task may use, as measured on a worker (``source``), then
+    halved while fewer than 4 tasks per worker (``workers`` at once) would leave some idle.
+    ``limited_by``: "memory", "balance" or "kernel" (the whole kernel fits one block)."""
+
+    model_config = _RECORD
+
+    block: tuple[int, int]  # the square block chosen, a multiple of the chunk; the plan clips it to n1 x n2
+    memory_bytes: int
+    source: str
+    headroom: float
+    workers: int
+    task_memory_bytes: int  # the estimate for the chosen block
+    limited_by: str
 
 
 class Values(BaseModel):
@@ -97,10 +118,12 @@ class Function(BaseModel):
 
 
 # The optional keys a record may lack (run state, absent until a run sets it; fallbacks; the functional
-# fingerprint, absent from stores written before it existed): written only when set.
+# fingerprint, the precision and auto's block sizing, absent from stores written before them): written
+# only when set.
 RUN_STATE = frozenset({
     "last_started", "runs", "strip", "nodes", "block_nodes", "devices", "block_devices", "updated", "finished",
-    "seconds", "block_seconds", "write_seconds", "startup_seconds", "error", "fallbacks", "function",
+    "seconds", "block_seconds", "write_seconds", "startup_seconds", "error", "fallbacks", "function", "block_sizing",
+    "precision",
 })
 
 
@@ -120,6 +143,9 @@ class Provenance(BaseModel):
     auto: dict[str, Any] | None  # auto's decision with its estimates and timings; None when a method was named
     mode: Mode = Field(strict=False)
     dtype: str
+    # ntk.precision of the run: "highest", or "tf32" when float32 products ran in TensorFloat-32; None
+    # (absent) in stores written before the setting existed, which computed in float32 (``ntk_precision``).
+    precision: Literal["highest", "tf32"] | None = None
     n1: int
     n2: int
     o: int
@@ -156,10 +182,23 @@ class Provenance(BaseModel):
     # The functional fingerprint taken when the store was created; None in stores written before it
     # existed, whose resume checks the config and the fingerprints alone.
     function: Function | None = None
+    # How tiling.block: auto chose ``block``; None for a block the config gave.
+    block_sizing: BlockSizing | None = None
 
     @model_serializer(mode="wrap")
     def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return _drop_none(handler(self), RUN_STATE)
+
+    @property
+    def plan_block(self) -> tuple[int, int]:
+        """The block to plan this store's run with again: ``tiling.block: auto``'s choice (which the
+        chunk divides; ``block`` is it clipped to the kernel), else ``block``."""
+        return self.block_sizing.block if self.block_sizing is not None else self.block
+
+    @property
+    def ntk_precision(self) -> str:
+        """The run's ntk.precision: "highest" for a store written before the setting existed."""
+        return self.precision or "highest"
 
     def resume_mismatch(self, config: Mapping[str, Any], fingerprints: Mapping[str, str | None]) -> str | None:
         """What differs between this recorded run and one of ``config`` (the resolved config as JSON) over
@@ -171,8 +210,9 @@ class Provenance(BaseModel):
         """The first difference in ``sections`` of the config (keys in ``ignore``, dotted, left out), else
         in the parameter and input fingerprints, or None. Where blocks run (PLACEMENT) is never a difference."""
         ignore = ignore | PLACEMENT
+        recorded = _config_defaults(self.config)
         for section in sections:
-            found = _first_difference(self.config.get(section), config[section], section, ignore)
+            found = _first_difference(recorded.get(section), config[section], section, ignore)
             if found:
                 return found
         for key, what in _FINGERPRINTS.items():
@@ -256,6 +296,15 @@ def parse(record: object, path: str) -> Provenance:
         raise StoreError(path, f"its {ATTRIBUTE} attribute is malformed: {_first_error(err)}") from None
 
 
+def _config_defaults(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A recorded config with the keys added since it was written at the value every run had before
+    (``ntk.precision``: "highest"), so that a resume (or verify) of an older store compares like with
+    like. The record itself is left as it was written."""
+    if not isinstance(config.get("ntk"), Mapping):
+        return config
+    return {**config, "ntk": {"precision": "highest", **config["ntk"]}}
+
+
 def _first_error(err: Exception) -> str:
     """A validation error as ``key: what is wrong (and N more)``; other errors as their message."""
     if not isinstance(err, ValidationError):
@@ -268,5 +317,5 @@ def _first_error(err: Exception) -> str:
 
 
 __all__ = ["ATTRIBUTE", "FORMAT_VERSION", "LOCATIONS", "PLACEMENT", "RESUME_FREE", "RESUME_SECTIONS", "RUN_STATE",
-           "VERIFY_SECTIONS", "Function", "Provenance", "SourceFile", "Strip", "Values", "attributes", "parse",
-           "read_provenance", "write_provenance"]
+           "VERIFY_SECTIONS", "BlockSizing", "Function", "Provenance", "SourceFile", "Strip", "Values", "attributes",
+           "parse", "read_provenance", "write_provenance"]
