@@ -47,8 +47,12 @@ def client(address: str) -> Any:
     """A JobSubmissionClient; authentication failures become one line saying what to set."""
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # a token given is a token meant to be used
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
+    try:
+        from ray.exceptions import AuthenticationError
+        from ray.job_submission import JobSubmissionClient
+    except ImportError:
+        raise SubmitError("--address", "Ray is not installed in this Python (pip install 'ray[default]'): "
+                          "submit needs Ray's job client") from None
 
     try:
         return JobSubmissionClient(address)

@@ -19,6 +19,27 @@ from typing import Any
 
 from pipeline.errors import ConfigError, PipelineError, brief
 
+RAY_MISSING = ("Ray is not installed in this Python (pip install 'ray[default]'); `run --executor local` and "
+               "`predict`/`plot --executor local` work without it")
+
+
+def import_ray(key: str, error: type[PipelineError] = ConfigError) -> Any:
+    """The ``ray`` module; where it is not installed, ``error(key, ...)``: one line saying what runs without it."""
+    try:
+        import ray
+    except ImportError:
+        raise error(key, RAY_MISSING) from None
+    return ray
+
+
+def ray_installed() -> bool:
+    """Whether ``import ray`` works here (``executor: auto`` falls back to the local path where not)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 
 class RaySession:
     """Ray for one user: ``start`` joins the instance this process already has (a notebook's, a test
@@ -39,18 +60,16 @@ class RaySession:
     @property
     def ray(self) -> Any:
         """The ``ray`` module, for its API (``put``, ``get``, ``remote``, ...); ``start`` first."""
-        import ray
-
-        return ray
+        return import_ray(self.key, self.error)
 
     def start(self) -> None:
         """Join the Ray instance this process has, else start one at ``address``.
 
         Raises:
-          PipelineError: of type ``error`` naming ``key``, when ``address`` cannot be reached.
+          PipelineError: of type ``error`` naming ``key``, when ``address`` cannot be reached or Ray is
+            not installed.
         """
-        import ray
-
+        ray = import_ray(self.key, self.error)
         if not ray.is_initialized():
             try:
                 ray.init(address=self.address, include_dashboard=False, runtime_env=self.runtime_env,
@@ -95,4 +114,4 @@ def unwrapped(error: type[PipelineError], key: str, what: str = "") -> Iterator[
         raise unwrap(err, error, key, what) from None
 
 
-__all__ = ["RaySession", "unwrap", "unwrapped"]
+__all__ = ["RAY_MISSING", "RaySession", "import_ray", "ray_installed", "unwrap", "unwrapped"]
