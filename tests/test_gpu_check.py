@@ -242,6 +242,10 @@ def test_gpu_check_sizes_the_end_to_end_run_to_its_budget(tmp_path, monkeypatch)
     n, why = check.e2e_size(str(bench_json), "structured", 100, 10_000, 1000)
     # 8 x 8: (36 x 2 + 8) x 1.3 = 104 > 100; 7 x 7: (28 x 2 + 7) x 1.3 = 82
     assert n == 7000 and why.startswith("n cut from 10000 to 7000 to fit")
+    # a bench of another block: its time scaled by the pairs, 0.5 s for 500^2 -> 2 s for 1000^2
+    bench_json.write_text(json.dumps({"n1": 500, "n2": 500, "rows": [{"method": "structured", "seconds": 0.5}]}))
+    n, why = check.e2e_size(str(bench_json), "structured", 100, 10_000, 1000)
+    assert n == 7000 and "2.00 s per benched 1000 x 1000 block (scaled from a 500 x 500 block)" in why
     assert check.e2e_size(None, "structured", 10, 10_000, 1000) == (
         10_000, "no benched block time: n = 10000 as asked, bounded by the part's timeout only")
 

@@ -118,10 +118,14 @@ def _cpu_forward_seconds(rows: int = 32) -> float:
 def e2e_size(bench: str | None, method: str, budget: float, n: int, block: int) -> tuple[int, str]:
     """The largest n <= ``n`` (whole blocks) whose run fits ``budget`` seconds by the benched block time:
     the triangle's blocks at that time each, plus every row's forward pass on the CPU, times SAFETY."""
-    seconds = None
+    seconds, scaled = None, ""
     if bench and Path(bench).is_file():
-        rows = json.loads(Path(bench).read_text())["rows"]
-        seconds = next((r["seconds"] for r in rows if r["method"] == method), None)
+        d = json.loads(Path(bench).read_text())
+        seconds = next((r["seconds"] for r in d["rows"] if r["method"] == method), None)
+        pairs = d.get("n1", block) * d.get("n2", block)
+        if seconds is not None and pairs != block * block:  # another block: scaled by its pairs
+            seconds *= block * block / pairs
+            scaled = f" (scaled from a {d['n1']} x {d['n2']} block)"
     if seconds is None:
         return n, f"no benched block time: n = {n} as asked, bounded by the part's timeout only"
     per_row = _cpu_forward_seconds()
@@ -133,7 +137,7 @@ def e2e_size(bench: str | None, method: str, budget: float, n: int, block: int) 
     m = n
     while m > block and estimate(m) > budget:
         m -= block
-    why = (f"{math.ceil(m / block)}-block grid at {seconds:.2f} s per benched {block} x {block} block "
+    why = (f"{math.ceil(m / block)}-block grid at {seconds:.2f} s per benched {block} x {block} block{scaled} "
            f"+ {per_row * 1e3:.1f} ms per row on the CPU: ~{estimate(m):.0f} s with a {SAFETY}x margin, "
            f"budget {budget:.0f} s")
     return m, (why if m == n else f"n cut from {n} to {m} to fit: {why}")
