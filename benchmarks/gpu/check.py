@@ -156,7 +156,7 @@ def e2e_rows(rows: str, store: str, wall: float, n: int, asked: int, rc: int, lo
     meta = Path(store) / "zarr.json"
     what = f"e2e ResNet-18 pntk {n} x {n}{f' (of {asked})' if n != asked else ''}, run --executor local"
     if rc != 0 or not meta.is_file():
-        cause = "timed out" if rc == 124 else _summary_line(log)
+        cause = {124: "timed out", 125: "not run: the budget was spent"}.get(rc) or _summary_line(log)
         add_row(rows, what, f"exit {rc}", "completes", "fail", f"{cause}; {why}")
         return
     from pipeline.plan import contraction_flops, tile
