@@ -228,7 +228,7 @@ def table(rows: str, out: list[str], meta: list[str]) -> int:
     return 1 if doc["failed"] else 0
 
 
-def main(argv: list[str]) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="check.py")
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("derive")
@@ -275,7 +275,11 @@ def main(argv: list[str]) -> int:
     a.add_argument("--rows", required=True)
     a.add_argument("--json", action="append", default=[])
     a.add_argument("--meta", action="append", default=[])
-    ns = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    ns = parser().parse_args(argv)
     if ns.cmd == "derive":
         derive(ns.src, ns.dst, ns.set, ns.drop)
     elif ns.cmd == "row":
