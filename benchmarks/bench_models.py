@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from gpu.zoo import ResNet18  # benchmarks/gpu/zoo.py: also a model.target of the GPU check's configs
 from torch import nn
 from torch.func import functional_call
 from tutorial import empirical_ntk_jacobian_contraction
@@ -30,46 +31,6 @@ from tutorial import empirical_ntk_jacobian_contraction
 N = 16  # rows and columns of the block
 JACOBIAN_LIMIT = 12 * 2**30  # bytes of float32 Jacobians (both sides) above which no contraction runs (--jacobian-gib)
 TIMEOUT_S = 480  # a measurement that has not come back by then (its process killed for memory, say) is reported
-
-
-
-
-class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + (x if self.down is None else self.down(x)))
-
-
-class ResNet18(nn.Module):
-    """torchvision's ResNet-18 layout with the CIFAR stem (3x3 conv, stride 1, no max-pool), 10 classes."""
-
-    def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        layers, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(512, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.layers(torch.relu(self.bn1(self.conv1(x))))
-        return self.fc(h.mean((2, 3)))
 
 
 class LSTMClassifier(nn.Module):

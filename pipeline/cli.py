@@ -186,10 +186,18 @@ def _echo_sizing(z: dict[str, Any]) -> None:
               type=click.Choice([m.value for m in Method if m != Method.AUTO]),
               help="Time only these methods (repeatable); all by default.")
 @click.option("--in-process", is_flag=True, help="Time in this process (faster; peak memory is then shared).")
+@click.option("--peak-size", type=click.IntRange(0), default=None, metavar="N",
+              help="n of the n x n x n matrix product that measures the device's peak rate (default 8192 on "
+                   "CUDA, 2048 on the CPU; 0: not measured).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @fails_cleanly
-def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool, as_json: bool) -> None:
-    """Time each method on the first block of CONFIG (after a warm-up) and show what auto takes."""
+def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool, peak_size: int | None,
+          as_json: bool) -> None:
+    """Time each method on the first block of CONFIG (after a warm-up) and show what auto takes.
+
+    Rates count the block's work as Jacobian contraction (2 n1 n2 o^2 P for full, 2 n1 n2 o P for trace and
+    diagonal, 2 n1 n2 P for pntk) whatever the method, and compare it with the device's matrix-product rate
+    measured in the same run (float32 and TF32 on CUDA; the run's dtype on the CPU, with bench's threads)."""
     from dataclasses import asdict
     from pathlib import Path
 
@@ -199,18 +207,38 @@ def bench(config: str, repeats: int, methods: tuple[str, ...], in_process: bool,
 
     cfg = load_config(config)
     chosen = tuple(map(Method, methods)) or METHODS
-    r = bench_config(cfg, str(Path(config).resolve().parent), repeats=repeats, methods=chosen, isolate=not in_process)
+    r = bench_config(cfg, str(Path(config).resolve().parent), repeats=repeats, methods=chosen,
+                     isolate=not in_process, peak_size=peak_size)
     if as_json:
-        click.echo(json.dumps({**r, "rows": [asdict(row) for row in r["rows"]]}, indent=2, default=str))
+        click.echo(json.dumps({**r, "rows": [asdict(row) for row in r["rows"]],
+                               "peaks": {k: asdict(v) for k, v in r["peaks"].items()}}, indent=2, default=str))
         return
+    _echo_bench(r, repeats)
+
+
+def _rate(n: float) -> str:
+    return _flops(n) + "/s"
+
+
+def _echo_bench(r: dict[str, Any], repeats: int) -> None:
     click.echo(f"block {r['n1']} x {r['n2']} ({r['mode']}), {r['entries']:,} kernel entries, on {r['device']} "
-               f"({r['threads']} threads); median of {repeats} runs after a warm-up")
-    click.echo(f"{'method':<22}{'seconds':>10}{'entries/s':>14}{'peak memory':>14}{'est. FLOPs':>14}")
+               f"({r['device_name']}, {r['threads']} threads); median of {repeats} runs after a warm-up")
+    per_pair = {"full": "o^2 ", "pntk": ""}.get(r["mode"], "o ")
+    click.echo(f"work       {_flops(r['contraction_flops'])} counted as Jacobian contraction (2 n1 n2 {per_pair}P, "
+               f"o = {r['o']}, P = {r['p']:,})")
+    peaks = r["peaks"]
+    if peaks:
+        first = next(iter(peaks.values()))
+        click.echo("peak       " + ", ".join(f"{k} {_rate(v.flops_per_second)}" for k, v in peaks.items())
+                   + f" ({first.n}^3 matrix products, median of {len(first.runs)}, this run)")
+    click.echo(f"{'method':<22}{'seconds':>10}{'entries/s':>14}{'peak memory':>14}{'est. FLOPs':>14}{'JC rate':>16}"
+               + "".join(f"{'of ' + k:>12}" for k in peaks))
     # peak memory: GPU bytes allocated on a GPU; else the peak RSS of the process that timed it
     for row in r["rows"]:
         mem = row.peak_gpu_bytes if row.peak_gpu_bytes is not None else row.peak_rss_bytes
         click.echo(f"{row.method:<22}{row.seconds:>10.4f}{row.entries_per_second:>14,.0f}{size(mem):>14}"
-                   f"{_flops(row.estimated_flops):>14}")
+                   f"{_flops(row.estimated_flops):>14}{_rate(row.contraction_flops_per_second):>16}"
+                   + "".join(f"{row.fraction_of_peak[k]:>12.1%}" for k in peaks))
     auto = r["auto"]
     timed = ", ".join(f"{m} {t:.4f} s" for m, t in auto["timings"].items()) or "no timing needed"
     click.echo(f"auto takes: {auto['method']} ({auto['reason']}; probe: {timed})")

@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.config import Method, Mode, is_url, url_options
 from pipeline.errors import StoreError, brief
-from pipeline.execute.ray_session import RaySession, unwrapped
+from pipeline.execute.ray_session import RaySession, ray_installed, unwrapped
 from pipeline.plan import Block, Plan, tile
 from pipeline.store import (
     CONNECT_TIMEOUT_S,
@@ -466,8 +466,8 @@ class Products:
                  ray_address: str | None = None) -> None:
         if executor not in EXECUTORS:
             raise ValueError(f"expected an executor in {EXECUTORS}, got {executor!r}")
-        if executor == "auto":
-            executor = "ray" if kernel.nbytes >= RAY_BYTES else "local"
+        if executor == "auto":  # where Ray is not installed, the local path (which needs nothing more)
+            executor = "ray" if kernel.nbytes >= RAY_BYTES and ray_installed() else "local"
         self.kernel, self.executor = kernel, executor
         self.tiles = kernel.tiles(tile_bytes)
         self.bands: list[list[Tile]] = []  # the tiles of one row band: one Ray task

@@ -157,6 +157,19 @@ def kernel_entries(n1: int, n2: int, o: int, mode: Mode) -> int:
     return n1 * n2 * math.prod(trailing_shape(mode, o))
 
 
+def contraction_flops(n1: int, n2: int, o: int, p: int, mode: Mode) -> float:
+    """An n1 x n2 block's work counted as Jacobian contraction, the yardstick for FLOP rates on any method.
+
+    ``2 n1 n2 o^2 P`` for full (one (n1 o, P) x (P, n2 o) matrix product), ``2 n1 n2 o P`` for trace and
+    diagonal, ``2 n1 n2 P`` for pntk (o = 1 whatever ``o`` is given). A method's own FLOPs
+    (``methods.estimate_flops``) may be fewer (structured) or more (ntk_vector_products); ``bench`` and a
+    run's rate divide this count by seconds, so rates compare across methods, devices and published runs
+    (the ResNet-18 CIFAR-10 anchor: 2 x 60,000 x 50,000 x 11.2M FLOP in 43 minutes on 4 A100s, ~26 TFLOP/s).
+    """
+    per_pair = {Mode.FULL: o * o, Mode.TRACE: o, Mode.DIAGONAL: o, Mode.PNTK: 1}[mode]
+    return 2.0 * n1 * n2 * per_pair * p
+
+
 def held_kernel_bytes(b1: int, b2: int, o: int, mode: Mode, itemsize: int) -> int:
     """Kernel bytes a block task holds at once: the block being computed, the one before it being
     written by the background thread, and the worker's mirror buffer (its transposed copy)."""

@@ -49,8 +49,12 @@ def client(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
     without a limit); a server that does not, and authentication failures, become one line."""
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # a token given is a token meant to be used
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
+    try:
+        from ray.exceptions import AuthenticationError
+        from ray.job_submission import JobSubmissionClient
+    except ImportError:
+        raise SubmitError("--address", "Ray is not installed in this Python (pip install 'ray[default]'): "
+                          "submit needs Ray's job client") from None
 
     try:
         return bounded(lambda: JobSubmissionClient(address), timeout)

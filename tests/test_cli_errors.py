@@ -664,8 +664,8 @@ def test_bench_prints_a_row_per_method_and_the_auto_choice(write_config):
     result = CliRunner().invoke(main, ["bench", str(write_config(cfg)), "--in-process", "--repeats", "1"])
     assert result.exit_code == 0, result.output
     for method in ("structured", "jacobian_contraction", "ntk_vector_products"):
-        assert re.search(rf"^{method} +\d+\.\d+ +[\d,]+ +[\d.]+ \w*B +[\d.]+ \w*FLOP$", result.stdout, re.M), \
-            result.stdout
+        assert re.search(rf"^{method} +\d+\.\d+ +[\d,]+ +[\d.]+ \w*B +[\d.]+ \w*FLOP +[\d.]+ \w*FLOP/s +[\d.]+%$",
+                         result.stdout, re.M), result.stdout
     assert re.search(r"^auto takes: (structured|jacobian_contraction|ntk_vector_products) \(", result.stdout, re.M)
 
 

@@ -122,6 +122,28 @@ def probe(address: str, timeout: float) -> str | None:
     return None
 
 
+RAY_MISSING = ("Ray is not installed in this Python (pip install 'ray[default]'); `run --executor local` and "
+               "`predict`/`plot --executor local` work without it")
+
+
+def import_ray(key: str, error: type[PipelineError] = ConfigError) -> Any:
+    """The ``ray`` module; where it is not installed, ``error(key, ...)``: one line saying what runs without it."""
+    try:
+        import ray
+    except ImportError:
+        raise error(key, RAY_MISSING) from None
+    return ray
+
+
+def ray_installed() -> bool:
+    """Whether ``import ray`` works here (``executor: auto`` falls back to the local path where not)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class RaySession:
     """Ray for one user: ``start`` joins the instance this process already has (a notebook's, a test
     session's) or starts one at ``address``, remembering which; ``stop`` shuts down only what it started.
@@ -143,19 +165,16 @@ class RaySession:
     @property
     def ray(self) -> Any:
         """The ``ray`` module, for its API (``put``, ``get``, ``remote``, ...); ``start`` first."""
-        import ray
-
-        return ray
+        return import_ray(self.key, self.error)
 
     def start(self) -> None:
         """Join the Ray instance this process has, else start one at ``address``.
 
         Raises:
           PipelineError: of type ``error`` naming ``key``, when the cluster at ``address`` does not
-            answer within ``timeout`` seconds or refuses to be joined.
+            answer within ``timeout`` seconds or refuses to be joined, or when Ray is not installed.
         """
-        import ray
-
+        ray = import_ray(self.key, self.error)
         if ray.is_initialized():
             return
         target = cluster_address(self.address)
@@ -167,8 +186,7 @@ class RaySession:
         self.started = True
 
     def _init(self) -> None:
-        import ray
-
+        ray = import_ray(self.key, self.error)
         try:
             ray.init(address=self.address, include_dashboard=False, runtime_env=self.runtime_env,
                      logging_level=logging.WARNING)
@@ -229,5 +247,5 @@ def unwrapped(error: type[PipelineError], key: str, what: str = "") -> Iterator[
         raise unwrap(err, error, key, what) from None
 
 
-__all__ = ["CHECK", "CONNECT_TIMEOUT_S", "NoAnswer", "RaySession", "bounded", "cluster_address", "host_port", "probe",
-           "quiet_ray", "unwrap", "unwrapped"]
+__all__ = ["CHECK", "CONNECT_TIMEOUT_S", "RAY_MISSING", "NoAnswer", "RaySession", "bounded", "cluster_address",
+           "host_port", "import_ray", "probe", "quiet_ray", "ray_installed", "unwrap", "unwrapped"]

@@ -13,6 +13,7 @@ from pipeline.config import Mode
 from pipeline.jacobians import contract, jacobians
 from pipeline.methods.base import Probe
 from pipeline.models import FunctionalModel
+from pipeline.plan import contraction_flops
 
 
 def side(fm: FunctionalModel, x: torch.Tensor) -> list[torch.Tensor]:
@@ -30,8 +31,7 @@ def block_flops(b1: int, b2: int, o: int, p: int, fp: int, mode: Mode, diagonal:
     passes of ~2 FP after one forward FP, then a contraction of 2 b1 b2 o^2 P (full) or 2 b1 b2 o P."""
     samples = b1 if diagonal else b1 + b2
     jac = samples * fp * (1 + 2 * o)
-    work = 2 * b1 * b2 * p * (o * o if mode == Mode.FULL else o)
-    return float(jac + work)
+    return float(jac) + contraction_flops(b1, b2, o, p, mode)
 
 
 def flops(probe: Probe, b1: int, b2: int, mode: Mode, diagonal: bool) -> float:
