@@ -74,9 +74,20 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped a run (``signal``: the signal's name); a KeyboardInterrupt, so that
     whatever treats Ctrl-C treats it the same. The run records "interrupted"; its finished blocks stay."""
 
+    # The signal ``run.stop_on_signals`` last turned into an Interrupted in this process (None outside).
+    received: str | None = None
+
     def __init__(self, signal: str) -> None:
         super().__init__(signal)
         self.signal = signal
 
     def __str__(self) -> str:
         return f"interrupted by {self.signal}"
+
+    @classmethod
+    def of(cls, err: KeyboardInterrupt) -> KeyboardInterrupt:
+        """``err``, or an Interrupted naming the signal received where a library re-raised ours as a plain
+        KeyboardInterrupt (Ray's ``wait`` does: it catches any KeyboardInterrupt and raises a new one)."""
+        if isinstance(err, cls) or cls.received is None:
+            return err
+        return cls(cls.received)

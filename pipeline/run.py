@@ -144,14 +144,18 @@ def stop_on_signals() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: object) -> None:
-        raise Interrupted(signal.Signals(signum).name)
+        Interrupted.received = signal.Signals(signum).name
+        raise Interrupted(Interrupted.received)
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in previous:
         signal.signal(s, interrupt)
     try:
         yield
+    except KeyboardInterrupt as err:
+        raise Interrupted.of(err) from None
     finally:
+        Interrupted.received = None
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 

@@ -282,3 +282,20 @@ def test_sigterm_stops_a_ray_run_waiting_on_its_tasks(tmp_path, ray_session):
     proc = _slow_run(tmp_path, "ray", ray={"address": address, "connect_timeout_s": 60})
     seconds, err = _terminate_after_the_first_block(proc, tmp_path / "out.zarr")
     _assert_interrupted(tmp_path, seconds, err, proc.returncode)
+
+
+def test_a_signal_reraised_as_a_plain_keyboard_interrupt_keeps_its_name():
+    """Ray's wait catches the Interrupted our handler raises and raises a plain KeyboardInterrupt: the run
+    must still say which signal stopped it (it said SIGINT for a SIGTERM, about one run in ten)."""
+    import os
+
+    from pipeline.errors import Interrupted
+    from pipeline.run import stop_on_signals
+
+    with pytest.raises(Interrupted, match="^interrupted by SIGTERM$"), stop_on_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Interrupted:
+            raise KeyboardInterrupt from None  # what ray.wait does with it
+    assert Interrupted.received is None  # nothing left behind for a later run in this process

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from pipeline.config import RaySpec
-from pipeline.errors import BlockError, ConfigError
+from pipeline.errors import BlockError, ConfigError, Interrupted
 from pipeline.execute.memory import WorkerMemory, device_free, per_task, tasks_per_gpu
 from pipeline.execute.ray_session import RaySession, unwrapped
 from pipeline.execute.worker import BlockTask, OnDone, run_strip, strip_name
@@ -106,11 +106,12 @@ class RayExecutor:
                         results = ray.get(ref)
                     for result in results:
                         on_done(result)
-        except KeyboardInterrupt:  # SIGINT, SIGTERM (errors.Interrupted): the driver's exit ends its tasks
-            # and not a ray.cancel, which racing a task that just finished aborts the whole process in Ray
-            # 2.60 ("Tried to complete task that was not pending").
+        except KeyboardInterrupt as err:  # SIGINT, SIGTERM (errors.Interrupted): the driver's exit ends its
+            # tasks, not a ray.cancel, which racing a task that just finished aborts the whole process in Ray
+            # 2.60 ("Tried to complete task that was not pending"). ray.wait re-raises our Interrupted as a
+            # plain KeyboardInterrupt: the signal's name is put back.
             pending.clear()
-            raise
+            raise Interrupted.of(err) from None
         finally:
             for ref in pending:
                 ray.cancel(ref)
