@@ -6,7 +6,7 @@ threads; medians, error against a float64 kernel, peak memory. Not part of the t
     python benchmarks/bench_models.py --models cnn lstm     # some of them
 
 Each (model, method) runs in a fresh process (spawned), so that its peak resident memory is its own:
-one warm-up, then ``--repeats`` timed runs. The float64 reference is pipeline's jacobian_contraction
+``--warmups`` untimed runs (1), then ``--repeats`` timed runs. The float64 reference is pipeline's jacobian_contraction
 in float64 (the test suite checks it against plain autograd on these architectures), or structured in
 float64 where float64 Jacobians would not fit.
 """
@@ -111,14 +111,17 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(name: str, method: str, repeats: int) -> dict[str, Any]:
-    """In a fresh process: a warm-up, then ``repeats`` timed runs; the kernel, or why it cannot run."""
+def measure(name: str, method: str, repeats: int, warmups: int = 1) -> dict[str, Any]:
+    """In a fresh process: ``warmups`` untimed runs, then ``repeats`` timed runs; the kernel, or why it
+    cannot run."""
     torch.set_num_threads(2)
     fn = _compute(name, method)
     try:
         out = fn()
     except Exception as err:  # the tutorial's vmap on models it cannot trace
         return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:90]}"}
+    for _ in range(warmups - 1):  # a fresh process's first runs are slower (allocator, oneDNN's kernels)
+        fn()
     runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -151,7 +154,7 @@ def reference(name: str) -> dict[str, Any]:
             "kinds": sorted({s.kind for s in lay.sites}), "pipeline": pipeline.__version__}
 
 
-def run_model(name: str, repeats: int, pool: Any, jacobian_limit: float = JACOBIAN_LIMIT) -> None:
+def run_model(name: str, repeats: int, pool: Any, jacobian_limit: float = JACOBIAN_LIMIT, warmups: int = 1) -> None:
     ref = pool.apply(reference, (name,))
     print(f"\n{name}: P = {ref['p']:,}; auto (cost model) takes {ref['auto']}; structured rules "
           f"({', '.join(ref['kinds'])}) cover {ref['by_rule'] / ref['p']:.1%} of the parameters"
@@ -167,7 +170,7 @@ def run_model(name: str, repeats: int, pool: Any, jacobian_limit: float = JACOBI
         else:
             with mp.get_context("spawn").Pool(1) as one:
                 try:
-                    rows[method] = one.apply_async(measure, (name, method, repeats)).get(timeout=TIMEOUT_S)
+                    rows[method] = one.apply_async(measure, (name, method, repeats, warmups)).get(timeout=TIMEOUT_S)
                 except mp.TimeoutError:
                     rows[method] = f"no result within {TIMEOUT_S} s (its process killed for memory?)"
     base = rows["tutorial"]["seconds"] if isinstance(rows["tutorial"], dict) and "seconds" in rows["tutorial"] else None
@@ -187,15 +190,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmups", type=int, default=1, help="untimed runs before the timed ones")
     ap.add_argument("--jacobian-gib", type=float, default=JACOBIAN_LIMIT / 2**30,
                     help="run a contraction only if both sides' float32 Jacobians take at most this many GiB")
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {mp.cpu_count()} cpus, 2 torch threads, torch {torch.__version__}; "
-          f"float32, full mode, {N} x {N} blocks; median of {args.repeats} runs after a warm-up, each method in "
+          f"float32, full mode, {N} x {N} blocks; median of {args.repeats} runs after {args.warmups} warm-up(s), each method in "
           "a fresh process; ratio = tutorial contraction time / method time; error = max |K - K64| / max |K64|")
     with mp.get_context("spawn").Pool(1) as pool:
         for name in args.models:
-            run_model(name, args.repeats, pool, args.jacobian_gib * 2**30)
+            run_model(name, args.repeats, pool, args.jacobian_gib * 2**30, args.warmups)
 
 
 if __name__ == "__main__":
