@@ -195,8 +195,9 @@ def main() -> None:
                     help="run a contraction only if both sides' float32 Jacobians take at most this many GiB")
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {mp.cpu_count()} cpus, 2 torch threads, torch {torch.__version__}; "
-          f"float32, full mode, {N} x {N} blocks; median of {args.repeats} runs after {args.warmups} warm-up(s), each method in "
-          "a fresh process; ratio = tutorial contraction time / method time; error = max |K - K64| / max |K64|")
+          f"float32, full mode, {N} x {N} blocks; median of {args.repeats} runs after {args.warmups} warm-up(s), each "
+          "method in a fresh process; ratio = tutorial contraction time / method time; "
+          "error = max |K - K64| / max |K64|")
     with mp.get_context("spawn").Pool(1) as pool:
         for name in args.models:
             run_model(name, args.repeats, pool, args.jacobian_gib * 2**30, args.warmups)
