@@ -39,6 +39,7 @@ import numpy as np
 from pipeline.config import Mode
 from pipeline.errors import DataError, StoreError, brief
 from pipeline.kernel import TILE_BYTES, Kernel, Tile, open_kernel
+from pipeline.store import CONNECT_TIMEOUT_S
 
 # Rows of a tile turned into float64 at a time: about this many bytes, so that the conversion and
 # the sums that read it stay in cache and a tile's float64 copy is never whole in memory.
@@ -138,14 +139,15 @@ class KernelReader:
         return Moments(**{**asdict(m), "cross": cross, "other_sumsq": other_sumsq})
 
 
-def open_reader(path: str, options: dict[str, Any] | None = None, key: str | None = None) -> KernelReader:
+def open_reader(path: str, options: dict[str, Any] | None = None, key: str | None = None,
+                timeout: float = CONNECT_TIMEOUT_S) -> KernelReader:
     """The reader of the store at ``path`` (today: a kernel store), complete or refused.
 
     Raises:
       StoreError: not a readable ntk-pipeline store, or one with blocks not done (named by ``key``, or the path).
     """
     try:
-        kernel = open_kernel(path, options)
+        kernel = open_kernel(path, options, timeout)
         kernel.require_complete()
     except StoreError as err:
         raise StoreError(key or path, err.message) from None
@@ -301,7 +303,7 @@ def matrix_words(reader: Reader) -> str:
 
 
 def analyze(path: str, targets: np.ndarray | str | None = None, against: str | None = None, *,
-            options: dict[str, Any] | None = None, tile_bytes: int = TILE_BYTES,
+            options: dict[str, Any] | None = None, timeout: float = CONNECT_TIMEOUT_S, tile_bytes: int = TILE_BYTES,
             keys: tuple[str, str] = ("targets", "against")) -> Analysis:
     """Trace, Frobenius norm, effective rank, centered kernel-target alignment and kernel distance of
     the kernel store at ``path``, in one tiled read of it (and one of ``against``).
@@ -312,7 +314,8 @@ def analyze(path: str, targets: np.ndarray | str | None = None, against: str | N
         .npy: for the alignment, which needs a square kernel K(x1, x1).
       against: another complete store of the same inputs (shape, mode, x1 / x2 fingerprints): for
         the distance 1 - <K1, K2>_F / (||K1||_F ||K2||_F).
-      options: fsspec storage options for URL stores (both the same).
+      options: fsspec storage options for URL stores (both the same); timeout: seconds their object
+        store has to answer.
       keys: what errors about ``targets`` and ``against`` are named by (the CLI: its flags).
 
     Returns:
@@ -324,15 +327,15 @@ def analyze(path: str, targets: np.ndarray | str | None = None, against: str | N
         from the kernels before these checks pass.
     """
     start = time.perf_counter()
-    mine = open_reader(path, options)
+    mine = open_reader(path, options, timeout=timeout)
     if targets is not None and not mine.square:
-        raise DataError(keys[0], f"the alignment needs a square kernel K(x1, x1) (data.x2 left out); {path} "
-                        f"is {mine.shape[0]} x {mine.shape[1]} of x1 and x2")
+        raise DataError(_named(keys[0], targets), "the alignment needs a square kernel K(x1, x1) (data.x2 left "
+                        f"out); {path} is {mine.shape[0]} x {mine.shape[1]} of x1 and x2")
     y = None if targets is None else read_targets(targets, mine, _named(keys[0], targets))
     other = None
     if against is not None:
         key = f"{keys[1]} {against}" if keys[1].startswith("--") else against
-        other = open_reader(against, options, key)
+        other = open_reader(against, options, key, timeout)
         check_same_inputs(mine, other, key)
     m = mine.moments(y, other, tile_bytes)
     return _analysis(mine, other, m, y, time.perf_counter() - start)
