@@ -8,7 +8,8 @@ Where things are (the full map, one line per module: pipeline/README.md):
 - the cost of method X: ``pipeline/methods/<X>.py`` (``flops``, ``memory``); the registry is ``methods.REGISTRY``.
 - the rule for layer Y: ``pipeline/methods/structured/rules/<family>.py``, found by ``rules.rule_for(module)``.
 - what the store records: ``pipeline/store/format.py`` (``Provenance``, versioned by ``format_version``).
-- reading a store: ``pipeline.open_kernel`` (``pipeline/kernel.py``), the only reader.
+- reading a store: ``pipeline.open_kernel`` (``pipeline/kernel.py``), the only reader; one-pass
+  figures of it (trace, effective rank, alignment, distance): ``pipeline.analyze`` (``pipeline/analyze.py``).
 - how blocks run: ``pipeline/execute/`` (the ``Executor`` protocol); the run itself: ``pipeline/run.py``.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from pipeline.analyze import Analysis, analyze
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError, DataError, ModelError, PipelineError, StoreError
 from pipeline.kernel import Kernel, open_kernel
@@ -28,6 +30,6 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "ConfigError", "DataError", "Kernel", "ModelError", "PipelineError", "RunConfig", "RunSummary", "StoreError",
-    "__version__", "empirical_ntk", "load_config", "open_kernel", "run",
+    "Analysis", "ConfigError", "DataError", "Kernel", "ModelError", "PipelineError", "RunConfig", "RunSummary",
+    "StoreError", "__version__", "analyze", "empirical_ntk", "load_config", "open_kernel", "run",
 ]

@@ -1,7 +1,8 @@
-"""The commands that use a stored kernel: ``inspect``, ``plot`` and ``predict``; ``register(main)``
-attaches them to the ``ntk-pipeline`` group.
+"""The commands that use a stored kernel: ``inspect``, ``plot``, ``analyze`` and ``predict``;
+``register(main)`` attaches them to the ``ntk-pipeline`` group.
 
     ntk-pipeline inspect out/quickstart.zarr --json
+    ntk-pipeline analyze out/train.zarr --targets y.npy --against out/later.zarr
     ntk-pipeline plot out/quickstart.zarr -o kernel.png
     ntk-pipeline predict --train-kernel train.zarr --test-kernel test.zarr --targets y.npy -o pred.npy
     ntk-pipeline inspect s3://bucket/train.zarr --storage-options '{"endpoint_url": "http://127.0.0.1:8333"}'
@@ -124,6 +125,40 @@ def plot(output: str, out: str, size: int, eigenvalues: int, spectrum: str, dpi:
 
 
 @click.command()
+@click.argument("output")
+@click.option("--targets", default=None,
+              help="A .npy of shape (n,) or (n, k) (trace, pntk) or (n, o) (full, diagonal): the centered "
+                   "kernel-target alignment. Needs a K(x1, x1).")
+@click.option("--against", default=None,
+              help="Another store of the same inputs (e.g. another checkpoint): the kernel distance "
+                   "1 - <K1, K2> / (||K1|| ||K2||), both read once, in lockstep.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@storage_options_flag("URL stores, the same for OUTPUT and --against (--targets is a local file)")
+@fails_cleanly
+def analyze(output: str, targets: str | None, against: str | None, as_json: bool, options: dict[str, Any] | None,
+            connect_timeout: float) -> None:
+    """Trace, Frobenius norm, effective rank, target alignment and distance of the kernel in OUTPUT (one read)."""
+    from pipeline.analyze import analyze as run_analyze
+
+    a = run_analyze(output, targets, against, options=options, timeout=connect_timeout, keys=("--targets", "--against"))
+    if as_json:
+        click.echo(json.dumps(a.to_dict(), indent=2))
+        return
+    square = "needs a K(x1, x1) (data.x2 left out)"
+    click.echo(f"kernel          {' x '.join(map(str, a.shape))} ({a.mode}), analysed as {a.matrix}")
+    click.echo(f"frobenius       {a.frobenius:.10g}")
+    click.echo(f"trace           {square if a.trace is None else f'{a.trace:.10g}'}")
+    click.echo(f"effective rank  {square if a.effective_rank is None else f'{a.effective_rank:.10g}'}"
+               + ("" if a.effective_rank is None else "  ((tr K)^2 / ||K||_F^2)"))
+    if targets is not None:
+        click.echo(f"alignment       {_num(a.alignment)}  (centered, with {targets})")
+    if against is not None:
+        click.echo(f"distance        {_num(a.distance)}  (1 - <K1, K2> / (||K1|| ||K2||), against {against})")
+    click.echo(f"read            each store once ({', '.join(f'{p}: {k}' for p, k in a.reads.items())}), "
+               f"{a.seconds:.2f} s")
+
+
+@click.command()
 @click.option("--train-kernel", required=True, help="K(train, train): a store computed with data.x2 left out.")
 @click.option("--test-kernel", required=True, help="K(test, train): a store with x1 = test and x2 = train inputs.")
 @click.option("--targets", required=True, help="Training targets, a .npy of shape (n_train, k); (n_train, o) for full.")
@@ -174,6 +209,6 @@ def predict(train_kernel: str, test_kernel: str, targets: str, diag_reg: float, 
 
 
 def register(group: click.Group) -> None:
-    """Attach inspect, plot and predict to the ``ntk-pipeline`` group."""
-    for command in (inspect, plot, predict):
+    """Attach inspect, plot, analyze and predict to the ``ntk-pipeline`` group."""
+    for command in (inspect, plot, analyze, predict):
         group.add_command(command)
