@@ -54,6 +54,7 @@ from pipeline.models import FunctionalModel, batchable_attention, cast_input, ev
 BATCH = 64  # rows per pass (see ``sketch``)
 MIN_K = 8  # features every part gets at least (or its whole dimension, if smaller)
 CHUNK_ENTRIES = 1 << 22  # entries of a dense projection generated at once (32 MiB in float64)
+CACHE_ENTRIES = 1 << 25  # projection entries kept across a call's passes (256 MiB in float64)
 ZEROS = "(zeros)"  # the split's key for features no part could take
 
 
@@ -322,10 +323,14 @@ def gaussian(seed: int, tag: str, rows: int, cols: int) -> torch.Tensor:
 
 def _factor(seed: int, tag: str, rows: int, cols: int, like: torch.Tensor,
             cache: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A projection (rows, cols) in like's dtype and on its device, generated once per ``sketch``."""
-    if tag not in cache:
-        cache[tag] = gaussian(seed, tag, rows, cols).to(dtype=like.dtype, device=like.device)
-    return cache[tag]
+    """A projection (rows, cols) in like's dtype and on its device, generated once per ``sketch`` while
+    the ones kept stay under ``CACHE_ENTRIES`` (beyond it, again for each pass: the same numbers)."""
+    if tag in cache:
+        return cache[tag]
+    r = gaussian(seed, tag, rows, cols).to(dtype=like.dtype, device=like.device)
+    if sum(t.numel() for t in cache.values()) + r.numel() <= CACHE_ENTRIES:
+        cache[tag] = r
+    return r
 
 
 def _project(part: Part, src: Source, seed: int, cache: dict[str, torch.Tensor]) -> torch.Tensor:

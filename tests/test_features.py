@@ -172,3 +172,26 @@ def test_split_and_errors():
     with pytest.raises(ValueError, match="mode: expected one of"):
         features.sketch(model, x, k=64, of="diag")
     assert pipeline.sketch_features is features.sketch
+
+
+@pytest.mark.parametrize("name", ["embed_ln", "weight_norm", "lstm", "grouped_conv", "conv_gn"])
+def test_features_are_exact_when_k_covers_every_parameter(name):
+    """With k at least every part's dimension each projection is the identity: the feature kernel is the
+    exact one, through every path (embedding, reparametrized weight, recurrent, Conv groups, GroupNorm)."""
+    torch.manual_seed(0)
+    model, x = {
+        "embed_ln": (nets.EmbedLN(), torch.randint(0, nets.VOCAB, (6, nets.SEQ))),
+        "weight_norm": (nets.WeightNormClf(), torch.randn(6, 4, 8)),
+        "lstm": (nets.RNNClf(), torch.randn(6, 4, 8)),
+        "grouped_conv": (nets.ConvVariant(out=4, groups=2), torch.randn(6, 4, 7, 7)),
+        "conv_gn": (nets.ConvGN(), torch.randn(6, 2, 8)),
+    }[name]
+    model, x = model.to(torch.float64), x.to(torch.float64) if x.is_floating_point() else x
+    p = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    split = features.split(model, x, p + 10)
+    assert split.pop("(zeros)") == 10 and sum(split.values()) == p
+    if name == "grouped_conv":
+        assert {"conv[0]", "conv[1]"} <= split.keys()  # one part per group
+    exact = pipeline.empirical_ntk(model, x, mode="full", method="jacobian_contraction")
+    torch.testing.assert_close(_kernel(features.sketch(model, x, k=p + 10, of="full", batch=6), "full"), exact,
+                               rtol=1e-10, atol=1e-10 * float(exact.abs().max()))
