@@ -2,6 +2,7 @@
 
     import pipeline
     K = pipeline.empirical_ntk(model, x1, x2, mode="trace")      # in memory, (n1, n2)
+    phi = pipeline.sketch_features(model, x1, k=4096)            # (n1, o, k): <phi_i, phi_j> ~ K, linear in n
     pipeline.run("configs/quickstart.yaml")                       # tiled, into a Zarr store
 
 Where things are (the full map, one line per module: pipeline/README.md):
@@ -20,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pipeline.analyze import Analysis, analyze
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError, DataError, ModelError, PipelineError, StoreError
+from pipeline.features import sketch as sketch_features
 from pipeline.kernel import Kernel, open_kernel
 from pipeline.methods import empirical_ntk
 from pipeline.run import RunSummary, run
@@ -31,5 +33,5 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "Analysis", "ConfigError", "DataError", "Kernel", "ModelError", "PipelineError", "RunConfig", "RunSummary",
-    "StoreError", "__version__", "analyze", "empirical_ntk", "load_config", "open_kernel", "run",
+    "StoreError", "__version__", "analyze", "empirical_ntk", "load_config", "open_kernel", "run", "sketch_features",
 ]

@@ -1,0 +1,197 @@
+"""Sketched NTK features (pipeline.features) against the exact kernel of ``empirical_ntk`` in float64.
+
+    phi = sketch(model, x, k, seed)            # (n, o, k); (n, k) for pntk
+    mean over seeds of <phi(x_i), phi(x_j)>  ->  empirical_ntk(model, x)   (unbiased)
+
+The tolerances come from the estimator's own variance: over S independent seeds, the mean of the
+estimates has E ||mean - K||_F^2 = E ||K_s - K||_F^2 / S, so the mean's error is held to 4 standard errors
+(the per-seed error measured on the same seeds). A JL projection of k features has relative error of order
+sqrt(2 / k) per entry; its Kronecker form (k = k_out k_in) of order sqrt(2 / k_out + 2 / k_in).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+import pipeline
+from pipeline import features
+
+import nets
+
+SEEDS = 100
+
+
+def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model, x = {
+        "mlp": (nets.small_mlp(6, 32, 3), torch.randn(8, 6)),
+        "convbn": (nets.ConvBN(), torch.randn(8, 3, 6, 6)),
+        "encoder": (nets.EncoderClf(), torch.randn(8, 4, 8)),
+    }[name]
+    return model.to(torch.float64), x.to(torch.float64)
+
+
+def _kernel(phi: torch.Tensor, of: str) -> torch.Tensor:
+    if of == "full":
+        return torch.einsum("iak,jbk->ijab", phi, phi)
+    if of == "trace":
+        return torch.einsum("iak,jak->ij", phi, phi)
+    return phi @ phi.T  # pntk: (n, k)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("of", ["full", "trace", "pntk"])
+@pytest.mark.parametrize("name", ["mlp", "convbn", "encoder"])
+def test_feature_kernel_is_unbiased(name, of):
+    model, x = _model(name)
+    exact = pipeline.empirical_ntk(model, x, mode=of, method="jacobian_contraction")
+    k = 96  # well below every model's parameter count: the projections are random, not the identity
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 3 * k
+    estimates = torch.stack([_kernel(features.sketch(model, x, k=k, seed=s, of=of, batch=8), of) for s in range(SEEDS)])
+    per_seed = torch.stack([(e - exact).norm() for e in estimates])  # ||K_s - K||_F
+    standard_error = float(per_seed.pow(2).mean().sqrt()) / math.sqrt(SEEDS)
+    mean_error = float((estimates.mean(0) - exact).norm())
+    assert float(per_seed.min()) > 1e-3 * float(exact.norm())  # each seed is an estimate, not the kernel
+    assert mean_error < 4 * standard_error, (mean_error, standard_error)
+
+
+@pytest.mark.parametrize("of", ["trace", "pntk"])
+def test_relative_error_within_jl_bound(of):
+    """One seed, k = 1024 for an MLP of 4,611 parameters. A JL estimate of K from projections of relative
+    variance v has E ||K_hat - K||_F^2 <= (v / 2) (||K||_F^2 + (tr K)^2) (Gaussian JL: v = 2 / k); a Kronecker
+    part's v is (1 + v_out)(1 + v_in) - 1 (``part_variance``). The bound: 3 sqrt(v_max (1 + r) / 2), r the
+    kernel's effective rank (tr K)^2 / ||K||_F^2, three standard deviations of the largest part's error."""
+    torch.manual_seed(0)
+    model, x = nets.small_mlp(32, 128, 3).to(torch.float64), 1 + 0.5 * torch.randn(40, 32, dtype=torch.float64)
+    exact = pipeline.empirical_ntk(model, x, mode=of)
+    k = 1024
+    split = features.split(model, x, k, of=of)
+    assert sum(split.values()) == k and split.get("(zeros)", 0) <= 2  # the factoring leaves at most a feature or two
+    parts = features.allocate([features.Part("0", 128 * 33, c=128, k=32, bias=True),
+                               features.Part("2", 3 * 129, c=3, k=128, bias=True)], k)
+    assert {p.name: p.features for p in parts} == {n: f for n, f in split.items() if n != "(zeros)"}
+    v = max(features.part_variance(p) for p in parts)
+    r = float(exact.trace() ** 2 / exact.norm() ** 2)
+    bound = 3 * math.sqrt(v * (1 + r) / 2)
+    assert bound < 1.0  # a bound that says something (v ~ 0.07, r ~ 1.6 here)
+    errors = [_rel(_kernel(features.sketch(model, x, k=k, seed=s, of=of, batch=40), of), exact) for s in range(4)]
+    assert max(errors) < bound, (errors, bound)
+
+
+class _Frozen(nn.Module):
+    """Only a Linear layer's weight is trainable: x -> tanh(W x) -> a frozen Linear to 2 outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(10, 12, bias=False)
+        self.out = nn.Linear(12, 2).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.lin(x)))
+
+
+def _per_sample_gradients(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(n, o, p) by vmap(jacrev), the Linear's weight only: explicitly formed, independent of pipeline."""
+    w = {"lin.weight": model.lin.weight.detach()}
+
+    def f(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, p, (xi.unsqueeze(0),), strict=False).reshape(-1)
+
+    return vmap(jacrev(f), (None, 0))(w, x)["lin.weight"].reshape(x.shape[0], 2, -1)
+
+
+def test_kronecker_projection_agrees_with_dense_in_distribution():
+    torch.manual_seed(1)
+    model, x = _Frozen().to(torch.float64), torch.randn(2, 10, dtype=torch.float64)
+    k = 24
+    (part,) = features.allocate([features.Part("lin", 120, c=12, k=10)], k)
+    assert (part.k_out, part.k_in) == (4, 6)  # both factors random: the least variance (1 + 2/4)(1 + 2/6) - 1 = 1
+    j = _per_sample_gradients(model, x)  # (2, 2, 120)
+    exact = float((j[0] * j[1]).sum())  # the trace kernel's off-diagonal entry
+    # Same seed: the factored projection equals the explicit gradient times kron(P_out, P_in), bit for bit in law.
+    p_out = features.gaussian(5, "lin/out", 4, 12)
+    p_in = features.gaussian(5, "lin/in", 6, 10)
+    want = j @ torch.kron(p_out, p_in).T
+    torch.testing.assert_close(features.sketch(model, x, k=k, seed=5), want, rtol=1e-12, atol=1e-12)
+    seeds = 600
+    kron = torch.tensor([float(_kernel(features.sketch(model, x, k=k, seed=s), "trace")[0, 1])
+                         for s in range(seeds)])
+    dense = torch.tensor([float(_kernel(j @ features.gaussian(s, "dense", k, 120).T, "trace")[0, 1])
+                          for s in range(seeds)])
+    for est in (kron, dense):  # the same mean: the exact entry, within 4 standard errors
+        assert abs(float(est.mean()) - exact) < 4 * float(est.std()) / math.sqrt(seeds)
+    # Similar variance: the Kronecker form's is larger by at most the ratio of the variance scales,
+    # ((1 + 2/k_out)(1 + 2/k_in) - 1) / (2 / k) = 1 / (1 / 12) = 12 for rank-one gradients, and not smaller
+    # than half the dense one's (the sampling error of a variance over 600 seeds is ~10%).
+    ratio = float(kron.var() / dense.var())
+    assert 0.5 < ratio < features.part_variance(part) / (2 / k), ratio
+
+
+@pytest.mark.parametrize("name", ["mlp", "convbn", "encoder"])
+def test_row_band_is_independent_of_other_rows(name):
+    model, x = _model(name)
+    x = torch.cat([x, x.flip(0), x * 0.5])[:20]
+    for of in ("full", "pntk"):
+        whole = features.sketch(model, x, k=200, seed=7, of=of, batch=16)
+        band = features.sketch(model, x[10:20], k=200, seed=7, of=of, batch=16)
+        assert torch.equal(whole[10:20], band)
+        assert not torch.equal(whole, features.sketch(model, x, k=200, seed=8, of=of, batch=16))
+
+
+@pytest.mark.parametrize("model,x", [
+    (nets.Recurrent("gru", packed=True), torch.randn(6, 4, 5)),  # a packed sequence: vmap(jacrev) fallback
+    (nets.RowWeight(), torch.randn(6, 4)),  # parameters of leading size 1 used in no per-sample way
+], ids=["packed_gru", "row_weight"])
+def test_fallback_parameters(model, x):
+    model, x = model.to(torch.float64), x.to(torch.float64)
+    exact = pipeline.empirical_ntk(model, x, mode="trace", method="jacobian_contraction")
+    split = features.split(model, x, 48)
+    assert split.keys() - {"(zeros)"} >= {n for n, p in model.named_parameters() if p.ndim > 1 and "head" not in n}
+    seeds = 60  # a packed sequence takes the per-sample loop (no vmap): few seeds, a batch of n
+    estimates = torch.stack([_kernel(features.sketch(model, x, k=48, seed=s, batch=6), "trace")
+                             for s in range(seeds)])
+    se = float(torch.stack([(e - exact).norm() for e in estimates]).pow(2).mean().sqrt()) / math.sqrt(seeds)
+    assert float((estimates.mean(0) - exact).norm()) < 4 * se + 1e-12 * float(exact.norm())
+
+
+def test_split_and_errors():
+    model, x = _model("convbn")
+    split = features.split(model, x, 256)
+    assert sum(split.values()) == 256
+    assert list(split)[:3] == ["conv", "bn.weight", "bn.bias"]
+    with pytest.raises(ValueError, match="k: expected at least 32 features"):
+        features.sketch(model, x, k=16)
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        features.sketch(model, x, k=64, of="diag")
+    assert pipeline.sketch_features is features.sketch
+
+
+@pytest.mark.parametrize("name", ["embed_ln", "weight_norm", "lstm", "grouped_conv", "conv_gn"])
+def test_features_are_exact_when_k_covers_every_parameter(name):
+    """With k at least every part's dimension each projection is the identity: the feature kernel is the
+    exact one, through every path (embedding, reparametrized weight, recurrent, Conv groups, GroupNorm)."""
+    torch.manual_seed(0)
+    model, x = {
+        "embed_ln": (nets.EmbedLN(), torch.randint(0, nets.VOCAB, (6, nets.SEQ))),
+        "weight_norm": (nets.WeightNormClf(), torch.randn(6, 4, 8)),
+        "lstm": (nets.RNNClf(), torch.randn(6, 4, 8)),
+        "grouped_conv": (nets.ConvVariant(out=4, groups=2), torch.randn(6, 4, 7, 7)),
+        "conv_gn": (nets.ConvGN(), torch.randn(6, 2, 8)),
+    }[name]
+    model, x = model.to(torch.float64), x.to(torch.float64) if x.is_floating_point() else x
+    p = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    split = features.split(model, x, p + 10)
+    assert split.pop("(zeros)") == 10 and sum(split.values()) == p
+    if name == "grouped_conv":
+        assert {"conv[0]", "conv[1]"} <= split.keys()  # one part per group
+    exact = pipeline.empirical_ntk(model, x, mode="full", method="jacobian_contraction")
+    torch.testing.assert_close(_kernel(features.sketch(model, x, k=p + 10, of="full", batch=6), "full"), exact,
+                               rtol=1e-10, atol=1e-10 * float(exact.abs().max()))
