@@ -37,8 +37,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.config import Mode
-from pipeline.errors import DataError, StoreError, brief
-from pipeline.kernel import TILE_BYTES, Kernel, Tile, open_kernel
+from pipeline.data import load_real_array
+from pipeline.errors import DataError, StoreError
+from pipeline.kernel import TILE_BYTES, Kernel, Tile, band_tiles, open_kernel
 from pipeline.store import CONNECT_TIMEOUT_S
 
 # Rows of a tile turned into float64 at a time: about this many bytes, so that the conversion and
@@ -222,14 +223,7 @@ def common_tiles(a: Kernel, b: Kernel, tile_bytes: int) -> list[Tile]:
     rows = math.lcm(a.array.chunks[0], b.array.chunks[0])
     cols = math.lcm(a.array.chunks[1], b.array.chunks[1])
     entry = max(math.prod(k.shape[2:]) * k.dtype.itemsize for k in (a, b))
-    unit = rows * cols * entry
-    across = math.ceil(a.n2 / cols)
-    wide = max(1, tile_bytes // unit)
-    if wide >= across:
-        rows *= max(1, tile_bytes // (unit * across))
-    width = min(wide, across) * cols
-    return [(i0, min(i0 + rows, a.n1), j0, min(j0 + width, a.n2))
-            for i0 in range(0, a.n1, rows) for j0 in range(0, a.n2, width)]
+    return band_tiles(a.n1, a.n2, rows, cols, entry, tile_bytes)
 
 
 def read_targets(targets: np.ndarray | str, reader: Reader, key: str | None = None) -> np.ndarray:
@@ -241,17 +235,7 @@ def read_targets(targets: np.ndarray | str, reader: Reader, key: str | None = No
         wrong shape, not all finite, or constant (its centered form is zero: no alignment).
     """
     key = key or (targets if isinstance(targets, str) else "targets")
-    if isinstance(targets, str):
-        try:
-            y = np.load(targets, allow_pickle=False)
-        except FileNotFoundError:
-            raise DataError(key, "no such file") from None
-        except (OSError, ValueError, EOFError) as err:
-            raise DataError(key, f"cannot read it as a .npy array: {brief(err)}") from None
-    else:
-        y = np.asarray(targets)
-    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool) or np.iscomplexobj(y):
-        raise DataError(key, f"expected real numbers, got dtype {y.dtype}")
+    y = load_real_array(targets, key)
     n, m = reader.rows // reader.outputs, reader.outputs
     want = f"({n},) or ({n}, k)" if m == 1 else f"({n}, {m})"
     if m == 1:

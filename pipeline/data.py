@@ -253,3 +253,24 @@ def open_source(spec: InputSpec, key: str) -> Source:
     if path.endswith((".pt", ".pth")):
         return PtSource(key, path, spec.storage_options)
     raise DataError(f"{key}.path", f"expected a .npy, .pt or .zarr path, got {path!r}")
+
+
+def load_real_array(value: np.ndarray | str, key: str) -> np.ndarray:
+    """An array of real numbers (targets for ``predict`` and ``analyze``): a .npy file's (never
+    unpickled) or the given one.
+
+    Raises:
+      DataError: named ``key``: no such file, not a .npy array, or not real numbers.
+    """
+    if isinstance(value, str):
+        try:
+            y: np.ndarray = np.load(value, allow_pickle=False)
+        except FileNotFoundError:
+            raise DataError(key, "no such file") from None
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(key, f"cannot read it as a .npy array: {brief(err)}") from None
+    else:
+        y = np.asarray(value)
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool) or np.iscomplexobj(y):
+        raise DataError(key, f"expected real numbers, got dtype {y.dtype}")
+    return y

@@ -274,14 +274,7 @@ class Kernel:
         (or one unit: a block, or a chunk where a block is too large). A band is as many units wide as
         fit, and where the whole width fits, as many units high as fit."""
         rows, cols = self._unit(tile_bytes)
-        per_unit = rows * cols * self._entry_bytes()
-        across = math.ceil(self.n2 / cols)  # units in a row of the kernel
-        wide = max(1, tile_bytes // per_unit)
-        if wide >= across:
-            rows *= max(1, tile_bytes // (per_unit * across))
-        width = min(wide, across) * cols
-        return [(i0, min(i0 + rows, self.n1), j0, min(j0 + width, self.n2))
-                for i0 in range(0, self.n1, rows) for j0 in range(0, self.n2, width)]
+        return band_tiles(self.n1, self.n2, rows, cols, self._entry_bytes(), tile_bytes)
 
     def read_tiles(self, tiles: list[Tile]) -> Iterator[tuple[Tile, np.ndarray]]:
         """Each tile with its values, the next read in a thread while the caller works on this one."""
@@ -359,6 +352,20 @@ class Kernel:
           (n1 m, c) float64.
         """
         return (products or Products(self)).matmat(x)
+
+
+def band_tiles(n1: int, n2: int, rows: int, cols: int, entry_bytes: int, tile_bytes: int) -> list[Tile]:
+    """Tiles of an n1 x n2 kernel on a grid of (rows, cols) units, row band by row band, each at most
+    ``tile_bytes`` (or one unit): a band is as many units wide as fit, and where the whole width fits,
+    as many units high as fit."""
+    per_unit = rows * cols * entry_bytes
+    across = math.ceil(n2 / cols)  # units in a row of the kernel
+    wide = max(1, tile_bytes // per_unit)
+    if wide >= across:
+        rows *= max(1, tile_bytes // (per_unit * across))
+    width = min(wide, across) * cols
+    return [(i0, min(i0 + rows, n1), j0, min(j0 + width, n2))
+            for i0 in range(0, n1, rows) for j0 in range(0, n2, width)]
 
 
 def bad_blocks(kernel: Kernel) -> list[tuple[Block, str]]:

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Mode
-from pipeline.errors import ConfigError, DataError, PipelineError, StoreError, brief
+from pipeline.data import load_real_array
+from pipeline.errors import ConfigError, DataError, PipelineError, StoreError
 from pipeline.kernel import TILE_BYTES, Kernel, Products, open_kernel
 from pipeline.store import CONNECT_TIMEOUT_S
 
@@ -160,17 +161,7 @@ def check_kernels(train: Kernel, test: Kernel) -> None:
 def read_targets(targets: np.ndarray | str, train: Kernel) -> np.ndarray:
     """The targets as the (N, c) float64 right-hand sides: (n, k) for trace and pntk, (n o, 1) for full."""
     key = targets if isinstance(targets, str) else "targets"
-    if isinstance(targets, str):
-        try:
-            y = np.load(targets, allow_pickle=False)
-        except FileNotFoundError:
-            raise DataError(key, "no such file") from None
-        except (OSError, ValueError, EOFError) as err:
-            raise DataError(key, f"cannot read it as a .npy array: {brief(err)}") from None
-    else:
-        y = np.asarray(targets)
-    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool) or np.iscomplexobj(y):
-        raise DataError(key, f"expected real numbers, got dtype {y.dtype}")
+    y = load_real_array(targets, key)
     want = f"({train.n1}, {train.o})" if train.mode == Mode.FULL else f"({train.n1}, k)"
     if y.ndim != 2 or y.shape[0] != train.n1 or y.shape[1] < 1:
         raise DataError(key, f"expected shape {want} (rows: the train kernel's {train.n1} samples), got {y.shape}")

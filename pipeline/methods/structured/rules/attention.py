@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.config import Mode
 from pipeline.jacobians import accumulate
-from pipeline.methods.structured.rules.base import Handle, Record, Site
+from pipeline.methods.structured.rules.base import Handle, Record, RestoreForward, Site
 from pipeline.methods.structured.rules.linear import linear_cost, linear_term
 
 
@@ -45,7 +45,7 @@ class AttentionRule:
             return _decomposed(m, record, query, key, value, masks, need_weights, average_attn_weights)
 
         m.forward = forward  # the instance's forward, for the recording only
-        return _Restore(m)
+        return RestoreForward(m)
 
     def _pairs(self, a: Any, g: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Query, key and value: inputs A (n, L, E) and their projections' cotangents G (o, n, L, E)."""
@@ -58,16 +58,6 @@ class AttentionRule:
 
     def cost(self, site: Site, a: Any, g: Any, b1: int, b2: int, mode: Mode, samples: int) -> float:
         return sum(linear_cost(A, G, b1, b2, mode) for A, G in self._pairs(a, g))
-
-
-class _Restore:
-    """Gives the module its own forward back."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def remove(self) -> None:
-        self.module.__dict__.pop("forward", None)
 
 
 def _decomposed(m: Any, record: Record, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -83,6 +83,17 @@ class Handle(Protocol):
 Record = Callable[[Any, list[torch.Tensor]], None]
 
 
+class RestoreForward:
+    """``capture``'s handle for rules that record through a decomposed forward set on the module
+    instance (``module.forward = ...``): gives the module its own forward back."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
 class OutputHook:
     """``capture`` for rules whose cotangents are those of the module's output: a forward hook adds a zero
     perturbation to it. ``per_sample_broadcast``: a module that gives one output for the whole batch

@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline.config import Mode
 from pipeline.jacobians import accumulate
-from pipeline.methods.structured.rules.base import Handle, Record, Site
+from pipeline.methods.structured.rules.base import Handle, Record, RestoreForward, Site
 from pipeline.methods.structured.rules.linear import linear_cost, linear_term
 
 Pairs = list[tuple[torch.Tensor, torch.Tensor, str]]  # inputs A (n, T, K), cotangents G (o, n, T, C), "ih" / "hh"
@@ -44,7 +44,7 @@ class RecurrentRule:
             return _decomposed(m, record, input, hx)
 
         m.forward = forward  # the instance's forward, for the recording only
-        return _Restore(m)
+        return RestoreForward(m)
 
     def _pairs(self, site: Site, a: Any, g: Any) -> Pairs:
         """Per layer and direction: (x, g_ih, "ih...") and (h_prev, g_hh, "hh...") with the suffix of
@@ -64,16 +64,6 @@ class RecurrentRule:
 
     def cost(self, site: Site, a: Any, g: Any, b1: int, b2: int, mode: Mode, samples: int) -> float:
         return sum(linear_cost(A, G, b1, b2, mode) for A, G, _ in self._pairs(site, a, g))
-
-
-class _Restore:
-    """Gives the module its own forward back."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def remove(self) -> None:
-        self.module.__dict__.pop("forward", None)
 
 
 def _suffixes(m: Any) -> list[str]:
