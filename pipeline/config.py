@@ -48,6 +48,7 @@ class Mode(StrEnum):
     TRACE = "trace"  # (n1, n2): the sum over a = b
     DIAGONAL = "diagonal"  # (n1, n2, o): the a = b entries
     PNTK = "pntk"  # (n1, n2): the NTK of sum_a f_a / sqrt(o), an o = 1 trace kernel
+    FEATURES = "features"  # not a kernel: sketched features per sample, (n, o, k) or (n, k) (ntk.features)
 
 
 DType = Literal["float32", "float64"]
@@ -190,6 +191,21 @@ class NtkSpec(_Spec):
     # How float32 matrix products run on the workers (pipeline.precision): "highest" in float32,
     # "tf32" in TensorFloat-32 on GPUs that have it (10 mantissa bits per input, much faster).
     precision: Precision = "highest"
+    # For mode: features (its defaults when absent); refused with any other mode.
+    features: FeaturesSpec | None = None
+
+    @field_validator("features")
+    @classmethod
+    def _features_mode(cls, v: FeaturesSpec | None, info: ValidationInfo) -> FeaturesSpec | None:
+        mode = info.data.get("mode")
+        if v is not None and mode is not None and mode != Mode.FEATURES:
+            raise ValueError(f"ntk.features applies to ntk.mode: features, and ntk.mode is {mode}")
+        return v
+
+    @property
+    def sketch(self) -> FeaturesSpec:
+        """The feature settings of a features run (their defaults where ntk.features is absent)."""
+        return self.features or FeaturesSpec()
 
     @field_validator("precision")
     @classmethod
@@ -198,6 +214,16 @@ class NtkSpec(_Spec):
             raise ValueError("tf32 applies to float32 products only, and ntk.dtype is float64; use "
                              "precision: highest with float64, or dtype: float32 with tf32")
         return v
+
+
+class FeaturesSpec(_Spec):
+    """``ntk.mode: features``: per-sample gradients projected to k numbers (pipeline.features), so that
+    inner products of features estimate the kernel, without the kernel's N^2."""
+
+    k: PositiveInt = 4096  # features per sample (and output)
+    seed: NonNegativeInt = 0  # the projections' seed: the same seed gives the same features, bit for bit
+    # Which kernel they estimate: full and trace (and diagonal) share one set, (n, o, k); pntk (n, k).
+    of: Literal["full", "trace", "pntk"] = "trace"
 
 
 def _pair_form(v: Any) -> bool:

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.config import Mode
 from pipeline.jacobians import jacobians
 from pipeline.methods import check_model, normalise, parse_mode
 from pipeline.methods.structured.core import Layout, layout, tangents
@@ -111,21 +112,28 @@ def sketch(model: nn.Module, x: torch.Tensor, k: int = 4096, seed: int = 0, of: 
     Returns:
       (n, o, k) for full and trace, (n, k) for pntk: <phi_a(x_i), phi_b(x_j)> estimates K[i, j, a, b].
     """
+    with eval_mode(model):
+        return sketch_function(FunctionalModel(model, output), x, k, seed, of, batch)
+
+
+def sketch_function(fm: FunctionalModel, x: torch.Tensor, k: int = 4096, seed: int = 0, of: str = "trace",
+                    batch: int = BATCH) -> torch.Tensor:
+    """``sketch`` of a FunctionalModel (a run's workers call this on their rows: the model as it is,
+    its dtype and device those of the features)."""
     if x.shape[0] < 1 or batch < 1:
         raise ValueError(f"x: expected at least one sample and batch >= 1, got {x.shape[0]} and {batch}")
-    with eval_mode(model):
-        fm, x, summed = _prepared(model, x, of, output)
-        with torch.no_grad(), batchable_attention(fm):
-            lay = layout(fm, x)
-            parts: list[Part] | None = None
-            cache: dict[str, torch.Tensor] = {}
-            bands = []
-            for i0 in range(0, x.shape[0], batch):
-                rows = x[i0 : i0 + batch]
-                sources = _sources(fm, lay, _padded(rows, batch))
-                parts = parts or allocate([p for p, _ in sources], k)
-                bands.append(_features(parts, sources, seed, k, cache)[: rows.shape[0]])
-            phi = torch.cat(bands)
+    fm, x, summed = _prepared(fm, x, of)
+    with torch.no_grad(), batchable_attention(fm):
+        lay = layout(fm, x)
+        parts: list[Part] | None = None
+        cache: dict[str, torch.Tensor] = {}
+        bands = []
+        for i0 in range(0, x.shape[0], batch):
+            rows = x[i0 : i0 + batch]
+            sources = _sources(fm, lay, _padded(rows, batch))
+            parts = parts or allocate([p for p, _ in sources], k)
+            bands.append(_features(parts, sources, seed, k, cache)[: rows.shape[0]])
+        phi = torch.cat(bands)
     return phi[:, 0] if summed else phi
 
 
@@ -152,9 +160,14 @@ def split(model: nn.Module, x: torch.Tensor, k: int = 4096, of: str = "trace",
     the features (a Linear layer or Conv by its module name, a Conv group as ``name[g]``, any other
     parameter by its full name; ``"(zeros)"`` for features no part could take). Sums to k."""
     with eval_mode(model):
-        fm, x, _ = _prepared(model, x[:2], of, output)
-        with torch.no_grad(), batchable_attention(fm):
-            parts = allocate([p for p, _ in _sources(fm, layout(fm, x), x[:1])], k)
+        return split_function(FunctionalModel(model, output), x, k, of)
+
+
+def split_function(fm: FunctionalModel, x: torch.Tensor, k: int = 4096, of: str = "trace") -> dict[str, int]:
+    """``split`` of a FunctionalModel."""
+    fm, x, _ = _prepared(fm, x[:2], of)
+    with torch.no_grad(), batchable_attention(fm):
+        parts = allocate([p for p, _ in _sources(fm, layout(fm, x), x[:1])], k)
     out = {p.name: p.features for p in parts}
     pad = k - sum(out.values())
     return {**out, ZEROS: pad} if pad else out
@@ -251,11 +264,10 @@ def _grow(parts: list[Part], left: int) -> None:
 # The parts and their data
 
 
-def _prepared(model: nn.Module, x: torch.Tensor, of: str,
-              output: str | int | None) -> tuple[FunctionalModel, torch.Tensor, bool]:
+def _prepared(fm: FunctionalModel, x: torch.Tensor, of: str) -> tuple[FunctionalModel, torch.Tensor, bool]:
     """The (pntk-normalised) functional model, x in its dtype and on its device, whether it is summed."""
-    parse_mode(of)  # ValueError naming the choices
-    fm = FunctionalModel(model, output)
+    if parse_mode(of) not in (Mode.FULL, Mode.TRACE, Mode.DIAGONAL, Mode.PNTK):  # ValueError naming the choices
+        raise ValueError(f"of: expected full, trace, diagonal or pntk, got {of!r}")
     ref = next(iter(fm.params.values()), None)
     if ref is None:
         raise ValueError("model: it has no trainable parameters, so no features")
@@ -366,4 +378,5 @@ def _dense(part: Part, jac: torch.Tensor, seed: int, cache: dict[str, torch.Tens
     return out
 
 
-__all__ = ["BATCH", "MIN_K", "Part", "allocate", "gaussian", "part_variance", "sketch", "split", "variance"]
+__all__ = ["BATCH", "MIN_K", "Part", "allocate", "gaussian", "part_variance", "sketch", "sketch_function", "split",
+           "split_function", "variance"]
