@@ -21,7 +21,7 @@ import torch
 from pipeline.config import Method, RunConfig
 from pipeline.errors import PipelineError, StoreError, brief
 from pipeline.fingerprint import function_fingerprint, function_mismatch
-from pipeline.kernel import Kernel, bad_blocks, open_kernel
+from pipeline.kernel import Kernel, bad_blocks, open_store
 from pipeline.methods import check_model, compute_block
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import Block
@@ -55,7 +55,7 @@ def status(path: str, options: dict[str, Any] | None = None, timeout: float = CO
     writes. ``options``: fsspec storage options for a URL; ``timeout``: seconds its object store has to
     answer. ``status`` is the recorded status, but "interrupted" (``status_reason`` says why) for a
     record that says "running" while no live run holds the lease."""
-    k = open_kernel(path, options, timeout)
+    k = open_store(path, options, timeout)  # a feature store too
     prov, plan = k.provenance, k.plan
     try:
         lease = lease_holder(path, options)
@@ -81,6 +81,7 @@ def status(path: str, options: dict[str, Any] | None = None, timeout: float = CO
         "symmetric": prov.symmetric,
         "block": list(prov.block),
         "block_sizing": None if prov.block_sizing is None else prov.block_sizing.model_dump(mode="json"),
+        "features": None if prov.features is None else prov.features.model_dump(mode="json"),
         "started": prov.started,
         "last_started": prov.last_started,
         "last_write": prov.updated,
@@ -109,7 +110,7 @@ def verify(path: str, sample: int = 2, seed: int = 0, options: dict[str, Any] | 
     Returns:
       ``{"ok": bool, "checked": [...what was checked...], "failures": [...one line each...]}``.
     """
-    k = open_kernel(path, options, timeout)
+    k = open_store(path, options, timeout)  # a feature store's bands are checked alike
     checked: list[str] = []
     failures: list[str] = []
     readable = _read_all(k, checked, failures)

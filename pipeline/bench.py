@@ -234,6 +234,9 @@ def bench_config(config: RunConfig, search_path: str | None, *, repeats: int = 3
                  peak_size: int | None = None) -> dict[str, Any]:
     """bench_block on the first block of a config's plan (a diagonal one for K(x1, x1)), on
     ``bench_device``, with this process's torch thread count for the methods and the peak."""
+    if config.ntk.mode == Mode.FEATURES:
+        raise ConfigError("ntk.mode", "bench times the kernel methods on a block, and a feature run has one way "
+                          "to compute its features; time it with `ntk-pipeline run` (its record keeps the seconds)")
     p = prepare(config, search_path, measure=False, fingerprint=False)
     dtype = getattr(torch, config.ntk.dtype)
     device = bench_device(config)

@@ -68,8 +68,14 @@ def run(config: str, overwrite: bool | None, repair: bool, executor: str, progre
                    "checks every chunk and recomputes the blocks that fail")
     else:
         resumed = f" ({s.skipped} done by an earlier run)" if s.skipped else ""
-        click.echo(f"done: {s.blocks} blocks{resumed} in {s.seconds:.2f} s, {s.entries:,} kernel entries "
-                   f"({s.entries_per_second:,.0f}/s), method {s.method}")
+        how = f"method {s.method}" if s.features is None else f"k = {s.features.k}, seed {s.features.seed}"
+        click.echo(f"done: {s.blocks} blocks{resumed} in {s.seconds:.2f} s, {s.entries:,} {s.unit} "
+                   f"({s.entries_per_second:,.0f}/s), {how}")
+        probe = s.features.probe if s.features is not None else None
+        if probe is not None:
+            click.echo(f"probe: the feature kernel of the first {probe.rows} samples is {probe.relative_error:.2%} "
+                       f"from the exact one (relative Frobenius error; eigenvalues within "
+                       f"{probe.eigenvalue_error:.2%} of the largest)")
     click.echo(f"output: {s.path}")
 
 
@@ -123,6 +129,9 @@ def plan(config: str, as_json: bool, workers: int | None, memory: int | None, be
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
+    if "features" in d:
+        _echo_feature_plan(d)
+        return
     click.echo(f"kernel     {d['n1']} x {d['n2']} ({d['mode']}, o={d['o']}, {numbers(d['dtype'], d['precision'])}), "
                f"{size(d['kernel_bytes'])}{', symmetric' if d['symmetric'] else ''}")
     click.echo(f"model      {d['p']:,} trainable parameters, {_flops(d['forward_flops_per_sample'])} per forward "
@@ -149,6 +158,21 @@ def plan(config: str, as_json: bool, workers: int | None, memory: int | None, be
     click.echo(f"output     {d['output']}")
     if "sizing" in d:
         _echo_sizing(d["sizing"])
+
+
+def _echo_feature_plan(d: dict[str, Any]) -> None:
+    f = d["features"]
+    click.echo(f"features   {' x '.join(map(str, d['shape']))} ({numbers(d['dtype'], d['precision'])}), "
+               f"{size(d['features_bytes'])}, estimating the {f['of']} kernel (k = {f['k']}, seed {f['seed']})")
+    click.echo(f"model      {d['p']:,} trainable parameters, {_flops(d['forward_flops_per_sample'])} per forward "
+               "sample")
+    click.echo(f"bands      {d['blocks']} tasks of {d['block'][0]} rows ({size(d['band_bytes'])} each)")
+    parts = sorted(f["split"].items(), key=lambda kv: -kv[1])
+    shown = ", ".join(f"{name} {n}" for name, n in parts[:6]) + (f", {len(parts) - 6} more" if len(parts) > 6 else "")
+    click.echo(f"split      {shown}")
+    if d["fallbacks"]:
+        click.echo("fallbacks  " + "; ".join(f"no {t}: {why}" for t, why in d["fallbacks"].items()))
+    click.echo(f"output     {d['output']}")
 
 
 def _auto_block(z: dict[str, Any] | None) -> str:
@@ -298,9 +322,18 @@ def status(output: str, as_json: bool, options: dict[str, Any] | None, connect_t
     why = "; ".join(w for w in ("" if s["complete"] else "incomplete", s["status_reason"]) if w)
     click.echo(f"status     {s['status']}" + (f" ({why})" if why else ""))
     click.echo(f"blocks     {s['blocks_done']} of {s['blocks_total']} done")
-    click.echo(f"kernel     {shape} ({s['mode']}, {numbers(s['dtype'], s['precision'])}), method {s['method']}, "
-               f"blocks of {s['block'][0]} x {s['block'][1]}{', symmetric' if s['symmetric'] else ''}"
-               f"{_auto_block(s['block_sizing'])}")
+    f = s["features"]
+    if f is not None:  # a feature run: bands of rows
+        shape = f"{s['n1']} x {f['k']}" if f["of"] == "pntk" else f"{s['n1']} x {s['o']} x {f['k']}"
+        click.echo(f"features   {shape} ({numbers(s['dtype'], s['precision'])}), estimating the {f['of']} kernel, "
+                   f"seed {f['seed']}, bands of {s['block'][0]} rows")
+        if "probe" in f:
+            click.echo(f"probe      {f['probe']['relative_error']:.2%} relative Frobenius error on the first "
+                       f"{f['probe']['rows']} samples")
+    else:
+        click.echo(f"kernel     {shape} ({s['mode']}, {numbers(s['dtype'], s['precision'])}), method {s['method']}, "
+                   f"blocks of {s['block'][0]} x {s['block'][1]}{', symmetric' if s['symmetric'] else ''}"
+                   f"{_auto_block(s['block_sizing'])}")
     click.echo(f"started    {s['started']}" + (f", last run started {s['last_started']}" if s["last_started"] else ""))
     click.echo(f"last write {s['last_write'] or '-'}" + (f", finished {s['finished']}" if s["finished"] else ""))
     if s["nodes"]:

@@ -7,6 +7,7 @@ and task memory from the registry; with a cluster's size, the block that fits an
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import replace
@@ -15,11 +16,11 @@ from typing import Any
 import torch
 
 from pipeline import policy
-from pipeline.config import Method, RunConfig
+from pipeline.config import Method, Mode, RunConfig
 from pipeline.errors import ConfigError
 from pipeline.execute.memory import WorkerMemory
 from pipeline.methods import METHODS, estimate_flops, outputs, structured, task_memory
-from pipeline.plan import Plan, kernel_bytes, layout, tile
+from pipeline.plan import Plan, feature_shape, kernel_bytes, layout, tile
 from pipeline.prepare import Prepared, fit_block, local_memory, prepare, resolve
 
 MAX_SIZED_TASKS = policy.MAX_SIZED_TASKS  # sizing refuses plans of more tasks than this
@@ -44,8 +45,13 @@ def describe_plan(config: RunConfig | str | os.PathLike[str], *, workers: int | 
     """What ``ntk-pipeline plan`` prints: blocks, kernel bytes, task memory and FLOPs per method; with
     any of ``workers``, ``memory_bytes`` or ``bench``, also ``sizing`` (see ``size_plan``)."""
     cfg, search_path = resolve(config)
+    if cfg.ntk.mode == Mode.FEATURES and (workers or memory_bytes or bench):
+        raise ConfigError("--workers" if workers else "--gpu-memory" if memory_bytes else "--from-bench",
+                          "sizing applies to kernel runs; a feature run's bands are sized by tiling.block")
     p = prepare(cfg, search_path, fingerprint=False,  # plans read no more of the inputs than a block's rows
                 memory=lambda: plan_memory(cfg, workers, memory_bytes))
+    if p.split is not None:
+        return _feature_plan(p)
     mode, item, plan = cfg.ntk.mode, p.fm.itemsize, p.plan
     b1, b2 = plan.block
     x = p.rows(0, min(2, p.x1.n))
@@ -65,6 +71,20 @@ def describe_plan(config: RunConfig | str | os.PathLike[str], *, workers: int | 
     if workers or memory_bytes or bench:
         out["sizing"] = size_plan(p, x, workers or 1, memory_bytes, bench)
     return out
+
+
+def _feature_plan(p: Prepared) -> dict[str, Any]:
+    """What ``plan`` shows of a feature run: its bands, the features' shape and bytes, and the split of k."""
+    cfg, plan, f = p.config, p.plan, p.config.ntk.sketch
+    shape = feature_shape(plan.n1, p.o, f.k, f.of)
+    return {
+        "n1": plan.n1, "o": p.o, "p": p.fm.p, "mode": cfg.ntk.mode, "dtype": cfg.ntk.dtype,
+        "precision": cfg.ntk.precision, "features": {**f.model_dump(), "split": p.split}, "shape": list(shape),
+        "features_bytes": math.prod(shape) * p.fm.itemsize, "forward_flops_per_sample": p.fp,
+        "block": [plan.block[0], 1], "grid": list(plan.grid), "blocks": len(plan.blocks), "chunk": list(plan.chunks),
+        "sharded": plan.sharded, "band_bytes": math.prod(shape[1:]) * plan.block[0] * p.fm.itemsize,
+        "fallbacks": p.fm.fallbacks, "output": cfg.output.path,
+    }
 
 
 def plan_memory(cfg: RunConfig, workers: int | None, memory_bytes: int | None) -> WorkerMemory:

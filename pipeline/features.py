@@ -41,12 +41,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import Mode
+from pipeline.config import Method, Mode
 from pipeline.jacobians import jacobians
-from pipeline.methods import check_model, normalise, parse_mode
+from pipeline.methods import check_model, compute_block, normalise, parse_mode
 from pipeline.methods.structured.core import Layout, layout, tangents
 from pipeline.methods.structured.rules.affine import affine_jacobians
 from pipeline.methods.structured.rules.base import Site
@@ -171,6 +172,22 @@ def split_function(fm: FunctionalModel, x: torch.Tensor, k: int = 4096, of: str 
     out = {p.name: p.features for p in parts}
     pad = k - sum(out.values())
     return {**out, ZEROS: pad} if pad else out
+
+
+def probe_error(fm: FunctionalModel, x: torch.Tensor, phi: np.ndarray, of: str) -> tuple[float, float]:
+    """How far the kernel of features ``phi`` of x ((n, o, k), or (n, k) for pntk) is from the exact ``of``
+    kernel (the structured method, in float64): (||K_phi - K||_F / ||K||_F, max_i |lambda_i(K_phi) -
+    lambda_i(K)| / lambda_1(K)), the eigenvalues those of the trace over outputs (an n x n matrix)."""
+    fm64 = fm.to("cpu", torch.float64)
+    exact = compute_block(fm64, cast_input(x, torch.float64), None, Method.STRUCTURED, of).numpy()
+    f = phi.reshape(phi.shape[0], -1, phi.shape[-1]).astype(np.float64)  # (n, o, k)
+    approx = np.einsum("iak,jbk->ijab", f, f) if of == Mode.FULL else np.einsum("iak,jak->ij", f, f)
+    relative = float(np.linalg.norm(approx - exact) / max(np.linalg.norm(exact), np.finfo(float).tiny))
+    if of == Mode.FULL:  # the trace over outputs
+        exact, approx = np.einsum("ijaa->ij", exact), np.einsum("ijaa->ij", approx)
+    lam, lam_phi = np.linalg.eigvalsh(exact)[::-1], np.linalg.eigvalsh(approx)[::-1]
+    eigen = float(np.abs(lam_phi - lam).max() / max(abs(lam[0]), np.finfo(float).tiny))
+    return relative, eigen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,5 +395,5 @@ def _dense(part: Part, jac: torch.Tensor, seed: int, cache: dict[str, torch.Tens
     return out
 
 
-__all__ = ["BATCH", "MIN_K", "Part", "allocate", "gaussian", "part_variance", "sketch", "sketch_function", "split",
-           "split_function", "variance"]
+__all__ = ["BATCH", "MIN_K", "Part", "allocate", "gaussian", "part_variance", "probe_error", "sketch",
+           "sketch_function", "split", "split_function", "variance"]

@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import ModelSpec
+from pipeline.config import Mode, ModelSpec
 from pipeline.errors import ModelError, PipelineError, brief
+from pipeline.features import sketch_function
 from pipeline.methods import compute_block
 from pipeline.models import cast_input
 from pipeline.prepare import Prepared
@@ -51,7 +52,11 @@ def function_fingerprint(p: Prepared) -> Function:
         out1 = p.fm(p.fm.params, a)  # (rows, o)
         out2 = None if c is None else p.fm(p.fm.params, c)
     try:
-        block = compute_block(p.fm, a, c, p.method, p.config.ntk.mode)  # (rows, rows[, o[, o]])
+        if p.config.ntk.mode == Mode.FEATURES:  # a feature run's "block": the rows' features, (rows[, o], k)
+            f = p.config.ntk.sketch
+            block = sketch_function(p.fm, a, f.k, f.seed, f.of)
+        else:
+            block = compute_block(p.fm, a, c, p.method, p.config.ntk.mode)  # (rows, rows[, o[, o]])
     except PipelineError:
         raise
     except Exception as err:  # before anything is written: one line, not a traceback

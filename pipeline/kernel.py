@@ -32,6 +32,7 @@ from pipeline.plan import Block, Plan, tile
 from pipeline.store import (
     CONNECT_TIMEOUT_S,
     DONE,
+    FEATURES,
     KERNEL,
     Provenance,
     existing,
@@ -55,7 +56,7 @@ DESCRIBED = ("config", "method", "auto", "fallbacks", "p", "versions", "fingerpr
 
 
 def open_kernel(path: str, options: dict[str, Any] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> Kernel:
-    """Open an ntk-pipeline store for reading.
+    """Open an ntk-pipeline kernel store for reading (a feature store: ``pipeline.open_features``).
 
     Args:
       path: a folder, or an fsspec URL such as ``s3://bucket/k.zarr``.
@@ -68,6 +69,16 @@ def open_kernel(path: str, options: dict[str, Any] | None = None, timeout: float
       StoreError: the path is not an ntk-pipeline store, cannot be read (or its object store does not
         answer in time), or its provenance record is malformed or of a newer store format (named by the path).
     """
+    store = open_store(path, options, timeout)
+    if store.mode == Mode.FEATURES:
+        raise StoreError(path, "it holds sketched features (ntk.mode: features), not a kernel: open it with "
+                         "pipeline.open_features")
+    return store
+
+
+def open_store(path: str, options: dict[str, Any] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> Kernel:
+    """``open_kernel`` of any ntk-pipeline store, a feature store included: its array (``kernel`` or
+    ``features``), record and markers, for what every store has (status, markers, blocks, checks)."""
     try:
         kind = existing(path, options, timeout)
     except StoreError as err:
@@ -79,8 +90,9 @@ def open_kernel(path: str, options: dict[str, Any] | None = None, timeout: float
         raise StoreError(path, what)
     try:
         group: Any = open_group(path, "r", options)
-        array, markers = group[KERNEL], group[DONE]
-        for name, node in ((KERNEL, array), (DONE, markers)):
+        data = FEATURES if FEATURES in group else KERNEL
+        array, markers = group[data], group[DONE]
+        for name, node in ((data, array), (DONE, markers)):
             if not hasattr(node, "dtype"):
                 raise StoreError(path, f"its {name!r} node is a group, not an array: not an ntk-pipeline output")
         prov = read_provenance(group, path)
@@ -164,11 +176,13 @@ class Kernel:
 
     def reopen(self) -> Kernel:
         """The store read again: its provenance and markers as they are now (a run may be writing it)."""
-        return open_kernel(self.path, self.options, self.timeout)
+        return open_store(self.path, self.options, self.timeout)
 
     def read_block(self, block: Block) -> tuple[np.ndarray, np.ndarray | None]:
         """A block's stored values, and for a mirrored block its transposed copy, read now; reading
         checks the chunks' crc32c checksums (a corrupted chunk raises zarr's error, unwrapped)."""
+        if self.mode == Mode.FEATURES:  # a band of rows
+            return np.asarray(self.array[block.i0 : block.i1]), None
         values = np.asarray(self.array[block.i0 : block.i1, block.j0 : block.j1])
         mirror = np.asarray(self.array[block.j0 : block.j1, block.i0 : block.i1]) if block.mirrored else None
         return values, mirror

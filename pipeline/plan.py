@@ -122,6 +122,22 @@ def tile(n1: int, n2: int, block: tuple[int, int], symmetric: bool, chunk: tuple
     return Plan(n1, n2, rows, cols, symmetric, tuple(blocks), chunk_rows, chunk_cols)
 
 
+def bands(n: int, rows: int, chunk: int | None = None) -> Plan:
+    """A feature run's plan (``ntk.mode: features``): row bands of ``rows`` samples, one task and one file
+    each, as an n x 1 plan (every block's columns are 0:1; ``grid`` is (bands, 1)), so that the markers,
+    leases, strips and resume of a kernel run serve it unchanged. Linear in n: no pairs.
+
+    Args:
+      chunk: rows of the chunks inside each band's shard, dividing ``rows``; None: the band is the chunk.
+    """
+    return tile(n, 1, (rows, 1), symmetric=False, chunk=None if chunk is None else (chunk, 1))
+
+
+def feature_shape(n: int, o: int, k: int, of: str) -> tuple[int, ...]:
+    """The features of a feature run: (n, k) for pntk, (n, o, k) for full and trace."""
+    return (n, k) if of == Mode.PNTK else (n, o, k)
+
+
 def layout(plan: Plan, o: int, mode: Mode, itemsize: int) -> dict[str, int]:
     """File counts and sizes of a plan's store, from the arithmetic alone (for 10^6 x 10^6 too).
 

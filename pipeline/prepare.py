@@ -7,6 +7,7 @@ the method, all checked before anything touches the output.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,14 +18,15 @@ import numpy as np
 import torch
 
 from pipeline import policy
-from pipeline.config import Method, RunConfig, is_url, load_config
+from pipeline.config import Method, Mode, RunConfig, is_url, load_config
 from pipeline.data import Source, as_tensor, open_source
 from pipeline.errors import ConfigError, DataError, ModelError, StoreError, brief
 from pipeline.execute.memory import WorkerMemory, device_free, per_task
+from pipeline.features import split_function
 from pipeline.methods import check_model, task_memory
 from pipeline.methods.auto import auto_method
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
-from pipeline.plan import Plan, tile
+from pipeline.plan import Plan, bands, feature_shape, tile
 from pipeline.store.format import BlockSizing
 
 
@@ -45,6 +47,7 @@ class Prepared:
     search_path: str | None
     fingerprints: dict[str, str | None]
     block_sizing: BlockSizing | None = None  # how tiling.block: auto chose plan.block; None for a given block
+    split: dict[str, int] | None = None  # a feature run's split of k over the model's parts (features.split)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -220,21 +223,63 @@ def prepare(config: RunConfig, search_path: str | None = None, *, measure: bool 
         _check_runs(fm, x2, "data.x2", dtype)
     head = cast_input(x1.read(0, min(2, x1.n)), dtype)
     check_model(fm, head)  # which transforms it takes: fm.fallbacks
+    fp = forward_flops(fm, head)  # of head[:1]
+    if config.ntk.mode == Mode.FEATURES:
+        plan, split = _feature_plan(config, fm, x1, x2, head, o, block)
+        method, auto, sizing = Method.STRUCTURED, None, None  # features come from the structured method's parts
+    else:
+        split = None
+        plan, (method, auto), sizing = _kernel_plan(config, fm, x1, x2, head, block, recorded, measure, memory)
+    fingerprints: dict[str, str | None] = {}
+    if fingerprint:  # one read of every row: the hash, the NaN check, and the model on every row
+        fingerprints = {"parameters": fingerprint_module(module), "x1": x1.fingerprint(forward_rows(fm, x1, dtype, fp)),
+                        "x2": None if x2 is None else x2.fingerprint(forward_rows(fm, x2, dtype, fp))}
+    return Prepared(config, fm, module, x1, x2, o, fp, plan, Method(method), auto, search_path, fingerprints, sizing,
+                    split)
+
+
+# A feature run's ``tiling.block: auto``: bands of at most this many bytes of features (and 64 rows or more).
+AUTO_BAND_BYTES = 256 * 2**20
+
+
+def _feature_plan(config: RunConfig, fm: FunctionalModel, x1: Source, x2: Source | None, head: torch.Tensor,
+                  o: int, block: tuple[int, int] | None) -> tuple[Plan, dict[str, int]]:
+    """A feature run's row bands and its split of k over the model's parts (``features.split_function``)."""
+    spec = config.ntk.sketch
+    if x2 is not None:
+        raise ConfigError("data.x2", "a feature run (ntk.mode: features) computes the features of data.x1, one "
+                          "row per sample; run once per dataset, with the same model and ntk.features")
+    try:
+        split = split_function(fm, head, spec.k, spec.of)
+    except ValueError as err:
+        raise ConfigError("ntk.features.k", str(err).removeprefix("k: ")) from None
+    chunk = config.tiling.chunk_shape
+    rows = (block or config.tiling.shape or (0, 0))[0]
+    if not rows:  # auto
+        row_bytes = math.prod(feature_shape(1, o, spec.k, spec.of)) * fm.itemsize
+        step = chunk[0] if chunk else policy.BLOCK_STEP
+        rows = max(step, AUTO_BAND_BYTES // row_bytes // step * step)
+    try:
+        return bands(x1.n, rows, None if chunk is None else chunk[0]), split
+    except ValueError as err:
+        raise ConfigError("tiling.chunk" if "chunk" in str(err) else "tiling.block", str(err)) from None
+
+
+def _kernel_plan(config: RunConfig, fm: FunctionalModel, x1: Source, x2: Source | None, head: torch.Tensor,
+                 block: tuple[int, int] | None, recorded: tuple[Method, dict[str, Any] | None] | None, measure: bool,
+                 memory: Callable[[], WorkerMemory] | None
+                 ) -> tuple[Plan, tuple[Method, dict[str, Any] | None], BlockSizing | None]:
+    """A kernel run's plan, its method (and auto's record), and how tiling.block: auto sized it."""
     shape = config.tiling.shape or block
     step = policy.block_step(config.tiling.chunk_shape)
     plan = _plan(config, x1, x2, shape or (max(step, AUTO_PROBE_BLOCK // step * step),) * 2)
-    fp = forward_flops(fm, head)  # of head[:1]
     method, auto = recorded or choose_method(config, fm, x1, x2, plan, measure)
     sizing = None
     if shape is None:  # tiling.block: auto, for a new store
         measured = memory() if memory is not None else local_memory(config)
         sizing = fit_block(fm, head, Method(method), config, (plan.n1, plan.n2), measured)
         plan = _plan(config, x1, x2, sizing.block)
-    fingerprints: dict[str, str | None] = {}
-    if fingerprint:  # one read of every row: the hash, the NaN check, and the model on every row
-        fingerprints = {"parameters": fingerprint_module(module), "x1": x1.fingerprint(forward_rows(fm, x1, dtype, fp)),
-                        "x2": None if x2 is None else x2.fingerprint(forward_rows(fm, x2, dtype, fp))}
-    return Prepared(config, fm, module, x1, x2, o, fp, plan, Method(method), auto, search_path, fingerprints, sizing)
+    return plan, (Method(method), auto), sizing
 
 
 def choose_method(config: RunConfig, fm: FunctionalModel, x1: Source, x2: Source | None, plan: Plan,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 import os
 import signal
 import threading
@@ -26,17 +27,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline import policy
-from pipeline.config import Method, RunConfig
+from pipeline.config import Method, Mode, RunConfig
 from pipeline.errors import ConfigError, Interrupted, PipelineError, StoreError
 from pipeline.execute import EXECUTORS, BlockResult, BlockTask, Executor, WorkerMemory, strips
 from pipeline.execute.device import resolve_device
+from pipeline.features import probe_error
 from pipeline.fingerprint import function_fingerprint, function_mismatch
-from pipeline.kernel import bad_blocks, open_kernel
+from pipeline.kernel import bad_blocks, open_store
 from pipeline.methods import estimate_flops
-from pipeline.plan import Block, kernel_entries
+from pipeline.plan import Block, feature_shape, kernel_entries
 from pipeline.prepare import Prepared, check_not_an_input, prepare, resolve
 from pipeline.store import (
     BlockWriter,
+    FeatureProbe,
+    FeatureRecord,
     Function,
     Lease,
     Provenance,
@@ -66,6 +70,12 @@ class RunSummary:
     skipped: int = 0  # blocks already done by an earlier run of the same config
     repaired: tuple[str, ...] = ()  # with repair: each block recomputed because its data failed a check, and why
     repair: bool = False  # whether the run was asked to repair (and so checked every block)
+    features: FeatureRecord | None = None  # a feature run's record: k, seed, split, and its probe's error
+
+    @property
+    def unit(self) -> str:
+        """What ``entries`` counts: kernel entries, or a feature run's feature values."""
+        return "kernel entries" if self.features is None else "feature values"
 
     @property
     def entries_per_second(self) -> float:
@@ -120,18 +130,23 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
         start = _start(cfg, search_path, repair, workers.memory)
         p, skipped = start.p, len(start.p.plan.blocks) - len(start.todo)
         if not start.todo and start.recorded is not None and start.recorded.status == "complete":
-            return RunSummary(cfg.output.path, p.method, 0, 0.0, _entries(p), 0.0, skipped=skipped, repair=repair)
+            return RunSummary(cfg.output.path, p.method, 0, 0.0, _entries(p), 0.0, skipped=skipped, repair=repair,
+                              features=start.recorded.features)
         ex = workers.start()  # a missing GPU or an unreachable cluster is refused before the output is written
         task = BlockTask(p.fm, p.x1, p.x2, p.method, cfg.ntk.mode, cfg.ntk.dtype,
                          BlockWriter(cfg.output.path, cfg.output.storage_options), device=device,
                          step=cfg.tiling.chunk_shape[0] if cfg.tiling.chunk_shape else 64,
-                         precision=cfg.ntk.precision)
+                         precision=cfg.ntk.precision,
+                         sketch=cfg.ntk.sketch if cfg.ntk.mode == Mode.FEATURES else None)
         book = _execute(start, ex, task, progress)
+        # A feature run: how far its kernel is from the exact one, on a probe.
+        features = None if p.split is None else _record_probe(p, book.prov)
     finally:
         workers.ex.stop()
     repaired = tuple(f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}): {why}" for b, why in start.bad)
     return RunSummary(cfg.output.path, p.method, len(book.results), book.seconds, _entries(p),
-                      sum(r.seconds for r in book.results), skipped=skipped, repaired=repaired, repair=repair)
+                      sum(r.seconds for r in book.results), skipped=skipped, repaired=repaired, repair=repair,
+                      features=features)
 
 
 @contextlib.contextmanager
@@ -203,7 +218,29 @@ def _execute(start: Start, ex: Executor, task: BlockTask, progress: bool) -> Pro
     return book
 
 
+# A feature run's probe: the exact kernel of x1's first PROBE_ROWS samples against the features'.
+PROBE_ROWS = 64
+
+
+def _record_probe(p: Prepared, prov: Provenance) -> FeatureRecord | None:
+    """Record in a complete feature run's provenance how far its kernel is from the exact one on x1's first
+    PROBE_ROWS samples (the features as stored, read back; the exact kernel in float64)."""
+    cfg, f = p.config, prov.features
+    if f is None:
+        return None
+    rows = min(PROBE_ROWS, p.plan.n1)
+    stored = open_store(cfg.output.path, cfg.output.storage_options, cfg.output.connect_timeout_s)
+    phi = np.asarray(stored.array[0:rows], dtype=np.float64)
+    relative, eigen = probe_error(p.fm, p.rows(0, rows), phi, f.of)
+    f = f.model_copy(update={"probe": FeatureProbe(rows=rows, relative_error=relative, eigenvalue_error=eigen)})
+    update_provenance(cfg.output.path, prov.model_copy(update={"features": f}), cfg.output.storage_options)
+    return f
+
+
 def _entries(p: Prepared) -> int:
+    if p.config.ntk.mode == Mode.FEATURES:
+        f = p.config.ntk.sketch
+        return math.prod(feature_shape(p.plan.n1, p.o, f.k, f.of))
     return kernel_entries(p.plan.n1, p.plan.n2, p.o, p.config.ntk.mode)
 
 
@@ -222,7 +259,7 @@ def _start(cfg: RunConfig, search_path: str | None, repair: bool = False,
                              "not overwriting it")
         p = prepare(cfg, search_path, measure=True, memory=memory)
         return Start(action, p, None, list(p.plan.blocks), function_fingerprint(p))
-    stored = open_kernel(path, opts, timeout)  # the one reader: a malformed or newer-format record is refused
+    stored = open_store(path, opts, timeout)  # the one reader: a malformed or newer-format record is refused
     recorded = stored.provenance
     # The recorded choice: the same bits as before.
     p = prepare(cfg, search_path, recorded=(recorded.method, recorded.auto), block=recorded.plan_block)
@@ -270,6 +307,7 @@ def _create(p: Prepared, action: str, function: Function | None) -> Provenance:
         chunk=p.plan.chunks, compression=cfg.output.compression, grid=p.plan.grid, blocks_total=len(p.plan.blocks),
         versions=_versions(), fingerprints=p.fingerprints, status="running", started=_now(), blocks_done=0,
         fallbacks=dict(p.fm.fallbacks) or None, function=function,
+        features=None if p.split is None else FeatureRecord(**p.config.ntk.sketch.model_dump(), split=p.split),
     )
     create(cfg.output.path, p.plan, cfg.ntk.mode, p.o, cfg.ntk.dtype, prov, overwrite=action == "overwrite",
            compression=cfg.output.compression, options=cfg.output.storage_options)
@@ -280,6 +318,8 @@ def _strip(p: Prepared, blocks: int, slots: int) -> Strip:
     """The strip length (pipeline.policy) from the method's estimates of a full and a diagonal block."""
     configured = p.config.tiling.strip
     full = diagonal = 0.0
+    if p.split is not None:  # a feature run's bands share nothing: one to a task
+        return Strip(length=1, reason="a feature run's bands share no side")
     if configured == "auto":
         b = p.plan.block[0]
         x = p.rows(0, min(2, p.x1.n))

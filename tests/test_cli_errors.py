@@ -217,7 +217,7 @@ CASES = [
                  r"Error: bogus: unknown key \(expected one of: model, data, ntk, tiling, output, ray\)",
                  id="unknown-top-level-key"),
     pytest.param(_set("ntk.modee", "full"),
-                 r"Error: ntk\.modee: unknown key \(expected one of: method, mode, dtype, device, precision\)",
+                 r"Error: ntk\.modee: unknown key \(expected one of: method, mode, dtype, device, precision, features\)",
                  id="unknown-nested-key"),
     pytest.param(_set("data.x2", {"synthetic": {"n": 2, "shape": [6]}, "pth": "a.npy"}),
                  r"Error: data\.x2\.pth: unknown key \(expected one of: path, array, synthetic, storage_options\)",
@@ -398,7 +398,7 @@ def test_plan_gives_the_same_one_line_errors(write_config, tmp_path):
     cfg["ntk"] = {"modee": "full"}
     result = invoke("plan", str(write_config(cfg)))
     assert error_line(result) == ("Error: ntk.modee: unknown key (expected one of: method, mode, dtype, device, "
-                                  "precision)")
+                                  "precision, features)")
     assert not (tmp_path / "out.zarr").exists()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import socket
 import sys
 import time
@@ -22,13 +23,14 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from pipeline.config import Method, Mode
+from pipeline.config import FeaturesSpec, Method, Mode
 from pipeline.data import Source
 from pipeline.errors import BlockError
 from pipeline.execute import device as dev
+from pipeline.features import BATCH, sketch_function
 from pipeline.methods import combine, side, task_memory
 from pipeline.models import FunctionalModel, cast_input
-from pipeline.plan import Block
+from pipeline.plan import Block, feature_shape
 from pipeline.precision import at_task_precision
 from pipeline.store import BlockWriter
 
@@ -47,6 +49,7 @@ class BlockTask:
     device: str = "cpu"  # "cpu" | "cuda": resolved before the run (pipeline.execute.device.resolve_device)
     step: int = 64  # a block size a worker suggests is a multiple of this (tiling.chunk, or 64)
     precision: str = "highest"  # ntk.precision: float32 products in float32, or "tf32" (pipeline.precision)
+    sketch: FeaturesSpec | None = None  # ntk.features of a feature run (mode features): a block is a band's features
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -123,7 +126,7 @@ def run_strip(task: BlockTask, blocks: Sequence[Block]) -> list[BlockResult]:
         results.append(BlockResult(block.index, seconds, host, time.perf_counter() - t, started, where))
 
     t0 = clock.mark()  # the shared side is counted in the first block's compute time
-    s1 = _fitting(task, fm, first, device, lambda: side(
+    s1 = None if task.sketch is not None else _fitting(task, fm, first, device, lambda: side(
         fm, cast_input(task.x1.read(first.i0, first.i1), dtype, device), task.method, task.mode))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ntk-write") as pool:
         pending: Future[None] | None = None
@@ -145,7 +148,12 @@ def run_strip(task: BlockTask, blocks: Sequence[Block]) -> list[BlockResult]:
 def _block_values(task: BlockTask, fm: FunctionalModel, s1: Any, block: Block, dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
     """One block of the kernel, on the device: (rows, cols) for trace and pntk, (rows, cols, o) for
-    diagonal, (rows, cols, o, o) for full; ``s1`` is its rows' side."""
+    diagonal, (rows, cols, o, o) for full; ``s1`` is its rows' side. A feature run's block: its rows'
+    features, (rows, o, k) or (rows, k) (``features.sketch_function``; a row's features do not depend
+    on the band it is in)."""
+    if task.sketch is not None:
+        f = task.sketch
+        return sketch_function(fm, cast_input(task.x1.read(block.i0, block.i1), dtype, device), f.k, f.seed, f.of)
     if task.x2 is None and block.diagonal:
         values = combine(fm, s1, None, task.method, task.mode)  # one side serves both
         # J J^T is symmetric only up to rounding; make the stored matrix exactly symmetric.
@@ -165,8 +173,19 @@ def _fitting(task: BlockTask, fm: FunctionalModel, block: Block, device: torch.d
     except torch.cuda.OutOfMemoryError as err:
         why = str(err)
     x = cast_input(task.x1.read(0, min(2, task.x1.n)), getattr(torch, task.dtype))  # on the CPU, for the model
-    raise dev.out_of_memory(block, why, device, dev.resident_bytes(fm), lambda b: task_memory(
-        task.fm, x, task.method, b, b, task.mode), task.step) from None
+    if task.sketch is not None:  # a band of features: BATCH rows' structured side at a time, and the band
+        f, itemsize = task.sketch, fm.itemsize
+        mode = Mode.PNTK if f.of == "pntk" else Mode.TRACE
+        with torch.no_grad():
+            o = int(task.fm(task.fm.params, x).shape[1])
+        row = math.prod(feature_shape(1, o, f.k, f.of)) * itemsize
+
+        def memory(b: int) -> int:
+            return task_memory(task.fm, x, Method.STRUCTURED, min(b, BATCH), 1, mode) + b * row
+    else:
+        def memory(b: int) -> int:
+            return task_memory(task.fm, x, task.method, b, b, task.mode)
+    raise dev.out_of_memory(block, why, device, dev.resident_bytes(fm), memory, task.step) from None
 
 
 def strip_name(strip: Sequence[Block]) -> str:

@@ -42,7 +42,7 @@ REGISTRY: dict[Method, NtkMethod] = {
     Method.NTK_VECTOR_PRODUCTS: ntk_vector_products,
 }
 METHODS: tuple[Method, ...] = tuple(REGISTRY)
-MODES: tuple[Mode, ...] = tuple(Mode)
+MODES: tuple[Mode, ...] = tuple(m for m in Mode if m != Mode.FEATURES)  # the kernels (features: pipeline.features)
 
 
 def parse_method(method: str) -> Method:

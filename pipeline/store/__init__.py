@@ -13,6 +13,8 @@ from pipeline.store.format import (
     ATTRIBUTE,
     FORMAT_VERSION,
     BlockSizing,
+    FeatureProbe,
+    FeatureRecord,
     Function,
     Provenance,
     Strip,
@@ -24,6 +26,7 @@ from pipeline.store.layout import (
     CONNECT_TIMEOUT_S,
     DIMENSIONS,
     DONE,
+    FEATURES,
     KERNEL,
     LEASE,
     BlockWriter,
@@ -42,8 +45,9 @@ from pipeline.store.layout import (
 from pipeline.store.lease import STOPPED, Lease, describe_lease, lease_alive, lease_holder, run_status
 
 __all__ = [
-    "ATTRIBUTE", "COMPRESSORS", "CONNECT_TIMEOUT_S", "DIMENSIONS", "DONE", "FORMAT_VERSION", "KERNEL", "LEASE",
-    "STOPPED", "BlockSizing", "BlockWriter", "Function", "Lease", "Provenance", "Strip", "check_output", "clear",
+    "ATTRIBUTE", "COMPRESSORS", "CONNECT_TIMEOUT_S", "DIMENSIONS", "DONE", "FEATURES", "FORMAT_VERSION", "KERNEL",
+    "LEASE", "STOPPED", "BlockSizing", "BlockWriter", "FeatureProbe", "FeatureRecord", "Function", "Lease",
+    "Provenance", "Strip", "check_output", "clear",
     "create", "describe_lease", "done_mask", "existing", "lease_alive", "lease_holder", "open_group", "parse",
     "reach", "read_provenance", "run_status", "transpose", "transposed_copy", "unmark", "update_provenance",
 ]

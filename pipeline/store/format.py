@@ -117,13 +117,41 @@ class Function(BaseModel):
         return _drop_none(handler(self), frozenset({"outputs_x2"}))
 
 
+class FeatureProbe(BaseModel):
+    """How far a feature run's kernel is from the exact one on a probe: the exact kernel of x1's first
+    ``rows`` samples (the structured method, float64) against the features' inner products."""
+
+    model_config = _RECORD
+
+    rows: int
+    relative_error: float  # ||K_features - K||_F / ||K||_F over the probe
+    eigenvalue_error: float  # max_i |lambda_i(K_features) - lambda_i(K)| / lambda_1(K), over the probe's matrix
+
+
+class FeatureRecord(BaseModel):
+    """A feature run's settings and results (``ntk.mode: features``): its ``features`` array is (n, o, k),
+    or (n, k) for pntk, and <phi(x), phi(x')> estimates the ``of`` kernel."""
+
+    model_config = _RECORD
+
+    k: int
+    seed: int
+    of: Literal["full", "trace", "pntk"]
+    split: dict[str, int]  # features per part of the model, in the order of the features (features.split)
+    probe: FeatureProbe | None = None  # set when the run completes
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _drop_none(handler(self), frozenset({"probe"}))
+
+
 # The optional keys a record may lack (run state, absent until a run sets it; fallbacks; the functional
 # fingerprint, the precision and auto's block sizing, absent from stores written before them): written
 # only when set.
 RUN_STATE = frozenset({
     "last_started", "runs", "strip", "nodes", "block_nodes", "devices", "block_devices", "updated", "finished",
     "seconds", "block_seconds", "write_seconds", "startup_seconds", "error", "fallbacks", "function", "block_sizing",
-    "precision",
+    "precision", "features",
 })
 
 
@@ -184,6 +212,8 @@ class Provenance(BaseModel):
     function: Function | None = None
     # How tiling.block: auto chose ``block``; None for a block the config gave.
     block_sizing: BlockSizing | None = None
+    # A feature run's (mode "features"): k, seed, the kernel estimated, the split, the probe's error.
+    features: FeatureRecord | None = None
 
     @model_serializer(mode="wrap")
     def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

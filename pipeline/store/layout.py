@@ -2,12 +2,16 @@
 
     <output.path>/            a Zarr v3 group; its ``ntk_pipeline`` attribute holds the provenance (format.py)
       kernel                  (n1, n2[, o[, o]]) chunks = one block, NaN where not yet computed
+      features                instead of kernel, for ntk.mode: features: (n, o, k), or (n, k) for pntk,
+                              chunks = one band of rows (the block's rows), NaN where not yet computed
       done                    (grid rows, grid cols) uint8, one chunk per block: 1 once its data is written
+                              (a feature run's grid is (bands, 1))
       lease                   a group whose attributes name the run that writes the store (lease.py)
 
 These nodes and the root's attributes are all that ntk-pipeline writes, and all that ``--overwrite`` removes.
 
-Read it without this package: ``zarr.open_group(path)["kernel"]``; with it: ``pipeline.open_kernel``.
+Read it without this package: ``zarr.open_group(path)["kernel"]`` (or ``["features"]``); with it:
+``pipeline.open_kernel`` (``pipeline.open_features``).
 Only this package writes with zarr (data.py reads Zarr inputs, kernel.py reads through this package).
 """
 
@@ -28,10 +32,12 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from pipeline.config import Mode, is_url, url_options
 from pipeline.errors import StoreError, brief
-from pipeline.plan import Block, Plan, trailing_shape
+from pipeline.plan import Block, Plan, feature_shape, trailing_shape
 from pipeline.store.format import ATTRIBUTE, Provenance, attributes, write_provenance
 
 KERNEL = "kernel"
+FEATURES = "features"
+DATA = (KERNEL, FEATURES)  # a store holds one of them
 DONE = "done"
 LEASE = "lease"  # a subgroup whose attributes say which run writes the store, and its heartbeat
 DIMENSIONS: dict[Mode, tuple[str, ...]] = {
@@ -121,7 +127,7 @@ def existing(path: str, options: dict[str, Any] | None = None, timeout: float = 
         group = open_group(path, "r", options)
         if ATTRIBUTE not in group.attrs:
             return "zarr"
-        complete = KERNEL in group and DONE in group  # reads their metadata
+        complete = any(name in group for name in DATA) and DONE in group  # reads their metadata
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return "zarr"  # a zarr.json that is not a group's (an array's, or unreadable as a group)
     except Exception as err:
@@ -148,8 +154,8 @@ def check_output(path: str, overwrite: bool, options: dict[str, Any] | None = No
     if overwrite:
         return "overwrite"
     if kind == "ours":
-        raise StoreError("output.path", f"{path} is an ntk-pipeline store without its {KERNEL} or {DONE} array (its "
-                         "creation was interrupted); use --overwrite to start afresh")
+        raise StoreError("output.path", f"{path} is an ntk-pipeline store without its {KERNEL} (or {FEATURES}) or "
+                         f"{DONE} array (its creation was interrupted); use --overwrite to start afresh")
     return "resume"
 
 
@@ -207,16 +213,16 @@ def create(path: str, plan: Plan, mode: Mode, o: int, dtype: str, prov: Provenan
             group = clear(path, prov, options)
         else:
             group = open_group(path, "w-", options, zarr_format=3, attributes=attributes(prov))
-        trailing = trailing_shape(mode, o)
+        name, shape, chunks, shards, dimensions = _data_array(plan, mode, o, prov)
         group.create_array(
-            KERNEL,
-            shape=(plan.n1, plan.n2, *trailing),
-            chunks=(*plan.chunks, *trailing),
-            shards=(*plan.block, *trailing) if plan.sharded else None,  # a task writes whole shards
+            name,
+            shape=shape,
+            chunks=chunks,
+            shards=shards,  # a task writes whole shards
             dtype=dtype,
             fill_value=np.nan,  # a region no block has written reads as NaN, never as a plausible 0
             compressors=[*COMPRESSORS[compression], Crc32cCodec()],  # a checksum catches corruption
-            dimension_names=DIMENSIONS[mode],
+            dimension_names=dimensions,
             attributes={"mode": mode},
         )
         group.create_array(
@@ -235,10 +241,24 @@ def create(path: str, plan: Plan, mode: Mode, o: int, dtype: str, prov: Provenan
         raise StoreError("output.path", f"cannot create {path}: {brief(err)}") from None
 
 
+def _data_array(plan: Plan, mode: Mode, o: int, prov: Provenance
+                ) -> tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...] | None, tuple[str, ...]]:
+    """The data array's name, shape, chunks, shards (None: unsharded) and dimension names."""
+    if prov.features is not None:  # a feature run: bands of rows of (n, o, k) or (n, k)
+        f = prov.features
+        shape = feature_shape(plan.n1, o, f.k, f.of)
+        rest = shape[1:]
+        return (FEATURES, shape, (plan.chunks[0], *rest), (plan.block[0], *rest) if plan.sharded else None,
+                ("x", "k") if len(shape) == 2 else ("x", "o", "k"))
+    trailing = trailing_shape(mode, o)
+    return (KERNEL, (plan.n1, plan.n2, *trailing), (*plan.chunks, *trailing),
+            (*plan.block, *trailing) if plan.sharded else None, DIMENSIONS[mode])
+
+
 def clear(path: str, prov: Provenance, options: dict[str, Any] | None = None) -> Any:
     """Make an ntk-pipeline store at ``path`` an empty one for the run ``prov`` describes, removing only the
-    nodes ntk-pipeline creates (``kernel``, ``done``, ``lease``, and the root group's attributes): anything
-    else in its folder (a file, another array) is left as it is. Returns the root group.
+    nodes ntk-pipeline creates (``kernel`` or ``features``, ``done``, ``lease``, and the root group's attributes):
+    anything else in its folder (a file, another array) is left as it is. Returns the root group.
 
     The new record is written first, so that a store interrupted part-way still carries it and can be
     overwritten again.
@@ -250,7 +270,7 @@ def clear(path: str, prov: Provenance, options: dict[str, Any] | None = None) ->
         raise StoreError("output.path", f"{path} is no longer an ntk-pipeline store; not overwriting it")
     group = open_group(path, "r+", options)
     group.attrs.put(attributes(prov))  # the root's attributes are ours: the old record (and any others) goes
-    for name in (KERNEL, DONE, LEASE):
+    for name in (*DATA, DONE, LEASE):
         if name in group:
             del group[name]
     return group
@@ -315,14 +335,19 @@ class BlockWriter:
         if self._arrays is None:
             group = open_group(self.path, "r+", self.options)
             # A block is never all fill value, so skip zarr's scan for empty chunks (~20% of a write's CPU).
-            self._arrays = (group[KERNEL].with_config({"write_empty_chunks": True}), group[DONE])
+            data = group[FEATURES] if FEATURES in group else group[KERNEL]
+            self._arrays = (data.with_config({"write_empty_chunks": True}), group[DONE])
         return self._arrays
 
     def write(self, block: Block, values: np.ndarray) -> None:
-        """Write a block's values (and their transpose for a mirrored block), then mark it done."""
+        """Write a block's values (and their transpose for a mirrored block), then mark it done; a feature
+        run's block is a band of rows of features."""
         kernel, done = self._open()
         try:
-            kernel[block.i0 : block.i1, block.j0 : block.j1] = values
+            if kernel.basename == FEATURES:
+                kernel[block.i0 : block.i1] = values
+            else:
+                kernel[block.i0 : block.i1, block.j0 : block.j1] = values
             if block.mirrored:
                 # K(x_j, x_i)[b, a] = K(x_i, x_j)[a, b]: swap the sample axes and the output axes.
                 with _MIRROR_LOCK:

@@ -1,0 +1,168 @@
+"""ntk.mode: features through ``run``: the store (plain Zarr), the record, resume, the executors, and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+import pipeline
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, StoreError
+from pipeline.features import sketch_function
+from pipeline.prepare import prepare
+from pipeline.store import unmark
+
+
+def _cfg(of: str = "trace", k: int = 64, seed: int = 3, block: int = 8, **ntk) -> dict:
+    return {
+        "model": {"target": "nets:ConvBN", "kwargs": {"channels": 2, "o": 3}},
+        "data": {"x1": {"path": "x.npy"}},
+        "ntk": {"mode": "features", "dtype": "float64", "features": {"k": k, "seed": seed, "of": of}, **ntk},
+        "tiling": {"block": block},
+        "output": {"path": "f.zarr"},
+    }
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((21, 2, 6, 6)))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _features(path) -> np.ndarray:
+    return np.asarray(zarr.open_group(str(path), mode="r")["features"][...])
+
+
+def _in_memory(config_path, of: str, k: int, seed: int) -> np.ndarray:
+    p = prepare(load_config(config_path), fingerprint=False)
+    return sketch_function(p.fm, p.rows(0, p.x1.n), k, seed, of).numpy()
+
+
+@pytest.mark.parametrize("of, shape", [("trace", (21, 3, 64)), ("pntk", (21, 64))])
+def test_a_feature_run_writes_plain_zarr_bands_equal_to_the_in_memory_sketch(workdir, write_config, of, shape):
+    path = write_config(_cfg(of=of))
+    s = pipeline.run(path, executor="local", progress=False)
+    assert s.blocks == 3 and s.entries == int(np.prod(shape)) and s.unit == "feature values"
+    g = zarr.open_group(str(workdir / "f.zarr"), mode="r")
+    arr = g["features"]
+    assert "kernel" not in g and arr.shape == shape and arr.chunks == (8, *shape[1:])
+    assert arr.metadata.dimension_names == (("x", "k") if of == "pntk" else ("x", "o", "k"))
+    assert g["done"].shape == (3, 1) and g["done"][...].all()
+    # Bit for bit what the in-memory sketch of the same rows gives: a band does not change a row's features.
+    np.testing.assert_array_equal(arr[...], _in_memory(path, of, 64, 3))
+    rec = g.attrs["ntk_pipeline"]
+    assert rec["mode"] == "features" and rec["status"] == "complete" and rec["n1"] == 21
+    f = rec["features"]
+    assert (f["k"], f["seed"], f["of"]) == (64, 3, of) and sum(f["split"].values()) == 64
+    assert f["probe"]["rows"] == 21 and 0 < f["probe"]["relative_error"] < 1.5
+    assert s.features is not None and s.features.probe is not None
+    assert s.features.probe.relative_error == pytest.approx(f["probe"]["relative_error"])
+
+
+def test_the_probe_is_the_features_error_against_the_exact_kernel(workdir, write_config):
+    # k as large as every part's dimension: every projection is the identity, the feature kernel exact.
+    path = write_config(_cfg(of="trace", k=4096))
+    s = pipeline.run(path, executor="local", progress=False)
+    assert s.features is not None and s.features.probe is not None
+    if "(zeros)" not in s.features.split:
+        pytest.skip("the split left no part at its whole dimension")
+    assert s.features.probe.relative_error < 1e-10 and s.features.probe.eigenvalue_error < 1e-10
+    # and the probe with a small k is the error computed here, independently, in float64
+    path = write_config(_cfg(of="trace", k=48, seed=5), "small.yaml")
+    s = pipeline.run(path, executor="local", progress=False, overwrite=True)
+    phi = _features(workdir / "f.zarr")
+    p = prepare(load_config(path), fingerprint=False)
+    x = p.rows(0, 21)
+    # an independent float64 reference: autograd.grad per sample and output
+    model = p.module.double().eval()
+    ps = [q for q in model.parameters() if q.requires_grad]
+    jac = np.zeros((21, 3, sum(q.numel() for q in ps)))
+    for i in range(21):
+        for a in range(3):
+            out = model(x[i : i + 1].double())
+            g = torch.autograd.grad(out[0, a], ps)
+            jac[i, a] = torch.cat([t.reshape(-1) for t in g]).numpy()
+    exact = np.einsum("iap,jap->ij", jac, jac)
+    approx = np.einsum("iak,jak->ij", phi, phi)
+    assert s.features is not None and s.features.probe is not None
+    want = np.linalg.norm(approx - exact) / np.linalg.norm(exact)
+    assert s.features.probe.relative_error == pytest.approx(want, rel=1e-6)
+
+
+def test_a_feature_run_resumes_bit_for_bit(workdir, write_config):
+    path = write_config(_cfg())
+    pipeline.run(path, executor="local", progress=False)
+    whole = _features(workdir / "f.zarr")
+    # lose band 1: its marker cleared and its data gone, as after a run killed while writing it
+    store = pipeline.kernel.open_store(str(workdir / "f.zarr"))
+    band = store.plan.blocks[1]
+    unmark(str(workdir / "f.zarr"), [band])
+    zarr.open_group(str(workdir / "f.zarr"), mode="r+")["features"][band.i0 : band.i1] = np.nan
+    s = pipeline.run(path, executor="local", progress=False)
+    assert (s.blocks, s.skipped) == (1, 2)
+    np.testing.assert_array_equal(_features(workdir / "f.zarr"), whole)
+    # a resume with another seed would mix two sketches in one store: refused
+    with pytest.raises(StoreError, match="cannot resume"):
+        pipeline.run(write_config(_cfg(seed=4), "other.yaml"), executor="local", progress=False)
+    ok = CliRunner().invoke(main, ["verify", str(workdir / "f.zarr"), "--sample", "0"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_a_feature_run_on_ray_equals_the_local_one(workdir, write_config, ray_session):
+    path = write_config(_cfg(of="pntk"))
+    s = pipeline.run(path, executor="ray", progress=False)
+    assert s.blocks == 3
+    np.testing.assert_array_equal(_features(workdir / "f.zarr"), _in_memory(path, "pntk", 64, 3))
+
+
+def test_status_and_readers_name_a_feature_store(workdir, write_config):
+    pipeline.run(write_config(_cfg()), executor="local", progress=False)
+    st = CliRunner().invoke(main, ["status", "f.zarr"])
+    assert st.exit_code == 0 and "features   21 x 3 x 64" in st.output and "probe" in st.output, st.output
+    st = CliRunner().invoke(main, ["status", "f.zarr", "--json"])
+    assert json.loads(st.output)["features"]["k"] == 64
+    with pytest.raises(StoreError, match="holds sketched features"):
+        pipeline.open_kernel("f.zarr")
+
+
+@pytest.mark.parametrize("change, key, message", [
+    (lambda c: c["data"].update(x2={"path": "x.npy"}), "data.x2", "computes the features of data.x1"),
+    (lambda c: c["ntk"]["features"].update(k=2), "ntk.features.k", "expected at least"),
+])
+def test_a_feature_run_refuses_what_it_cannot_do_before_writing(workdir, write_config, change, key, message):
+    cfg = _cfg()
+    change(cfg)
+    with pytest.raises(ConfigError, match=message) as err:
+        pipeline.run(write_config(cfg), executor="local", progress=False)
+    assert err.value.key == key and not (workdir / "f.zarr").exists()
+
+
+def test_features_settings_with_a_kernel_mode_are_refused(workdir, write_config):
+    cfg = _cfg()
+    cfg["ntk"]["mode"] = "trace"
+    res = CliRunner().invoke(main, ["run", str(write_config(cfg)), "--executor", "local"])
+    assert res.exit_code != 0 and "ntk.features: ntk.features applies to ntk.mode: features" in res.output
+    assert not (workdir / "f.zarr").exists()
+
+
+def test_plan_shows_a_feature_run_and_bench_refuses_one(workdir, write_config):
+    path = str(write_config(_cfg(of="pntk")))
+    res = CliRunner().invoke(main, ["plan", path, "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["shape"] == [21, 64] and d["blocks"] == 3 and d["features_bytes"] == 21 * 64 * 8
+    assert sum(d["features"]["split"].values()) == 64
+    res = CliRunner().invoke(main, ["plan", path])
+    assert res.exit_code == 0 and "bands      3 tasks of 8 rows" in res.output, res.output
+    for args, line in ((["plan", path, "--workers", "2"], "Error: --workers: sizing applies to kernel runs"),
+                       (["bench", path], "Error: ntk.mode: bench times the kernel methods")):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 1 and res.output.startswith(line) and "Traceback" not in res.output, res.output
+    assert not (workdir / "f.zarr").exists()
