@@ -217,7 +217,8 @@ CASES = [
                  r"Error: bogus: unknown key \(expected one of: model, data, ntk, tiling, output, ray\)",
                  id="unknown-top-level-key"),
     pytest.param(_set("ntk.modee", "full"),
-                 r"Error: ntk\.modee: unknown key \(expected one of: method, mode, dtype, device, precision, features\)",
+                 r"Error: ntk\.modee: unknown key \(expected one of: method, mode, dtype, device, precision, "
+                 r"features\)",
                  id="unknown-nested-key"),
     pytest.param(_set("data.x2", {"synthetic": {"n": 2, "shape": [6]}, "pth": "a.npy"}),
                  r"Error: data\.x2\.pth: unknown key \(expected one of: path, array, synthetic, storage_options\)",
