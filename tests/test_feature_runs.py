@@ -166,3 +166,42 @@ def test_plan_shows_a_feature_run_and_bench_refuses_one(workdir, write_config):
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 1 and res.output.startswith(line) and "Traceback" not in res.output, res.output
     assert not (workdir / "f.zarr").exists()
+
+
+@pytest.mark.parametrize("of", ["trace", "pntk"])
+def test_open_features_blocks_and_products_equal_numpy_on_the_features(workdir, write_config, of):
+    pipeline.run(write_config(_cfg(of=of)), executor="local", progress=False)
+    f = pipeline.open_features("f.zarr")
+    phi = _features(workdir / "f.zarr").reshape(21, -1, 64)
+    m = phi.shape[1]
+    assert (f.n, f.o, f.k, f.of, f.m, f.shape) == (21, 3, 64, of, m, phi.shape if of == "trace" else (21, 64))
+    full = np.einsum("iak,jbk->ijab", phi, phi)
+    trace = np.einsum("ijaa->ij", full)
+    np.testing.assert_allclose(f.kernel(2, 9, 5, 21), trace[2:9, 5:21], rtol=1e-12, atol=1e-12)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((21, 2))
+    # bands of one chunk (8 rows), so that the product runs over several reads
+    np.testing.assert_allclose(f.matmat(x, band_bytes=1), trace @ x, rtol=1e-10, atol=1e-10)
+    if of == "trace":  # the same features read as the full and the diagonal kernel
+        np.testing.assert_allclose(f.kernel(0, 4, 3, 7, mode="full"), full[0:4, 3:7], rtol=1e-12, atol=1e-12)
+        big = full.transpose(0, 2, 1, 3).reshape(63, 63)
+        xf = rng.standard_normal((63, 3))
+        np.testing.assert_allclose(f.matmat(xf, mode="full", band_bytes=1), big @ xf, rtol=1e-10, atol=1e-10)
+        diag = np.einsum("ijaa->ija", full)
+        xd = rng.standard_normal((21, 3, 2))
+        want = np.einsum("ija,jac->iac", diag, xd).reshape(63, 2)
+        np.testing.assert_allclose(f.matmat(xd.reshape(63, 2), mode="diagonal"), want, rtol=1e-10, atol=1e-10)
+    else:
+        with pytest.raises(ValueError, match="give pntk"):
+            f.kernel(0, 2, 0, 2, mode="full")
+    np.testing.assert_array_equal(np.asarray(f.to_dask()), _features(workdir / "f.zarr"))
+    with pytest.raises(StoreError, match="not features"):
+        pipeline.open_features(str(_kernel_store(workdir, write_config)))
+
+
+def _kernel_store(workdir, write_config):
+    cfg = _cfg()
+    cfg["ntk"] = {"mode": "trace", "method": "structured"}
+    cfg["output"]["path"] = "k.zarr"
+    pipeline.run(write_config(cfg, "kernel.yaml"), executor="local", progress=False)
+    return workdir / "k.zarr"

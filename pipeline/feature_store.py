@@ -1,0 +1,246 @@
+"""A stored feature run (``ntk.mode: features``), opened for use: blocks of the approximate kernel and
+products with it, out of core, without ever forming the N x N kernel.
+
+    f = open_features("out/features.zarr")
+    f.n, f.o, f.k, f.of                        # 1_000_000, 10, 4096, "trace"
+    f.kernel(0, 100, 0, 200)                   # (100, 200): <phi(x_i), phi(x_j)> summed over outputs
+    f.kernel(0, 100, 0, 200, mode="full")      # (100, 200, o, o) from the same features
+    f.matmat(v)                                # K @ v: two reads of the features, never K
+    f.to_dask()                                # the (n, o, k) or (n, k) features, lazily
+
+The features array is ``features`` in the store: (n, o, k) for of = full / trace, (n, k) for pntk; Phi
+below is it with one row per sample and output, (n o, k) (o = 1 for pntk), and the kernel it estimates
+is Phi Phi^T (full), its sum over a = b (trace), its a = b entries (diagonal), or Phi Phi^T (pntk).
+Reads go band by band, each band of whole chunks of at most ``band_bytes``, the next read in a thread.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Mode, url_options
+from pipeline.errors import StoreError, brief
+from pipeline.kernel import Kernel, open_store
+from pipeline.store import CONNECT_TIMEOUT_S, FEATURES, FeatureRecord, Provenance
+
+BAND_BYTES = 256 << 20  # bytes of features one band read holds (at least one chunk)
+Band = tuple[int, int]  # rows i0:i1
+
+# What each kernel a set of features estimates may be read as: full and trace features give all three.
+READS: dict[str, tuple[Mode, ...]] = {"full": (Mode.FULL, Mode.TRACE, Mode.DIAGONAL),
+                                      "trace": (Mode.FULL, Mode.TRACE, Mode.DIAGONAL), "pntk": (Mode.PNTK,)}
+
+
+def open_features(path: str, options: dict[str, Any] | None = None,
+                  timeout: float = CONNECT_TIMEOUT_S) -> Features:
+    """Open a feature store (``ntk.mode: features``) for reading; ``options`` and ``timeout`` as for
+    ``open_kernel``.
+
+    Raises:
+      StoreError: the path is not an ntk-pipeline store, holds a kernel rather than features, or its
+        record is malformed (named by the path).
+    """
+    store = open_store(path, options, timeout)
+    record = store.provenance.features
+    if store.mode != Mode.FEATURES or record is None:
+        raise StoreError(path, f"it holds a {store.mode} kernel, not features: open it with pipeline.open_kernel")
+    f = Features(store, record)
+    if tuple(store.array.shape) != f.shape:
+        raise StoreError(path, f"its features array is {tuple(store.array.shape)}, and its record says "
+                         f"{f.shape}: not a feature store this code wrote")
+    return f
+
+
+@dataclass
+class Features:
+    """A stored set of sketched features: the store (record, markers, array) and reads of it."""
+
+    store: Kernel  # the store as every ntk-pipeline store is read (pipeline.kernel.open_store)
+    record: FeatureRecord  # k, seed, the kernel estimated (``of``), the split, the probe's error
+
+    @property
+    def path(self) -> str:
+        return self.store.path
+
+    @property
+    def provenance(self) -> Provenance:
+        return self.store.provenance
+
+    @property
+    def array(self) -> Any:
+        """The zarr array of features."""
+        return self.store.array
+
+    @property
+    def n(self) -> int:
+        return self.provenance.n1
+
+    @property
+    def o(self) -> int:
+        """Outputs of the model (the features carry one set per output but for pntk)."""
+        return self.provenance.o
+
+    @property
+    def k(self) -> int:
+        return self.record.k
+
+    @property
+    def of(self) -> str:
+        """The kernel the features estimate: "full" and "trace" (one set serves both), or "pntk"."""
+        return self.record.of
+
+    @property
+    def mode(self) -> Mode:
+        """The kernel ``kernel()`` and ``matmat`` give by default: trace for full / trace features, pntk."""
+        return Mode.PNTK if self.of == "pntk" else Mode(self.of)
+
+    @property
+    def m(self) -> int:
+        """Feature rows per sample: o, or 1 for pntk."""
+        return 1 if self.of == "pntk" else self.o
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.n, self.k) if self.of == "pntk" else (self.n, self.o, self.k)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return np.dtype(str(self.array.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def require_complete(self) -> None:
+        """Raise StoreError unless every band is done."""
+        self.store.require_complete()
+
+    def status(self) -> str:
+        return self.store.status()
+
+    def to_dask(self) -> Any:
+        """The features as a dask array, chunked like the store (needs dask)."""
+        import dask.array as da
+
+        return da.from_zarr(self.array)  # type: ignore[no-untyped-call]  # dask ships no types for it
+
+    def to_xarray(self) -> Any:
+        """The features as a lazy xarray.DataArray with dims ``x[, o], k`` (needs xarray)."""
+        import xarray as xr
+
+        ds = xr.open_zarr(self.path, consolidated=False, storage_options=url_options(self.path, self.store.options))
+        out = ds[FEATURES]
+        out.attrs = {"of": self.of, "k": self.k, "seed": self.record.seed, "n": self.n, "o": self.o}
+        return out
+
+    # -----------------------------------------------------------------------------------------
+    # Reads
+
+    def read(self, i0: int, i1: int) -> np.ndarray:
+        """Rows i0:i1 as Phi's rows: (rows, m, k) in float64, m = o (1 for pntk), read (and checksummed) now.
+
+        Raises:
+          StoreError: naming the rows whose read fails.
+        """
+        try:
+            values = np.asarray(self.array[i0:i1], dtype=np.float64)
+        except Exception as err:
+            raise StoreError(self.path, f"reading feature rows {i0}:{i1} failed: {brief(err)}") from None
+        return values.reshape(i1 - i0, self.m, self.k)
+
+    def bands(self, band_bytes: int = BAND_BYTES) -> list[Band]:
+        """Chunk-aligned row bands covering the features, each at most ``band_bytes`` (or one chunk)."""
+        chunk = self.array.chunks[0]
+        row = math.prod(self.shape[1:]) * self.dtype.itemsize
+        rows = max(1, band_bytes // max(1, row * chunk)) * chunk
+        return [(i0, min(self.n, i0 + rows)) for i0 in range(0, self.n, rows)]
+
+    def read_bands(self, bands: list[Band]) -> Iterator[tuple[Band, np.ndarray]]:
+        """Each band with its rows (``read``), the next read in a thread while the caller works on this one."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ntk-read") as pool:
+            ahead: list[Future[np.ndarray]] = [pool.submit(self.read, *bands[0])] if bands else []
+            for i, b in enumerate(bands):
+                values = ahead.pop().result()
+                if i + 1 < len(bands):
+                    ahead.append(pool.submit(self.read, *bands[i + 1]))
+                yield b, values
+
+    # -----------------------------------------------------------------------------------------
+    # The approximate kernel
+
+    def _mode(self, mode: str | None) -> Mode:
+        want = self.mode if mode is None else Mode(mode) if mode in set(Mode) - {Mode.FEATURES} else None
+        if want is None or want not in READS[self.of]:
+            choices = ", ".join(READS[self.of])
+            raise ValueError(f"mode: features of the {self.of} kernel give {choices}, not {mode!r}")
+        return want
+
+    def kernel(self, i0: int, i1: int, j0: int, j1: int, mode: str | None = None) -> np.ndarray:
+        """The approximate kernel for rows i0:i1 by rows j0:j1 in float64: (r, c, o, o) for full, (r, c, o)
+        for diagonal, (r, c) for trace and pntk (``mode``: the features' own kernel by default)."""
+        want = self._mode(mode)
+        a = self.read(i0, i1)
+        b = a if (i0, i1) == (j0, j1) else self.read(j0, j1)
+        return block_of(a, b, want)
+
+    def matmat(self, x: np.ndarray, mode: str | None = None, band_bytes: int = BAND_BYTES) -> np.ndarray:
+        """K @ x in float64, K as ``Kernel.matmat`` takes it: the (n m, n m) matrix (index i m + a; m = o
+        for full and diagonal, else 1), from two reads of the features (Phi^T x, then Phi times it).
+
+        Args:
+          x: (n m, c) (or (n m,)).
+        """
+        want = self._mode(mode)
+        m = self.o if want in (Mode.FULL, Mode.DIAGONAL) else 1
+        vec = x.ndim == 1
+        x2 = x.reshape(-1, 1) if vec else x
+        if x2.shape[0] != self.n * m:
+            raise ValueError(f"x: expected {self.n * m} rows ({self.n} samples x {m}), got {x2.shape[0]}")
+        bands = self.bands(band_bytes)
+        z = np.zeros((self.m, self.k, x2.shape[1]))  # per output: Phi_a^T x (its sum over a for full)
+        for (i0, i1), phi in self.read_bands(bands):
+            z += project(phi, x2[i0 * m : i1 * m], want)
+        y = np.zeros((self.n * m, x2.shape[1]))
+        for (i0, i1), phi in self.read_bands(bands):
+            y[i0 * m : i1 * m] = expand(phi, z, want)
+        return y[:, 0] if vec else y
+
+
+def block_of(a: np.ndarray, b: np.ndarray, mode: Mode) -> np.ndarray:
+    """The approximate kernel between rows a (r, m, k) and rows b (c, m, k)."""
+    if mode == Mode.FULL:
+        return np.asarray(np.einsum("iak,jbk->ijab", a, b))
+    if mode == Mode.DIAGONAL:
+        return np.asarray(np.einsum("iak,jak->ija", a, b))
+    return np.asarray(np.einsum("iak,jak->ij", a, b))
+
+
+def project(phi: np.ndarray, x: np.ndarray, mode: Mode) -> np.ndarray:
+    """A band's share of Phi^T x: (m, k, c) from phi (r, m, k) and x (r m', c), m' the matrix's outputs."""
+    r, m, k = phi.shape
+    c = x.shape[1]
+    if mode == Mode.FULL:  # z = sum_{j, b} phi_jb x_jb: one (k, c), kept in z[0] (and summed into every a)
+        z = phi.reshape(r * m, k).T @ x
+        return np.broadcast_to(z, (m, k, c))
+    if mode == Mode.DIAGONAL:  # z_a = sum_j phi_ja x_ja
+        return np.asarray(np.einsum("jak,jac->akc", phi, x.reshape(r, m, c)))
+    return np.asarray(np.einsum("jak,jc->akc", phi, x))  # trace and pntk: z_a = sum_j phi_ja x_j
+
+
+def expand(phi: np.ndarray, z: np.ndarray, mode: Mode) -> np.ndarray:
+    """A band's rows of Phi z: (r m', c)."""
+    r, m, k = phi.shape
+    if mode == Mode.FULL:  # y_ia = phi_ia . z
+        return np.asarray(phi.reshape(r * m, k) @ z[0])
+    if mode == Mode.DIAGONAL:  # y_ia = phi_ia . z_a
+        return np.asarray(np.einsum("iak,akc->iac", phi, z).reshape(r * m, -1))
+    return np.asarray(np.einsum("iak,akc->ic", phi, z))  # y_i = sum_a phi_ia . z_a
+
+
+__all__ = ["BAND_BYTES", "Features", "block_of", "open_features"]
