@@ -428,6 +428,25 @@ def test_a_local_run_on_cuda_copies_through_pinned_buffers_and_records_the_gpu(t
 
 
 @gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_feature_run_on_cuda_matches_the_cpu_features_and_records_the_gpu(tmp_path, write_config, dtype):
+    cfg = _cfg(n=12, block=4, dtype=dtype)
+    cfg["ntk"] = {"mode": "features", "dtype": dtype, "features": {"k": 32, "seed": 1, "of": "trace"}}
+    r = _invoke("run", str(write_config(cfg)), "--executor", "local", "--no-progress")
+    assert r.exit_code == 0, r.output
+    record = _record(tmp_path / "out.zarr")
+    (device,) = record["devices"]
+    assert device.startswith("cuda") and record["features"]["probe"]["rows"] == 12
+    got = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["features"][...]
+    spec = parse_config(cfg, check_files=False)
+    model = build_model(spec.model, None).double()
+    x = SyntheticSource("x1", spec.data.x1.synthetic).read(0, 12).double()
+    ref = pipeline.sketch_features(model, x, k=32, seed=1, of="trace").numpy()  # on the CPU, float64
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(got / scale, ref / scale, **TOLERANCES[getattr(torch, dtype)])
+
+
+@gpu
 def test_a_ray_run_with_a_gpu_per_task_records_each_blocks_gpu(tmp_path, write_config, ray_session):
     cfg = _cfg(n=12, block=4)
     cfg["ray"] = {"gpus_per_task": 1}
