@@ -94,8 +94,11 @@ def compared_mode(features: Features, kernel: Kernel) -> Mode:
                          "compare them with a K(x1, x1)")
     for key, what in (("x1", "data.x1 values"), ("parameters", "model parameters")):
         if kp.fingerprints.get(key) != fp.fingerprints.get(key):
+            why = (f"; the parameters' fingerprint is of their values in the run's ntk.dtype, {kp.dtype} here and "
+                   f"{fp.dtype} for the features: compare stores of one dtype") if key == "parameters" and \
+                kp.dtype != fp.dtype else ""
             raise StoreError(kernel.path, f"its {what} differ from those of {features.path} (fingerprint "
-                             f"{kp.fingerprints.get(key)}, the features' {fp.fingerprints.get(key)})")
+                             f"{kp.fingerprints.get(key)}, the features' {fp.fingerprints.get(key)}){why}")
     if kp.n1 != fp.n1:
         raise StoreError(kernel.path, f"it has {kp.n1} samples and {features.path} {fp.n1}")
     model = {"model": kp.config.get("model")}
