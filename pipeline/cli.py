@@ -349,26 +349,61 @@ def status(output: str, as_json: bool, options: dict[str, Any] | None, connect_t
 @click.argument("output")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The config of the run that wrote OUTPUT: --sample blocks are recomputed from it (never from "
-                   "the store's own record), once it matches the recorded config and fingerprints.")
+                   "the store's own record), once it matches the recorded config and fingerprints. For a feature "
+                   "store, also the exact kernel of the sampled bands' rows, to measure the features' accuracy.")
 @click.option("--sample", type=click.IntRange(0), default=2, show_default=True,
-              help="Blocks to recompute in float64 with another method (needs --config).")
+              help="Blocks (a feature store's bands) to recompute in float64 with another method (needs --config).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which blocks --sample picks.")
+@click.option("--against", metavar="KERNEL", default=None,
+              help="A feature store only: the exact kernel store of the same inputs and model (a run with mode "
+                   "trace, full or pntk); reports the feature kernel's relative Frobenius error and leading "
+                   "eigenvalues against it.")
+@click.option("--eigenvalues", type=click.IntRange(0), default=10, show_default=True,
+              help="Leading eigenvalues compared when the accuracy is measured (0: none).")
+@click.option("--max-error", type=click.FloatRange(min=0), default=None, metavar="X",
+              help="Fail (exit 1) when the feature kernel's relative Frobenius error exceeds X (or was not measured).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @storage_options_option
 @fails_cleanly
-def verify(output: str, config: str | None, sample: int, seed: int, options: dict[str, Any] | None,
-           connect_timeout: float) -> None:
+def verify(output: str, config: str | None, sample: int, seed: int, against: str | None, eigenvalues: int,
+           max_error: float | None, as_json: bool, options: dict[str, Any] | None, connect_timeout: float) -> None:
     """Check OUTPUT: every block marked done, every chunk readable (checksums), finite and symmetric;
-    with --config CONFIG, --sample blocks recomputed from CONFIG."""
+    with --config CONFIG, --sample blocks recomputed from CONFIG. For a feature store, measure the
+    accuracy of its kernel: against a stored exact kernel (--against) or on the sampled bands (--config)."""
     from pipeline.audit import verify as run_verify
 
-    r = run_verify(output, sample=sample, seed=seed, options=options, config=config, timeout=connect_timeout)
-    for line in r["checked"]:
-        click.echo(f"checked: {line}")
-    for line in r["failures"]:
-        click.echo(f"FAILED: {line}")
-    click.echo("verify: ok" if r["ok"] else f"verify: {len(r['failures'])} failures")
+    r = run_verify(output, sample=sample, seed=seed, options=options, config=config, timeout=connect_timeout,
+                   against=against, eigenvalues=eigenvalues, max_error=max_error)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+    else:
+        for line in r["checked"]:
+            click.echo(f"checked: {line}")
+        if r["accuracy"] is not None:
+            _echo_accuracy(r["accuracy"])
+        for line in r["failures"]:
+            click.echo(f"FAILED: {line}")
+        click.echo("verify: ok" if r["ok"] else f"verify: {len(r['failures'])} failures")
     if not r["ok"]:
         sys.exit(1)
+
+
+def _echo_accuracy(a: dict[str, Any]) -> None:
+    """verify's measurement of a feature kernel's accuracy, in a few lines."""
+    if a["against"] == "sample":
+        what = (f"the exact kernel of {a['rows']} sampled rows ({len(a['blocks'])} blocks, float64, computed "
+                "here)")
+    else:
+        what = f"{a['against']} ({a['rows']} samples)"
+    click.echo(f"accuracy: the features' {a['mode']} kernel against {what}: relative Frobenius error "
+               f"{a['relative_error']:.3e}")
+    if a["eigenvalue_error"] is not None:
+        where = " (of the sampled diagonal block where they differ most)" if a["against"] == "sample" else ""
+        click.echo(f"accuracy: its {len(a['eigenvalues'])} leading eigenvalues{where} within "
+                   f"{a['eigenvalue_error']:.3e} of the largest exact one (max_i |lambda_i(K_phi) - lambda_i(K)| "
+                   "/ lambda_1(K))")
+        for i, e in enumerate(a["eigenvalues"], 1):
+            click.echo(f"  lambda_{i:<3} {e['features']:.6g} (features)  {e['exact']:.6g} (exact)")
 
 
 from pipeline.cli_kernel import register  # noqa: E402  (the commands that use a finished kernel)

@@ -57,6 +57,24 @@ def open_features(path: str, options: dict[str, Any] | None = None,
     return f
 
 
+def features_of(store: Kernel) -> Features:
+    """A store already opened (``pipeline.kernel.open_store``) as its Features, without reading it again:
+    what ``verify`` uses, having opened the store to check it whatever it holds.
+
+    Raises:
+      StoreError: as ``open_features``.
+    """
+    record = store.provenance.features
+    if store.mode != Mode.FEATURES or record is None:
+        raise StoreError(store.path, f"it holds a {store.mode} kernel, not features: open it with "
+                         "pipeline.open_kernel")
+    f = Features(store, record)
+    if tuple(store.array.shape) != f.shape:
+        raise StoreError(store.path, f"its features array is {tuple(store.array.shape)}, and its record says "
+                         f"{f.shape}: not a feature store this code wrote")
+    return f
+
+
 @dataclass
 class Features:
     """A stored set of sketched features: the store (record, markers, array) and reads of it."""
@@ -243,4 +261,4 @@ def expand(phi: np.ndarray, z: np.ndarray, mode: Mode) -> np.ndarray:
     return np.asarray(np.einsum("iak,akc->ic", phi, z))  # y_i = sum_a phi_ia . z_a
 
 
-__all__ = ["BAND_BYTES", "Features", "block_of", "open_features"]
+__all__ = ["BAND_BYTES", "Features", "block_of", "features_of", "open_features"]
