@@ -5,6 +5,7 @@
     ntk-pipeline analyze out/train.zarr --targets y.npy --against out/later.zarr
     ntk-pipeline plot out/quickstart.zarr -o kernel.png
     ntk-pipeline predict --train-kernel train.zarr --test-kernel test.zarr --targets y.npy -o pred.npy
+    ntk-pipeline predict --train-features f_train.zarr --test-features f_test.zarr --targets y.npy -o pred.npy
     ntk-pipeline inspect s3://bucket/train.zarr --storage-options '{"endpoint_url": "http://127.0.0.1:8333"}'
 
 Kernels may be fsspec URLs (``--storage-options``: their fsspec options; credentials come from the
@@ -159,34 +160,84 @@ def analyze(output: str, targets: str | None, against: str | None, as_json: bool
 
 
 @click.command()
-@click.option("--train-kernel", required=True, help="K(train, train): a store computed with data.x2 left out.")
-@click.option("--test-kernel", required=True, help="K(test, train): a store with x1 = test and x2 = train inputs.")
+@click.option("--train-kernel", default=None, help="K(train, train): a store computed with data.x2 left out.")
+@click.option("--test-kernel", default=None, help="K(test, train): a store with x1 = test and x2 = train inputs.")
+@click.option("--train-features", default=None,
+              help="Instead of kernels: features of the train inputs (a store of ntk.mode: features).")
+@click.option("--test-features", default=None,
+              help="Features of the test inputs: the same model, ntk.dtype and ntk.features (k, seed, of).")
 @click.option("--targets", required=True, help="Training targets, a .npy of shape (n_train, k); (n_train, o) for full.")
 @click.option("--diag-reg", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Added to the train kernel's diagonal, times the mean of that diagonal (neural-tangents' scale).")
 @click.option("--time", "t", type=click.FloatRange(min=0), default=None,
               help="Training time in steps of gradient descent (times --learning-rate); default: infinity.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--mode", type=click.Choice(["full", "trace"]), default=None,
+              help="Features only: the kernel of full or trace features to predict with (default: ntk.features.of).")
+@click.option("--band-bytes", type=click.IntRange(1), default=None,
+              help="Features only: bytes of features per read (default 256 MiB; at least one chunk).")
 @click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-6, show_default=True,
-              help="Relative residual (t = infinity) or relative change (finite t) at which the solver stops.")
+              help="Kernels: relative residual (t = infinity) or relative change (finite t) at which the solver stops.")
 @click.option("--maxiter", type=click.IntRange(1), default=1000, show_default=True,
-              help="Most iterations, each one read of the train kernel.")
+              help="Kernels: most iterations, each one read of the train kernel.")
 @click.option("--executor", type=click.Choice(EXECUTORS), default="auto", show_default=True,
-              help="Where products with the kernels run: in this process, as Ray tasks, or Ray for kernels >= 2 GiB.")
-@click.option("--ray-address", default=None, help="A Ray cluster to join (default: a local instance).")
+              help="Kernels: where products run: in this process, as Ray tasks, or Ray for kernels >= 2 GiB.")
+@click.option("--ray-address", default=None, help="Kernels: a Ray cluster to join (default: a local instance).")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The .npy file to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line.")
-@storage_options_flag("URL kernels, the same for --train-kernel and --test-kernel (targets and -o are local files)")
+@storage_options_flag("URL stores, the same for the train and the test store (targets and -o are local files)")
 @fails_cleanly
-def predict(train_kernel: str, test_kernel: str, targets: str, diag_reg: float, t: float | None,
-            learning_rate: float, tol: float, maxiter: int, executor: str, ray_address: str | None, out: str,
-            as_json: bool, options: dict[str, Any] | None, connect_timeout: float) -> None:
-    """Predict the linearized network trained on MSE (to convergence, or for --time) on the test inputs."""
+def predict(train_kernel: str | None, test_kernel: str | None, train_features: str | None,
+            test_features: str | None, targets: str, diag_reg: float, t: float | None, learning_rate: float,
+            mode: str | None, band_bytes: int | None, tol: float, maxiter: int, executor: str,
+            ray_address: str | None, out: str, as_json: bool, options: dict[str, Any] | None,
+            connect_timeout: float) -> None:
+    """Predict the linearized network trained on MSE (to convergence, or for --time) on the test inputs, from
+    kernels (--train-kernel, --test-kernel) or from features (--train-features, --test-features)."""
+    _check_writable(out)
+    train, test, features = _predict_inputs(train_kernel, test_kernel, train_features, test_features)
+    if features:
+        _predict_features(train, test, targets, diag_reg, t, learning_rate, mode, band_bytes, out, as_json, options,
+                          connect_timeout)
+    else:
+        _predict_kernels(train, test, targets, diag_reg, t, learning_rate, tol, maxiter, executor, ray_address, out,
+                         as_json, options, connect_timeout)
+
+
+# The options of one kind of input only: given on the command line with the other kind, they are refused.
+KERNEL_ONLY = ("tol", "maxiter", "executor", "ray_address")
+FEATURES_ONLY = ("mode", "band_bytes")
+
+
+def _predict_inputs(train_kernel: str | None, test_kernel: str | None, train_features: str | None,
+                    test_features: str | None) -> tuple[str, str, bool]:
+    """(train, test, whether they are features); ConfigError naming the flag unless exactly one pair is
+    given, and for an option of the other kind given on the command line."""
+    kernels, features = (train_kernel, test_kernel), (train_features, test_features)
+    if any(kernels) and any(features):
+        raise ConfigError("--train-features", "predict from kernels (--train-kernel, --test-kernel) or from "
+                          "features (--train-features, --test-features), not both")
+    pair = ("--train-features", "--test-features") if any(features) else ("--train-kernel", "--test-kernel")
+    train, test = features if any(features) else kernels
+    if train is None or test is None:
+        raise ConfigError(pair[0] if train is None else pair[1], f"missing: give {pair[0]} and {pair[1]}"
+                          + ("" if any(features) else " (or --train-features and --test-features)"))
+    ctx = click.get_current_context()
+    for name in FEATURES_ONLY if not any(features) else KERNEL_ONLY:
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            flag = "--" + name.replace("_", "-")
+            other = "kernels (--train-kernel)" if any(features) else "features (--train-features)"
+            raise ConfigError(flag, f"applies to predictions from {other} only")
+    return train, test, any(features)
+
+
+def _predict_kernels(train_kernel: str, test_kernel: str, targets: str, diag_reg: float, t: float | None,
+                     learning_rate: float, tol: float, maxiter: int, executor: str, ray_address: str | None,
+                     out: str, as_json: bool, options: dict[str, Any] | None, connect_timeout: float) -> None:
     import numpy as np
 
     from pipeline.predict import predict as run_predict
 
-    _check_writable(out)
     p = run_predict(train_kernel, test_kernel, targets, diag_reg=diag_reg, time=t, learning_rate=learning_rate,
                     tol=tol, maxiter=maxiter, executor=executor, ray_address=ray_address, options=options,
                     timeout=connect_timeout)
@@ -206,6 +257,43 @@ def predict(train_kernel: str, test_kernel: str, targets: str, diag_reg: float, 
     click.echo(f"solved     {p.iterations} iterations, {accuracy} (tol {tol:g})")
     click.echo(f"read       the train kernel {p.passes} times, the test kernel once ({p.executor}), {p.seconds:.2f} s")
     click.echo(f"output     {out}: {' x '.join(map(str, p.values.shape))} float64")
+
+
+def _predict_features(train: str, test: str, targets: str, diag_reg: float, t: float | None, learning_rate: float,
+                      mode: str | None, band_bytes: int | None, out: str, as_json: bool,
+                      options: dict[str, Any] | None, connect_timeout: float) -> None:
+    """Fit on the train features (every check first), then write the predictions band by band, atomically."""
+    import time as clock
+
+    from pipeline.feature_store import BAND_BYTES
+    from pipeline.predict import fit_features, save_bands
+
+    t0 = clock.perf_counter()
+    fit = fit_features(train, test, targets, diag_reg=diag_reg, time=t, learning_rate=learning_rate, mode=mode,
+                       band_bytes=band_bytes or BAND_BYTES, options=options, timeout=connect_timeout)
+    _write_atomically(out, lambda f: save_bands(f, fit.shape, fit.predictions()))
+    seconds, test_bands = clock.perf_counter() - t0, len(fit.bands())
+    if as_json:
+        click.echo(json.dumps({
+            "output": out, "shape": list(fit.shape), "mode": str(fit.mode), "solver": fit.solver, "d": fit.d,
+            "rank": fit.rank, "time": t, "residual": fit.residual, "diag_reg": diag_reg,
+            "diag_reg_absolute": fit.diag_reg, "bands": {"train": fit.train_bands, "test": test_bands},
+            "seconds": round(seconds, 3),
+        }))
+        return
+    when = "t = infinity" if t is None else f"t = {t:g} steps x learning rate {learning_rate:g}"
+    how = "Cholesky" if fit.solver == "cholesky" else "eigendecomposition"
+    click.echo(f"solver     {how} of the {fit.d} x {fit.d} feature Gram ({fit.mode} kernel), {when}, "
+               f"diag_reg {diag_reg:g} x mean(diag) = {fit.diag_reg:.4g}")
+    if fit.residual is not None:
+        click.echo(f"solved     relative residual {fit.residual:.3g}")
+    elif t is None:
+        click.echo(f"solved     minimum-norm least squares: {fit.rank} of {fit.d} eigenvalues above the cutoff")
+    else:
+        click.echo(f"solved     closed form over the {fit.d} eigenvalues")
+    bands = [f"{b} band{'' if b == 1 else 's'}" for b in (fit.train_bands, test_bands)]
+    click.echo(f"read       the train features once ({bands[0]}), the test features once ({bands[1]}), {seconds:.2f} s")
+    click.echo(f"output     {out}: {' x '.join(map(str, fit.shape))} float64")
 
 
 def register(group: click.Group) -> None:

@@ -46,15 +46,7 @@ def open_features(path: str, options: dict[str, Any] | None = None,
       StoreError: the path is not an ntk-pipeline store, holds a kernel rather than features, or its
         record is malformed (named by the path).
     """
-    store = open_store(path, options, timeout)
-    record = store.provenance.features
-    if store.mode != Mode.FEATURES or record is None:
-        raise StoreError(path, f"it holds a {store.mode} kernel, not features: open it with pipeline.open_kernel")
-    f = Features(store, record)
-    if tuple(store.array.shape) != f.shape:
-        raise StoreError(path, f"its features array is {tuple(store.array.shape)}, and its record says "
-                         f"{f.shape}: not a feature store this code wrote")
-    return f
+    return features_of(open_store(path, options, timeout))
 
 
 def features_of(store: Kernel) -> Features:
@@ -229,6 +221,58 @@ class Features:
             y[i0 * m : i1 * m] = expand(phi, z, want)
         return y[:, 0] if vec else y
 
+    # -----------------------------------------------------------------------------------------
+    # The kernel's factor: K = Psi Psi^T
+
+    def factor_width(self, mode: str | None = None) -> int:
+        """d, the columns of Psi for ``mode`` (see ``factor_rows``): k for full and pntk, o k for trace."""
+        return self.k * (self.o if self._mode(mode) == Mode.TRACE else 1)
+
+    def gram(self, x: np.ndarray | None = None, mode: str | None = None,
+             band_bytes: int = BAND_BYTES) -> tuple[np.ndarray, np.ndarray | None]:
+        """The feature Gram Psi^T Psi (d, d) and, given ``x``, Psi^T x (d, c), in float64, from one read of
+        the features, band by band (Psi: ``factor_rows``, K = Psi Psi^T; never K nor Psi whole).
+
+        Psi Psi^T and Psi^T Psi have the same nonzero eigenvalues, so the Gram serves the kernel's trace
+        (its trace), Frobenius norm (its own) and every function of K through the push-through identity
+        Psi^T h(Psi Psi^T) = h(Psi^T Psi) Psi^T.
+
+        Args:
+          x: (n m, c) (or (n m,)) in the kernel's layout (``matmat``'s: m = o for full, else 1), or None.
+          mode: full, trace or pntk (the features' own kernel by default); diagonal has no factor here.
+
+        Returns:
+          (G (d, d), Psi^T x (d, c), or (d,) for a vector x, or None without x).
+        """
+        want = self._mode(mode)
+        if want == Mode.DIAGONAL:
+            raise ValueError("mode: the feature Gram is of the full, trace or pntk kernel, not the diagonal one")
+        m = self.o if want == Mode.FULL else 1
+        d = self.factor_width(want)
+        x2 = None if x is None else x.reshape(-1, 1) if x.ndim == 1 else x
+        if x2 is not None and x2.shape[0] != self.n * m:
+            raise ValueError(f"x: expected {self.n * m} rows ({self.n} samples x {m}), got {x2.shape[0]}")
+        g = np.zeros((d, d))
+        b = None if x2 is None else np.zeros((d, x2.shape[1]))
+        for (i0, i1), phi in self.read_bands(self.bands(band_bytes)):
+            psi = factor_rows(phi, want)  # (r m, d)
+            g += psi.T @ psi
+            if b is not None and x2 is not None:
+                b += psi.T @ x2[i0 * m : i1 * m]
+        return g, (b[:, 0] if b is not None and x is not None and x.ndim == 1 else b)
+
+
+def factor_rows(phi: np.ndarray, mode: Mode) -> np.ndarray:
+    """A band's rows of Psi, the factor K = Psi Psi^T of the ``mode`` kernel, from phi (r, m, k): (r o, k) for
+    full (row i o + a: phi_ia), (r, o k) for trace (phi_i1 .. phi_io side by side: K_trace = sum_a Phi_a
+    Phi_a^T), (r, k) for pntk. A view of phi where it can be."""
+    r, m, k = phi.shape
+    if mode == Mode.FULL:
+        return phi.reshape(r * m, k)
+    if mode in (Mode.TRACE, Mode.PNTK):
+        return phi.reshape(r, m * k)
+    raise ValueError(f"mode: the {mode} kernel has no factor here; expected full, trace or pntk")
+
 
 def block_of(a: np.ndarray, b: np.ndarray, mode: Mode) -> np.ndarray:
     """The approximate kernel between rows a (r, m, k) and rows b (c, m, k)."""
@@ -261,4 +305,4 @@ def expand(phi: np.ndarray, z: np.ndarray, mode: Mode) -> np.ndarray:
     return np.asarray(np.einsum("iak,akc->ic", phi, z))  # y_i = sum_a phi_ia . z_a
 
 
-__all__ = ["BAND_BYTES", "Features", "block_of", "features_of", "open_features"]
+__all__ = ["BAND_BYTES", "Band", "Features", "block_of", "factor_rows", "features_of", "open_features"]
