@@ -26,10 +26,14 @@ import numpy as np
 
 from pipeline.config import Mode, url_options
 from pipeline.errors import StoreError, brief
-from pipeline.kernel import Kernel, open_store
+from pipeline.kernel import DESCRIBED, Kernel, open_store
 from pipeline.store import CONNECT_TIMEOUT_S, FEATURES, FeatureRecord, Provenance
 
 BAND_BYTES = 256 << 20  # bytes of features one band read holds (at least one chunk)
+# The largest Gram matrix Psi^T Psi formed whole: 512 MiB of float64, 8192 on a side. Wider features (o k
+# above 8192 for a trace kernel) build it in panels of rows, one read of the features each (analyze), or
+# go through products with K (plot's eigenvalues).
+GRAM_BYTES = 512 << 20
 Band = tuple[int, int]  # rows i0:i1
 
 # What each kernel a set of features estimates may be read as: full and trace features give all three.
@@ -53,6 +57,23 @@ def open_features(path: str, options: dict[str, Any] | None = None,
     f = Features(store, record)
     if tuple(store.array.shape) != f.shape:
         raise StoreError(path, f"its features array is {tuple(store.array.shape)}, and its record says "
+                         f"{f.shape}: not a feature store this code wrote")
+    return f
+
+
+def features_of(store: Kernel) -> Features:
+    """The features of a store already opened with ``open_store`` (``open_features`` without a second
+    open), for the commands that take either kind of store.
+
+    Raises:
+      StoreError: as ``open_features``.
+    """
+    record = store.provenance.features
+    if store.mode != Mode.FEATURES or record is None:
+        raise StoreError(store.path, f"it holds a {store.mode} kernel, not features")
+    f = Features(store, record)
+    if tuple(store.array.shape) != f.shape:
+        raise StoreError(store.path, f"its features array is {tuple(store.array.shape)}, and its record says "
                          f"{f.shape}: not a feature store this code wrote")
     return f
 
@@ -211,6 +232,106 @@ class Features:
             y[i0 * m : i1 * m] = expand(phi, z, want)
         return y[:, 0] if vec else y
 
+    # -----------------------------------------------------------------------------------------
+    # What inspect, analyze and plot read: one pass each, linear in n
+
+    def width(self, mode: str | None = None) -> int:
+        """The columns d of Psi, the matrix whose Gram the kernel is (K = Psi Psi^T, ``psi``): k for the
+        full kernel, m k for trace and pntk (diagonal has no such Psi: ValueError)."""
+        want = self._mode(mode)
+        if want == Mode.DIAGONAL:
+            raise ValueError("mode: the diagonal kernel is no Psi Psi^T: it has no Gram matrix")
+        return self.k if want == Mode.FULL else self.m * self.k
+
+    def gram(self, mode: str | None = None, band_bytes: int = BAND_BYTES) -> np.ndarray:
+        """Psi^T Psi, (d, d) float64 (``width``), from one read of the features: its eigenvalues are the
+        nonzero eigenvalues of K = Psi Psi^T, its Frobenius norm K's. Costs n m d^2 flops.
+
+        Raises:
+          ValueError: a d x d matrix above GRAM_BYTES (8192 on a side), or the diagonal kernel.
+        """
+        want = self._mode(mode)
+        d = self.width(want)
+        if d * d * 8 > GRAM_BYTES:
+            raise ValueError(f"the Gram matrix of these features is {d} x {d}, above {GRAM_BYTES >> 20} MiB")
+        g = np.zeros((d, d))
+        for _, phi in self.read_bands(self.bands(band_bytes)):
+            rows = psi(phi, want)  # (r', d)
+            g += rows.T @ rows
+        return g
+
+    def downsample(self, size: int, band_bytes: int = BAND_BYTES) -> np.ndarray:
+        """The (n, n) approximate kernel summed over outputs (the trace kernel; pntk's own) averaged
+        over square bins so that no side exceeds ``size``, as ``Kernel.downsample``, exactly and in one
+        read: the mean of K over bins I x J is (mean_{i in I} psi_i) . (mean_{j in J} psi_j), psi_i the
+        sample's features as one vector of m k, so only the bins' mean features are held ((bins, m k)).
+        Rows not computed (NaN, an incomplete store) are left out of their bin; NaN where a bin has none.
+        """
+        f = max(1, math.ceil(self.n / size))
+        sums = np.zeros((math.ceil(self.n / f), self.m * self.k))
+        counts = np.zeros(sums.shape[0])
+        for (i0, i1), phi in self.read_bands(self.bands(band_bytes)):
+            rows = phi.reshape(i1 - i0, -1)  # (r, m k)
+            ok = np.isfinite(rows).all(axis=1)
+            starts = np.arange((i0 // f) * f, i1, f)  # the bins these rows touch, the first clipped to i0
+            starts[0] = i0
+            into = slice(starts[0] // f, starts[-1] // f + 1)
+            sums[into] += np.add.reduceat(np.where(ok[:, None], rows, 0.0), starts - i0, axis=0)
+            counts[into] += np.add.reduceat(ok.astype(np.float64), starts - i0)
+        means = sums / np.maximum(counts, 1)[:, None]
+        image: np.ndarray = means @ means.T
+        empty = counts == 0
+        image[empty, :] = np.nan
+        image[:, empty] = np.nan
+        return image
+
+    def stats(self, band_bytes: int = BAND_BYTES) -> dict[str, Any]:
+        """One read of the features: the squared norms ||phi_i||^2 (summed over outputs: the diagonal of
+        the trace kernel; pntk's own diagonal) of the samples whose features are all finite, their
+        min, max and mean, and how many values are not computed (NaN: a band not written)."""
+        lo, hi, total, count, missing = math.inf, -math.inf, 0.0, 0, 0
+        for (i0, i1), phi in self.read_bands(self.bands(band_bytes)):
+            rows = phi.reshape(i1 - i0, -1)
+            finite = np.isfinite(rows)
+            missing += int(rows.size - finite.sum())
+            good = rows[finite.all(axis=1)]
+            if good.size:
+                norms = np.einsum("ij,ij->i", good, good)
+                lo, hi = min(lo, float(norms.min())), max(hi, float(norms.max()))
+                total += float(norms.sum())
+                count += norms.size
+        return {"norm_min": lo if count else None, "norm_max": hi if count else None,
+                "norm_mean": total / count if count else None, "samples": count,
+                "entries": math.prod(self.shape), "not_computed": missing}
+
+    def describe(self, stats: bool = True, band_bytes: int = BAND_BYTES) -> dict[str, Any]:
+        """What ``ntk-pipeline inspect`` shows of a feature store: shape, dtype, chunks, bytes, k, seed,
+        the kernel estimated, the split of k, the probe's error, completeness, provenance and
+        (``stats``: one read of the features) the statistics of ``stats()``."""
+        missing = self.store.missing_blocks()
+        total = len(self.store.plan.blocks)
+        probe = self.record.probe
+        return {
+            "path": self.path, "kind": "features", "shape": list(self.shape), "dtype": str(self.dtype),
+            "precision": self.provenance.ntk_precision,
+            "dims": list(self.array.metadata.dimension_names or ()), "chunks": list(self.array.chunks),
+            "shards": list(self.array.shards) if self.array.shards else None,
+            "nbytes": self.nbytes, "stored_bytes": int(self.array.nbytes_stored()),
+            "n": self.n, "o": self.o, "k": self.k, "seed": self.record.seed, "of": self.of,
+            "mode": str(self.mode), "reads_as": [str(m) for m in READS[self.of]],
+            "split": dict(self.record.split), "probe": None if probe is None else probe.model_dump(mode="json"),
+            "status": self.status(), "complete": not missing, "bands_done": total - len(missing),
+            "bands_total": total, "provenance": {k: self.provenance.record().get(k) for k in DESCRIBED},
+            "stats": self.stats(band_bytes) if stats else None,
+        }
+
+
+def psi(phi: np.ndarray, mode: Mode) -> np.ndarray:
+    """A band of features (r, m, k) as rows of Psi, the matrix whose Gram the kernel is (K = Psi Psi^T):
+    (r o, k) for full (row i o + a, as ``Kernel.matmat``), (r, m k) for trace and pntk. A view."""
+    r, m, k = phi.shape
+    return phi.reshape(r * m, k) if mode == Mode.FULL else phi.reshape(r, m * k)
+
 
 def block_of(a: np.ndarray, b: np.ndarray, mode: Mode) -> np.ndarray:
     """The approximate kernel between rows a (r, m, k) and rows b (c, m, k)."""
@@ -243,4 +364,4 @@ def expand(phi: np.ndarray, z: np.ndarray, mode: Mode) -> np.ndarray:
     return np.asarray(np.einsum("iak,akc->ic", phi, z))  # y_i = sum_a phi_ia . z_a
 
 
-__all__ = ["BAND_BYTES", "Features", "block_of", "open_features"]
+__all__ = ["BAND_BYTES", "GRAM_BYTES", "Features", "block_of", "features_of", "open_features", "psi"]
