@@ -63,13 +63,25 @@ def _num(x: float | None) -> str:
 @storage_options_option
 @fails_cleanly
 def inspect(output: str, stats: bool, as_json: bool, options: dict[str, Any] | None, connect_timeout: float) -> None:
-    """Shape, dtype, chunks, bytes, method, provenance, completeness and statistics of the kernel in OUTPUT."""
-    from pipeline.kernel import open_kernel
+    """Shape, dtype, chunks, bytes, method, provenance, completeness and statistics of the kernel (or the
+    sketched features) in OUTPUT."""
+    from pipeline.config import Mode
+    from pipeline.feature_store import features_of
+    from pipeline.kernel import open_store
 
-    d = open_kernel(output, options, connect_timeout).describe(stats=stats)
+    store = open_store(output, options, connect_timeout)
+    features = store.mode == Mode.FEATURES
+    d = features_of(store).describe(stats=stats) if features else store.describe(stats=stats)
     if as_json:
         click.echo(json.dumps(d, indent=2))
-        return
+    elif features:
+        _echo_features(d)
+    else:
+        _echo_kernel(d)
+
+
+def _echo_kernel(d: dict[str, Any]) -> None:
+    """``inspect``'s lines for a kernel store."""
     prov = d["provenance"]
     click.echo(f"kernel     {' x '.join(map(str, d['shape']))} ({d['mode']}, {numbers(d['dtype'], d['precision'])}), "
                f"dims {', '.join(d['dims'])}{', symmetric K(x, x)' if d['symmetric'] else ''}")
@@ -89,6 +101,37 @@ def inspect(output: str, stats: bool, as_json: bool, options: dict[str, Any] | N
                    f"{_num(s['diagonal_mean'])}; {s['not_computed']:,} of {s['entries']:,} entries not computed")
 
 
+def _echo_features(d: dict[str, Any]) -> None:
+    """``inspect``'s lines for a feature store (``Features.describe``)."""
+    prov = d["provenance"]
+    click.echo(f"features   {' x '.join(map(str, d['shape']))} ({numbers(d['dtype'], d['precision'])}), dims "
+               f"{', '.join(d['dims'])}; estimating the {d['of']} kernel (reads as {', '.join(d['reads_as'])}), "
+               f"k = {d['k']}, seed {d['seed']}")
+    shards = f", in shards of {' x '.join(map(str, d['shards']))}" if d["shards"] else ""
+    click.echo(f"storage    chunks {' x '.join(map(str, d['chunks']))}{shards}; {size(d['nbytes'])} "
+               f"({size(d['stored_bytes'])} stored)")
+    parts = sorted(d["split"].items(), key=lambda kv: -kv[1])
+    more = f", {len(parts) - 4} more" if len(parts) > 4 else ""
+    click.echo(f"split      {', '.join(f'{name} {k}' for name, k in parts[:4])}{more} (features per part)")
+    p = d["probe"]
+    click.echo("probe      none (the run has not completed)" if p is None else
+               f"probe      {p['relative_error']:.2%} relative Frobenius error against the exact kernel on the first "
+               f"{p['rows']} samples; eigenvalues within {p['eigenvalue_error']:.2%} of the largest")
+    click.echo(f"method     {d['provenance']['method']} (its per-layer factors)")
+    click.echo(f"status     {d['status']}, {d['bands_done']} of {d['bands_total']} bands done"
+               + ("" if d["complete"] else " (incomplete)"))
+    fps = ", ".join(f"{k} {v[:15] + '...' if v else '-'}" for k, v in (prov["fingerprints"] or {}).items())
+    click.echo(f"model      p = {prov['p']:,} trainable parameters; fingerprints {fps}")
+    click.echo(f"versions   {', '.join(f'{k} {v}' for k, v in (prov['versions'] or {}).items())}")
+    click.echo(f"times      started {prov['started'] or '-'}, finished {prov['finished'] or '-'}")
+    s = d["stats"]
+    if s is not None:
+        over = "" if d["of"] == "pntk" else ", summed over outputs"
+        click.echo(f"norms      ||phi_i||^2 (the kernel's diagonal{over}) min {_num(s['norm_min'])}, "
+                   f"max {_num(s['norm_max'])}, mean {_num(s['norm_mean'])}; {s['not_computed']:,} of "
+                   f"{s['entries']:,} values not computed (NaN)")
+
+
 @click.command()
 @click.argument("output")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The PNG file to write.")
@@ -101,27 +144,36 @@ def inspect(output: str, stats: bool, as_json: bool, options: dict[str, Any] | N
 @click.option("--dpi", type=click.IntRange(10, 1000), default=100, show_default=True,
               help="Pixels per inch; each panel is 6 x 5 inches.")
 @click.option("--executor", type=click.Choice(EXECUTORS), default="auto", show_default=True,
-              help="Where products with the kernel run: in this process, as Ray tasks, or Ray for kernels >= 2 GiB.")
+              help="Where products with the kernel run: in this process, as Ray tasks, or Ray for kernels >= 2 GiB "
+                   "(a feature store's: in this process).")
 @storage_options_option
 @fails_cleanly
 def plot(output: str, out: str, size: int, eigenvalues: int, spectrum: str, dpi: int, executor: str,
          options: dict[str, Any] | None, connect_timeout: float) -> None:
-    """Plot the kernel in OUTPUT (a heatmap, and for a K(x, x) its eigenvalue spectrum) into a PNG."""
-    from pipeline.kernel import Products, open_kernel
-    from pipeline.spectrum import plot_kernel
+    """Plot the kernel in OUTPUT (a heatmap, and for a K(x, x) its eigenvalue spectrum) into a PNG; for
+    a feature store, the kernel of its features, never formed."""
+    from pipeline.config import Mode
+    from pipeline.feature_store import features_of
+    from pipeline.kernel import Products, open_store
+    from pipeline.spectrum import plot_features, plot_kernel
 
     _check_writable(out)
-    k = open_kernel(output, options, connect_timeout)
-    with Products(k, executor) as products:
-        fig, info = plot_kernel(k, size=size, eigenvalues=eigenvalues, method=spectrum, dpi=dpi, products=products)
+    k = open_store(output, options, connect_timeout)
+    if k.mode == Mode.FEATURES:  # products with the features run here (two band reads each)
+        fig, info = plot_features(features_of(k), size=size, eigenvalues=eigenvalues, method=spectrum, dpi=dpi)
+    else:
+        with Products(k, executor) as products:
+            fig, info = plot_kernel(k, size=size, eigenvalues=eigenvalues, method=spectrum, dpi=dpi,
+                                    products=products)
     _write_atomically(out, lambda f: fig.savefig(f, format="png"))
     click.echo(f"heatmap    {info['heatmap'][0]} x {info['heatmap'][1]} bins of {info['bin']} x {info['bin']} samples")
     ev = info["eigenvalues"]
+    read = "features" if k.mode == Mode.FEATURES else "kernel"
     if ev is None:
         click.echo(f"spectrum   none: {info['skipped']}")
     else:
         click.echo(f"spectrum   {len(ev)} leading eigenvalues ({info['method']}, {info['passes']} reads of the "
-                   f"kernel): {ev[0]:.4g} ... {ev[-1]:.4g}")
+                   f"{read}): {ev[0]:.4g} ... {ev[-1]:.4g}")
     click.echo(f"output     {out} ({info['width']} x {info['height']} pixels)")
 
 
@@ -131,14 +183,15 @@ def plot(output: str, out: str, size: int, eigenvalues: int, spectrum: str, dpi:
               help="A .npy of shape (n,) or (n, k) (trace, pntk) or (n, o) (full, diagonal): the centered "
                    "kernel-target alignment. Needs a K(x1, x1).")
 @click.option("--against", default=None,
-              help="Another store of the same inputs (e.g. another checkpoint): the kernel distance "
-                   "1 - <K1, K2> / (||K1|| ||K2||), both read once, in lockstep.")
+              help="Another store of the same inputs (e.g. another checkpoint, or the exact kernel of a feature "
+                   "store): the kernel distance 1 - <K1, K2> / (||K1|| ||K2||), both read in lockstep.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @storage_options_flag("URL stores, the same for OUTPUT and --against (--targets is a local file)")
 @fails_cleanly
 def analyze(output: str, targets: str | None, against: str | None, as_json: bool, options: dict[str, Any] | None,
             connect_timeout: float) -> None:
-    """Trace, Frobenius norm, effective rank, target alignment and distance of the kernel in OUTPUT (one read)."""
+    """Trace, Frobenius norm, effective rank, target alignment and distance of the kernel in OUTPUT (one read),
+    or of the kernel of the sketched features in OUTPUT (from their Gram matrices, never the kernel)."""
     from pipeline.analyze import analyze as run_analyze
 
     a = run_analyze(output, targets, against, options=options, timeout=connect_timeout, keys=("--targets", "--against"))
@@ -146,7 +199,7 @@ def analyze(output: str, targets: str | None, against: str | None, as_json: bool
         click.echo(json.dumps(a.to_dict(), indent=2))
         return
     square = "needs a K(x1, x1) (data.x2 left out)"
-    click.echo(f"kernel          {' x '.join(map(str, a.shape))} ({a.mode}), analysed as {a.matrix}")
+    click.echo(f"{a.kind:<16}{' x '.join(map(str, a.shape))} ({a.mode}), analysed as {a.matrix}")
     click.echo(f"frobenius       {a.frobenius:.10g}")
     click.echo(f"trace           {square if a.trace is None else f'{a.trace:.10g}'}")
     click.echo(f"effective rank  {square if a.effective_rank is None else f'{a.effective_rank:.10g}'}"
@@ -155,8 +208,8 @@ def analyze(output: str, targets: str | None, against: str | None, as_json: bool
         click.echo(f"alignment       {_num(a.alignment)}  (centered, with {targets})")
     if against is not None:
         click.echo(f"distance        {_num(a.distance)}  (1 - <K1, K2> / (||K1|| ||K2||), against {against})")
-    click.echo(f"read            each store once ({', '.join(f'{p}: {k}' for p, k in a.reads.items())}), "
-               f"{a.seconds:.2f} s")
+    once = "each store once" if all(k == 1 for k in a.reads.values()) else "reads of each store"
+    click.echo(f"read            {once} ({', '.join(f'{p}: {k}' for p, k in a.reads.items())}), {a.seconds:.2f} s")
 
 
 @click.command()

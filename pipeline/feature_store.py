@@ -26,10 +26,14 @@ import numpy as np
 
 from pipeline.config import Mode, url_options
 from pipeline.errors import StoreError, brief
-from pipeline.kernel import Kernel, open_store
+from pipeline.kernel import DESCRIBED, Kernel, open_store
 from pipeline.store import CONNECT_TIMEOUT_S, FEATURES, FeatureRecord, Provenance
 
 BAND_BYTES = 256 << 20  # bytes of features one band read holds (at least one chunk)
+# The largest Gram matrix Psi^T Psi formed whole: 512 MiB of float64, 8192 on a side. Wider features (o k
+# above 8192 for a trace kernel) build it in panels of rows, one read of the features each (analyze), or
+# go through products with K (plot's eigenvalues).
+GRAM_BYTES = 512 << 20
 Band = tuple[int, int]  # rows i0:i1
 
 # What each kernel a set of features estimates may be read as: full and trace features give all three.
@@ -107,7 +111,8 @@ class Features:
 
     @property
     def mode(self) -> Mode:
-        """The kernel ``kernel()`` and ``matmat`` give by default: trace for full / trace features, pntk."""
+        """The kernel ``kernel()``, ``matmat`` and the readers give by default: the one the run estimated
+        (``of``: full, trace or pntk)."""
         return Mode.PNTK if self.of == "pntk" else Mode(self.of)
 
     @property
@@ -222,11 +227,80 @@ class Features:
         return y[:, 0] if vec else y
 
     # -----------------------------------------------------------------------------------------
-    # The kernel's factor: K = Psi Psi^T
+    # The kernel's factor, K = Psi Psi^T, and what inspect, analyze and plot read: one pass each, linear in n
 
-    def factor_width(self, mode: str | None = None) -> int:
-        """d, the columns of Psi for ``mode`` (see ``factor_rows``): k for full and pntk, o k for trace."""
-        return self.k * (self.o if self._mode(mode) == Mode.TRACE else 1)
+    def width(self, mode: str | None = None) -> int:
+        """The columns d of Psi, the matrix whose Gram the kernel is (K = Psi Psi^T, ``factor_rows``): k for the
+        full kernel, m k for trace and pntk (diagonal has no such Psi: ValueError)."""
+        want = self._mode(mode)
+        if want == Mode.DIAGONAL:
+            raise ValueError("mode: the diagonal kernel is no Psi Psi^T: it has no Gram matrix")
+        return self.k if want == Mode.FULL else self.m * self.k
+
+    def downsample(self, size: int, band_bytes: int = BAND_BYTES) -> np.ndarray:
+        """The (n, n) approximate kernel summed over outputs (the trace kernel; pntk's own) averaged
+        over square bins so that no side exceeds ``size``, as ``Kernel.downsample``, exactly and in one
+        read: the mean of K over bins I x J is (mean_{i in I} psi_i) . (mean_{j in J} psi_j), psi_i the
+        sample's features as one vector of m k, so only the bins' mean features are held ((bins, m k)).
+        Rows not computed (NaN, an incomplete store) are left out of their bin; NaN where a bin has none.
+        """
+        f = max(1, math.ceil(self.n / size))
+        sums = np.zeros((math.ceil(self.n / f), self.m * self.k))
+        counts = np.zeros(sums.shape[0])
+        for (i0, i1), phi in self.read_bands(self.bands(band_bytes)):
+            rows = phi.reshape(i1 - i0, -1)  # (r, m k)
+            ok = np.isfinite(rows).all(axis=1)
+            starts = np.arange((i0 // f) * f, i1, f)  # the bins these rows touch, the first clipped to i0
+            starts[0] = i0
+            into = slice(starts[0] // f, starts[-1] // f + 1)
+            sums[into] += np.add.reduceat(np.where(ok[:, None], rows, 0.0), starts - i0, axis=0)
+            counts[into] += np.add.reduceat(ok.astype(np.float64), starts - i0)
+        means = sums / np.maximum(counts, 1)[:, None]
+        image: np.ndarray = means @ means.T
+        empty = counts == 0
+        image[empty, :] = np.nan
+        image[:, empty] = np.nan
+        return image
+
+    def stats(self, band_bytes: int = BAND_BYTES) -> dict[str, Any]:
+        """One read of the features: the squared norms ||phi_i||^2 (summed over outputs: the diagonal of
+        the trace kernel; pntk's own diagonal) of the samples whose features are all finite, their
+        min, max and mean, and how many values are not computed (NaN: a band not written)."""
+        lo, hi, total, count, missing = math.inf, -math.inf, 0.0, 0, 0
+        for (i0, i1), phi in self.read_bands(self.bands(band_bytes)):
+            rows = phi.reshape(i1 - i0, -1)
+            finite = np.isfinite(rows)
+            missing += int(rows.size - finite.sum())
+            good = rows[finite.all(axis=1)]
+            if good.size:
+                norms = np.einsum("ij,ij->i", good, good)
+                lo, hi = min(lo, float(norms.min())), max(hi, float(norms.max()))
+                total += float(norms.sum())
+                count += norms.size
+        return {"norm_min": lo if count else None, "norm_max": hi if count else None,
+                "norm_mean": total / count if count else None, "samples": count,
+                "entries": math.prod(self.shape), "not_computed": missing}
+
+    def describe(self, stats: bool = True, band_bytes: int = BAND_BYTES) -> dict[str, Any]:
+        """What ``ntk-pipeline inspect`` shows of a feature store: shape, dtype, chunks, bytes, k, seed,
+        the kernel estimated, the split of k, the probe's error, completeness, provenance and
+        (``stats``: one read of the features) the statistics of ``stats()``."""
+        missing = self.store.missing_blocks()
+        total = len(self.store.plan.blocks)
+        probe = self.record.probe
+        return {
+            "path": self.path, "kind": "features", "shape": list(self.shape), "dtype": str(self.dtype),
+            "precision": self.provenance.ntk_precision,
+            "dims": list(self.array.metadata.dimension_names or ()), "chunks": list(self.array.chunks),
+            "shards": list(self.array.shards) if self.array.shards else None,
+            "nbytes": self.nbytes, "stored_bytes": int(self.array.nbytes_stored()),
+            "n": self.n, "o": self.o, "k": self.k, "seed": self.record.seed, "of": self.of,
+            "mode": str(self.mode), "reads_as": [str(m) for m in READS[self.of]],
+            "split": dict(self.record.split), "probe": None if probe is None else probe.model_dump(mode="json"),
+            "status": self.status(), "complete": not missing, "bands_done": total - len(missing),
+            "bands_total": total, "provenance": {k: self.provenance.record().get(k) for k in DESCRIBED},
+            "stats": self.stats(band_bytes) if stats else None,
+        }
 
     def gram(self, x: np.ndarray | None = None, mode: str | None = None,
              band_bytes: int = BAND_BYTES) -> tuple[np.ndarray, np.ndarray | None]:
@@ -248,7 +322,7 @@ class Features:
         if want == Mode.DIAGONAL:
             raise ValueError("mode: the feature Gram is of the full, trace or pntk kernel, not the diagonal one")
         m = self.o if want == Mode.FULL else 1
-        d = self.factor_width(want)
+        d = self.width(want)
         x2 = None if x is None else x.reshape(-1, 1) if x.ndim == 1 else x
         if x2 is not None and x2.shape[0] != self.n * m:
             raise ValueError(f"x: expected {self.n * m} rows ({self.n} samples x {m}), got {x2.shape[0]}")
@@ -305,4 +379,5 @@ def expand(phi: np.ndarray, z: np.ndarray, mode: Mode) -> np.ndarray:
     return np.asarray(np.einsum("iak,akc->ic", phi, z))  # y_i = sum_a phi_ia . z_a
 
 
-__all__ = ["BAND_BYTES", "Band", "Features", "block_of", "factor_rows", "features_of", "open_features"]
+__all__ = ["BAND_BYTES", "GRAM_BYTES", "Band", "Features", "block_of", "factor_rows", "features_of",
+           "open_features"]

@@ -110,7 +110,7 @@ def test_the_gram_is_psi_transpose_psi_from_one_banded_read(make, of, mode):
     psi = _psi(make("train", of=of), mode)
     x = np.random.default_rng(2).standard_normal((len(psi), 2))
     g, b = f.gram(x, mode=mode, band_bytes=1)
-    assert g.shape == (psi.shape[1],) * 2 == (f.factor_width(mode),) * 2 and b is not None
+    assert g.shape == (psi.shape[1],) * 2 == (f.width(mode),) * 2 and b is not None
     np.testing.assert_allclose(g, psi.T @ psi, rtol=1e-12, atol=1e-12 * np.abs(g).max())
     np.testing.assert_allclose(b, psi.T @ x, rtol=1e-12, atol=1e-12 * np.abs(b).max())
     g1, none = f.gram(mode=mode)  # one band: the same sums
