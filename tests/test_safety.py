@@ -103,8 +103,8 @@ def test_an_interrupted_overwrite_is_named_and_can_be_overwritten_again(write_co
     assert run_cli(config).exit_code == 0
     del zarr.open_group(store, mode="r+")["kernel"]  # what a crash part-way through an overwrite leaves
     line = error_line(run_cli(config))
-    assert line == (f"Error: output.path: {store.resolve()} is an ntk-pipeline store without its kernel or done "
-                    "array (its creation was interrupted); use --overwrite to start afresh")
+    assert line == (f"Error: output.path: {store.resolve()} is an ntk-pipeline store without its kernel (or features) "
+                    "or done array (its creation was interrupted); use --overwrite to start afresh")
     assert run_cli(config, "--overwrite").exit_code == 0
     assert kernel_of(store).shape == (6, 6, 3, 3)
 

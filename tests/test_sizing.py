@@ -106,7 +106,7 @@ def test_a_bench_without_the_runs_method_is_refused(config, tmp_path):
                                        "written inside the job's temporary working directory and lost"),
     ({"data": {"x1": {"path": "../elsewhere/x.npy"}}}, "Error: data.x1.path: '../elsewhere/x.npy' is outside the "
                                                       "config's folder"),
-    ({"ntk": {"mode": "fuller"}}, "Error: ntk.mode: Input should be 'full', 'trace', 'diagonal' or 'pntk'"),
+    ({"ntk": {"mode": "fuller"}}, "Error: ntk.mode: Input should be 'full', 'trace', 'diagonal', 'pntk' or 'features'"),
     ({"output": {"path": "s3://b/k.zarr", "storage_options": {"secret": "x"}}},
      "Error: output.storage_options: secret is a credential"),
 ])
