@@ -163,7 +163,8 @@ def plan(config: str, as_json: bool, workers: int | None, memory: int | None, be
 def _echo_feature_plan(d: dict[str, Any]) -> None:
     f = d["features"]
     click.echo(f"features   {' x '.join(map(str, d['shape']))} ({numbers(d['dtype'], d['precision'])}), "
-               f"{size(d['features_bytes'])}, estimating the {f['of']} kernel (k = {f['k']}, seed {f['seed']})")
+               f"{size(d['features_bytes'])}, estimating the {f['of']} kernel (k = {f['k']}, seed {f['seed']}, "
+               f"{f['projection']} projection)")
     click.echo(f"model      {d['p']:,} trainable parameters, {_flops(d['forward_flops_per_sample'])} per forward "
                "sample")
     click.echo(f"bands      {d['blocks']} tasks of {d['block'][0]} rows ({size(d['band_bytes'])} each)")

@@ -9,36 +9,52 @@ for the Kronecker-factored projection of Linear layers). Linear in n: no pair of
 
 Projections (each unbiased: E[<R u, R v>] = <u, v> for R with independent N(0, 1/rows) entries):
 - Linear and Conv layers the structured method covers (pipeline.methods.structured: the layer's inputs a_s
-  (K, a Conv's patches, per group) and output cotangents g_s (C) at S positions): the per-sample weight
-  gradient sum_s g_s a_s^T is projected as sum_s (P_out g_s)(P_in a_s)^T with P_out (k_out, C) and P_in
-  (k_in, K), k_out k_in features, and the bias gradient sum_s g_s as P_out sum_s g_s (k_out more). The
-  per-sample gradient itself is never formed. A factor whose k equals its dimension is the identity.
+  (K, a Conv's patches, per group) and output cotangents g_s (C) at S positions), from those, never from
+  the per-sample gradient W = sum_s g_s a_s^T (C, K), in one of two ways (``projection``):
+  - "khatri_rao" (the default): feature t = sum_s (r_t . g_s)(u_t . [a_s, 1]) / sqrt(t_i) = r_t^T [W | b] u_t
+    / sqrt(t_i), an independent pair per feature, r_t uniform on the sphere of radius sqrt(C), u_t on that of
+    radius sqrt(K + 1) (the last entry for the bias gradient b = sum_s g_s; sqrt(K) without a bias), so that
+    E[r r^T] = I, E[u u^T] = I and E[f_t(x) f_t(x')] = <grad(x), grad(x')> / t_i. Its relative variance
+    for a squared norm is (gamma (3 + 6 rho) - 1) / t_i, gamma = C / (C + 2) * K / (K + 2) and rho =
+    ||W^T W||^2 / ||W||^4: at most 9 gamma - 1 <= 8 over t_i (W of rank one: a Linear layer, S = 1), down to
+    a dense projection's 2 / t_i for W of high rank (``khatri_rao_variance`` has the exact variance of any
+    entry). So its error falls as t_i^(-1/2), a dense projection's rate, at S t_i (K + o C) multiply-adds per
+    sample (o outputs); the pairs are drawn in chunks of features and applied in chunks that bound every
+    intermediate (``_khatri_rao``).
+  - "kronecker": sum_s (P_out g_s)(P_in a_s)^T with P_out (k_out, C) and P_in (k_in, K), k_out k_in
+    features, and the bias gradient as P_out sum_s g_s (k_out more): S (o k_out C + k_in K + o k_out k_in)
+    multiply-adds, cheaper for convolutions, but a product of two JL estimates, of error sqrt(2 / k_out +
+    2 / k_in) ~ t_i^(-1/4). A factor whose k equals its dimension is the identity.
 - every other parameter (norm affines, embeddings, attention and recurrent layers, broadcast and
   reparametrized parameters, the structured method's fallback): its per-sample Jacobian (n, o, p) times
   R^T, R (k_p, p) dense Gaussian, generated in column chunks; R is the identity where k_p = p (exact).
 
 The split of k (``split``): one part per Linear layer, Conv group and other parameter tensor. Part i
 gets t_i = max(min(MIN_K, cap_i), floor(k p_i / P)) features (p_i its parameters, P their total, cap_i
-the part's own dimension), cut back from the largest if the minimums overshoot k. A Kronecker part factors
+the part's own dimension), cut back from the largest if the minimums overshoot k. A Khatri-Rao part takes
+its t_i features as they are, or, once t_i reaches its dimension C (K + b), is exact: its gradient itself
+(both sides the identity, as a Kronecker part of that size). A Kronecker part factors
 t_i as k_out (at most C) and k_in = t_i // k_out - b (at most K; b = 1 with a bias), the pair of least
 variance (1 + v_out)(1 + v_in) - 1, v = 2 / k for a projection and 0 for a factor as wide as its dimension
 (the identity): a Kronecker estimate is a product of two JL estimates, so its error is of order
-sqrt(2 / k_out + 2 / k_in), larger than a dense projection's sqrt(2 / k) at the same k (the price of never
-forming the gradient), and an exact side halves it. What the factoring leaves over goes back, largest parts first, one
-k_in (k_out features) or one dense feature at a time, then by refitting a Kronecker part to its features plus
-the rest; what no part can take is zero features at the end (recorded as ``"(zeros)"``).
+sqrt(2 / k_out + 2 / k_in), larger than a dense projection's sqrt(2 / k) at the same k, and an exact side
+halves it. What the factoring leaves over goes back, largest parts first, one k_in (k_out features) or one
+dense or Khatri-Rao feature at a time, then by refitting a Kronecker part to its features plus the rest;
+what no part can take is zero features at the end (recorded as ``"(zeros)"``).
 
 Reproducible: every projection comes from a torch.Generator on the CPU seeded with sha256(seed, part,
-role, shape), in float64, so the same seed gives the same features for a row whatever the other rows
-(``sketch(m, x)[10:20] == sketch(m, x[10:20])``) and whatever n.
+role, shape), so the same seed gives the same features for a row whatever the other rows
+(``sketch(m, x)[10:20] == sketch(m, x[10:20])``) and whatever n; a Khatri-Rao part's pairs are drawn in
+chunks of features that depend on the part alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -58,13 +74,17 @@ MIN_K = 8  # features every part gets at least (or its whole dimension, if small
 CHUNK_ENTRIES = 1 << 22  # entries of a dense projection generated at once (32 MiB in float64)
 CACHE_ENTRIES = 1 << 25  # projection entries kept across a call's passes (256 MiB in float64)
 ZEROS = "(zeros)"  # the split's key for features no part could take
+KRONECKER, KHATRI_RAO = "kronecker", "khatri_rao"
+PROJECTIONS = (KRONECKER, KHATRI_RAO)  # how a Linear / Conv part is projected (module docstring)
+PROJECTION = KHATRI_RAO  # the default: its error at k = 4096 is a third of Kronecker's on the tutorial CNN
 
 
 @dataclass
 class Part:
     """One projected unit: a Linear layer or Conv group (Kronecker: c, k > 0) or one parameter tensor (dense).
 
-    ``k_out`` is the dense part's feature count; a Kronecker part has k_out (k_in w + b) features."""
+    ``k_out`` is the dense part's feature count; a Kronecker part has k_out (k_in w + b) features, or,
+    projected row-wise (``khatri_rao``), k_out (unless ``exact``: k_out = C and k_in = K, the identity)."""
 
     name: str
     numel: int
@@ -74,6 +94,7 @@ class Part:
     bias: bool = False
     k_out: int = 0
     k_in: int = 0
+    khatri_rao: bool = False  # a Kronecker part's projection: row-wise Khatri-Rao, not P_out x P_in
 
     @property
     def kronecker(self) -> bool:
@@ -85,8 +106,15 @@ class Part:
         return self.c * (self.k * self.weight + self.bias) if self.kronecker else self.numel
 
     @property
+    def exact(self) -> bool:
+        """Whether a Kronecker part's features are its gradient itself (both factors the identity)."""
+        return self.kronecker and self.k_out == self.c and (self.k_in == self.k or not self.weight)
+
+    @property
     def features(self) -> int:
-        return self.k_out * (self.k_in * self.weight + self.bias) if self.kronecker else self.k_out
+        if not self.kronecker or (self.khatri_rao and not self.exact):
+            return self.k_out
+        return self.k_out * (self.k_in * self.weight + self.bias)
 
 
 # A part's data: (A (n, S, K), G (o, n, S, C)) for a Kronecker part, the Jacobian (n, o, p) for a dense one.
@@ -98,7 +126,7 @@ Source = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
 
 def sketch(model: nn.Module, x: torch.Tensor, k: int = 4096, seed: int = 0, of: str = "trace",
-           output: str | int | None = None, batch: int = BATCH) -> torch.Tensor:
+           output: str | int | None = None, batch: int = BATCH, projection: str = PROJECTION) -> torch.Tensor:
     """Sketched NTK features of ``model`` on x, in memory (the model runs in eval mode, as for
     ``empirical_ntk``; the features are over the parameters with ``requires_grad=True``).
 
@@ -109,20 +137,23 @@ def sketch(model: nn.Module, x: torch.Tensor, k: int = 4096, seed: int = 0, of: 
       output: what to take from the model's output (``empirical_ntk``'s ``output``).
       batch: rows per forward and backward pass; every pass has exactly this many (the last one padded
         with copies of its first row), so that a row's features do not depend on its neighbours.
+      projection: how a Linear layer or Conv group is projected, "kronecker" (sum_s (P_out g_s)(P_in a_s)^T)
+        or "khatri_rao" (an independent pair of vectors per feature); see the module docstring.
 
     Returns:
       (n, o, k) for full and trace, (n, k) for pntk: <phi_a(x_i), phi_b(x_j)> estimates K[i, j, a, b].
     """
     with eval_mode(model):
-        return sketch_function(FunctionalModel(model, output), x, k, seed, of, batch)
+        return sketch_function(FunctionalModel(model, output), x, k, seed, of, batch, projection)
 
 
 def sketch_function(fm: FunctionalModel, x: torch.Tensor, k: int = 4096, seed: int = 0, of: str = "trace",
-                    batch: int = BATCH) -> torch.Tensor:
+                    batch: int = BATCH, projection: str = PROJECTION) -> torch.Tensor:
     """``sketch`` of a FunctionalModel (a run's workers call this on their rows: the model as it is,
     its dtype and device those of the features)."""
     if x.shape[0] < 1 or batch < 1:
         raise ValueError(f"x: expected at least one sample and batch >= 1, got {x.shape[0]} and {batch}")
+    _check_projection(projection)
     fm, x, summed = _prepared(fm, x, of)
     with torch.no_grad(), batchable_attention(fm):
         lay = layout(fm, x)
@@ -132,7 +163,7 @@ def sketch_function(fm: FunctionalModel, x: torch.Tensor, k: int = 4096, seed: i
         for i0 in range(0, x.shape[0], batch):
             rows = x[i0 : i0 + batch]
             sources = _sources(fm, lay, _padded(rows, batch))
-            parts = parts or allocate([p for p, _ in sources], k)
+            parts = parts or allocate([p for p, _ in sources], k, projection)
             bands.append(_features(parts, sources, seed, k, cache)[: rows.shape[0]])
         phi = torch.cat(bands)
     return phi[:, 0] if summed else phi
@@ -156,19 +187,21 @@ def _features(parts: list[Part], sources: list[tuple[Part, Source]], seed: int, 
 
 
 def split(model: nn.Module, x: torch.Tensor, k: int = 4096, of: str = "trace",
-          output: str | int | None = None) -> dict[str, int]:
+          output: str | int | None = None, projection: str = PROJECTION) -> dict[str, int]:
     """How ``sketch`` splits k over the model's parts, from one sample: {part: features}, in the order of
     the features (a Linear layer or Conv by its module name, a Conv group as ``name[g]``, any other
     parameter by its full name; ``"(zeros)"`` for features no part could take). Sums to k."""
     with eval_mode(model):
-        return split_function(FunctionalModel(model, output), x, k, of)
+        return split_function(FunctionalModel(model, output), x, k, of, projection)
 
 
-def split_function(fm: FunctionalModel, x: torch.Tensor, k: int = 4096, of: str = "trace") -> dict[str, int]:
+def split_function(fm: FunctionalModel, x: torch.Tensor, k: int = 4096, of: str = "trace",
+                   projection: str = PROJECTION) -> dict[str, int]:
     """``split`` of a FunctionalModel."""
+    _check_projection(projection)
     fm, x, _ = _prepared(fm, x[:2], of)
     with torch.no_grad(), batchable_attention(fm):
-        parts = allocate([p for p, _ in _sources(fm, layout(fm, x), x[:1])], k)
+        parts = allocate([p for p, _ in _sources(fm, layout(fm, x), x[:1])], k, projection)
     out = {p.name: p.features for p in parts}
     pad = k - sum(out.values())
     return {**out, ZEROS: pad} if pad else out
@@ -194,10 +227,14 @@ def probe_error(fm: FunctionalModel, x: torch.Tensor, phi: np.ndarray, of: str) 
 # The split
 
 
-def allocate(parts: list[Part], k: int) -> list[Part]:
-    """Each part's k_out (and k_in), by the rule in the module docstring; total features at most k."""
+def allocate(parts: list[Part], k: int, projection: str = PROJECTION) -> list[Part]:
+    """Each part's k_out (and k_in), by the rule in the module docstring; total features at most k. With
+    ``projection="khatri_rao"`` a Linear / Conv part with a weight is projected row-wise."""
     if k < 1:
         raise ValueError(f"k: expected a positive number of features, got {k}")
+    _check_projection(projection)
+    for p in parts:  # a bias alone is one projection of sum_s g_s either way: the Kronecker path's P_out
+        p.khatri_rao = projection == KHATRI_RAO and p.kronecker and p.weight
     total = sum(p.numel for p in parts) or 1
     mins = [min(MIN_K, p.cap) for p in parts]
     if sum(mins) > k:
@@ -223,9 +260,15 @@ def variance(k: int, d: int) -> float:
 
 def part_variance(p: Part) -> float:
     """The part's relative variance scale: (1 + v_out)(1 + v_in) - 1 for a Kronecker part, whose estimate
-    is a product of its two projections' estimates (exactly so for one position, S = 1), v for a dense one."""
+    is a product of its two projections' estimates (exactly so for one position, S = 1), v for a dense one,
+    (9 gamma - 1) / t for a Khatri-Rao part of t features (its squared norm's relative variance for a
+    gradient of rank one, the largest; gamma = C / (C + 2) * K / (K + 2): ``khatri_rao_variance``), 0 for an
+    exact part."""
     if not p.kronecker:
         return variance(p.k_out, p.numel)
+    if p.khatri_rao:
+        k = p.k + p.bias
+        return 0.0 if p.exact else (9 * p.c / (p.c + 2) * k / (k + 2) - 1) / p.k_out
     v_in = variance(p.k_in, p.k) if p.weight else 0.0
     return (1 + variance(p.k_out, p.c)) * (1 + v_in) - 1
 
@@ -236,6 +279,9 @@ def _fit(p: Part, t: int) -> None:
     wide as its dimension is exact), then of most features."""
     if not p.kronecker:
         p.k_out = min(t, p.numel)
+        return
+    if p.khatri_rao:  # t features directly; the gradient itself (identity x identity) once t reaches it
+        p.k_out, p.k_in = (p.c, p.k) if t >= p.cap else (max(1, t), 0)
         return
     b = int(p.bias)
     if not p.weight:
@@ -258,9 +304,10 @@ def _grow(parts: list[Part], left: int) -> None:
     while left > 0 and grew:
         grew = False
         for p in order:
-            if not p.kronecker and p.k_out < p.numel:
-                step = min(left, p.numel - p.k_out)
-                p.k_out, left, grew = p.k_out + step, left - step, True
+            if (not p.kronecker or p.khatri_rao) and p.features < p.cap:  # one feature at a time would do
+                step = min(left, p.cap - p.features)
+                left, grew = left - step, True
+                _fit(p, p.features + step)
             elif p.kronecker and p.weight and p.k_in < p.k and p.k_out <= left:
                 p.k_in, left, grew = p.k_in + 1, left - p.k_out, True
             elif p.kronecker and p.k_out < p.c and p.k_in * p.weight + p.bias <= left:
@@ -268,7 +315,7 @@ def _grow(parts: list[Part], left: int) -> None:
             if left <= 0:
                 return
     for p in order:  # what is still left: refit a Kronecker part to a target that includes it
-        if left <= 0 or not p.kronecker:
+        if left <= 0 or not p.kronecker or p.khatri_rao:
             continue
         before, saved = p.features, (p.k_out, p.k_in)
         _fit(p, before + left)
@@ -342,21 +389,38 @@ def _kronecker(site: Site, a: Any, g: torch.Tensor) -> Iterator[tuple[Part, Sour
 # Projections
 
 
+def _generator(seed: int, tag: str, rows: int, cols: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}|{tag}|{rows}x{cols}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
 def gaussian(seed: int, tag: str, rows: int, cols: int) -> torch.Tensor:
     """A (rows, cols) float64 matrix of independent N(0, 1 / rows) entries on the CPU, a function of
     (seed, tag, rows, cols) alone."""
-    digest = hashlib.sha256(f"{seed}|{tag}|{rows}x{cols}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    gen = _generator(seed, tag, rows, cols)
     return torch.randn(rows, cols, generator=gen, dtype=torch.float64) / math.sqrt(rows)
 
 
-def _factor(seed: int, tag: str, rows: int, cols: int, like: torch.Tensor,
-            cache: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A projection (rows, cols) in like's dtype and on its device, generated once per ``sketch`` while
-    the ones kept stay under ``CACHE_ENTRIES`` (beyond it, again for each pass: the same numbers)."""
+def pairs(seed: int, tag: str, rows: int, c: int, k: int) -> torch.Tensor:
+    """Khatri-Rao pairs, (rows, c + k) float64 on the CPU, a function of its arguments alone: each row
+    [r | u] with r uniform on the sphere of radius sqrt(c) and u on the sphere of radius sqrt(k), so that
+    E[r r^T] = I and E[u u^T] = I as for N(0, I) vectors, with smaller fourth moments (``khatri_rao_variance``).
+    Drawn from Gaussians made in float32 (three times faster to draw than float64: a part whose pairs are
+    too many to keep draws them again for every pass), normalised in float64."""
+    z = torch.randn(rows, c + k, generator=_generator(seed, tag, rows, c + k), dtype=torch.float32).double()
+    for v, d in ((z[:, :c], c), (z[:, c:], k)):  # in place: no copy of the (rows, c + k) matrix
+        v.mul_(math.sqrt(d) / v.norm(dim=1, keepdim=True))
+    return z
+
+
+def _factor(seed: int, tag: str, rows: int, cols: int, like: torch.Tensor, cache: dict[str, torch.Tensor],
+            draw: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """A projection (rows, cols) (``gaussian``, or what ``draw`` gives) in like's dtype and on its device,
+    generated once per ``sketch`` while the ones kept stay under ``CACHE_ENTRIES`` (beyond it, again for
+    each pass: the same numbers)."""
     if tag in cache:
         return cache[tag]
-    r = gaussian(seed, tag, rows, cols).to(dtype=like.dtype, device=like.device)
+    r = (draw() if draw else gaussian(seed, tag, rows, cols)).to(dtype=like.dtype, device=like.device)
     if sum(t.numel() for t in cache.values()) + r.numel() <= CACHE_ENTRIES:
         cache[tag] = r
     return r
@@ -367,6 +431,8 @@ def _project(part: Part, src: Source, seed: int, cache: dict[str, torch.Tensor])
     if isinstance(src, torch.Tensor):  # a dense part carries its Jacobian
         return _dense(part, src, seed, cache)
     A, G = src
+    if part.khatri_rao and not part.exact:
+        return _khatri_rao(part, A, G, seed, cache)
     o, n = G.shape[:2]
     # A factor as wide as its dimension is the identity: exact, and no product.
     pg = G if part.k_out == part.c else G @ _factor(seed, f"{part.name}/out", part.k_out, part.c, G, cache).T
@@ -379,6 +445,70 @@ def _project(part: Part, src: Source, seed: int, cache: dict[str, torch.Tensor])
     if part.bias:
         feats.append(pg.sum(2).transpose(0, 1))  # (n, o, k_out): P_out sum_s g_s
     return torch.cat(feats, dim=2) if len(feats) > 1 else feats[0]
+
+
+def _khatri_rao(part: Part, A: torch.Tensor, G: torch.Tensor, seed: int,
+                cache: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A Khatri-Rao part's features (n, o, t): f_t = sum_s (r_t . g_s)(u_t . [a_s, 1]) / sqrt(t), the pairs
+    from ``pairs`` (u_t has one more entry, for the bias, where the part has one).
+
+    The pairs are drawn ``step`` features at a time, [R | U] (step, C + K + b), a chunk a function of the
+    part alone (the same numbers whatever the rows); each is applied ``m`` features at a time, m set by the
+    rows so that no intermediate exceeds ``CHUNK_ENTRIES``. With S positions, H = A U^T (n, S, m) and
+    either (G R^T) * H summed over s (S <= C) or R^T * (G^T H) summed over c (fewer entries when C < S):
+    S m (K + o C) multiply-adds per sample, o outputs."""
+    o, n, s, c = G.shape
+    t, k, b = part.k_out, part.k, int(part.bias)
+    scale = 1 / math.sqrt(t)
+    out = G.new_empty((n, o, t))
+    step = max(1, CHUNK_ENTRIES // (c + k + b))
+    direct = s <= c
+    m = max(1, CHUNK_ENTRIES // (n * s + o * n * (s if direct else c)))
+    for t0 in range(0, t, step):
+        t1 = min(t, t0 + step)
+        tag = f"{part.name}/kr/{t0}:{t}"
+        ru = _factor(seed, tag, t1 - t0, c + k + b, G, cache, partial(pairs, seed, tag, t1 - t0, c, k + b))
+        for j0 in range(0, t1 - t0, m):
+            r = ru[j0 : j0 + m, :c]  # (m, C)
+            h = A @ ru[j0 : j0 + m, c : c + k].T  # (n, S, m): u_t . a_s
+            if b:
+                h = h + ru[j0 : j0 + m, c + k]  # u_t's last entry times the constant input 1
+            if direct:
+                f = ((G @ r.T) * h).sum(2)  # (o, n, S, m) summed over s
+            else:
+                f = ((G.transpose(2, 3) @ h) * r.T).sum(2)  # (o, n, C, m) summed over c
+            out[:, :, t0 + j0 : t0 + j0 + r.shape[0]] = f.transpose(0, 1) * scale
+    return out
+
+
+def khatri_rao_variance(w1: torch.Tensor, w2: torch.Tensor, t: int) -> float:
+    """The exact variance of a Khatri-Rao estimate of <W1, W2> from t features (``pairs``), W1 and W2 two
+    (C, K) gradients of one output (the bias, if any, as a last column of K):
+
+        t Var = gamma Q - <W1, W2>^2,   gamma = C / (C + 2) * K / (K + 2),
+        Q = ||W1||^2 ||W2||^2 + 2 <W1, W2>^2 + 2 ||W1 W2^T||^2 + 2 ||W1^T W2||^2 + 2 tr((W1^T W2)^2)
+
+    (E[(v^T A v)(v^T B v)] = d / (d + 2) (tr A tr B + 2 tr(A B)) for symmetric A, B and v uniform on the
+    sphere of radius sqrt(d), taken over r given u, then over u; gamma = 1 for N(0, I) pairs). A dense
+    Gaussian projection's t Var is ||W1||^2 ||W2||^2 + <W1, W2>^2; every extra term of Q is at most
+    ||W1||^2 ||W2||^2. For a squared norm (W1 = W2 = W) the relative variance is (gamma (3 + 6 rho) - 1) / t,
+    rho = ||W^T W||^2 / ||W||^4 in [1 / rank W, 1]: for W of rank one (a Linear layer, S = 1) 8 / t with
+    N(0, I) pairs ((3 x 3 - 1) / t: two Gaussian fourth moments) and 9 gamma - 1 = 6.5 / t for C = 10 on
+    the spheres; for W of high rank and equal singular values, down to (3 gamma - 1) / t, a dense projection's
+    2 / t."""
+    w1, w2 = w1.double(), w2.double()
+    c, k = w1.shape
+    m = w1.T @ w2
+    inner = (w1 * w2).sum()
+    q = (w1.square().sum() * w2.square().sum() + 2 * inner**2 + 2 * (w1 @ w2.T).square().sum()
+         + 2 * m.square().sum() + 2 * torch.trace(m @ m))
+    gamma = c / (c + 2) * k / (k + 2)
+    return float((gamma * q - inner**2) / t)
+
+
+def _check_projection(projection: str) -> None:
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection: expected one of {', '.join(PROJECTIONS)}, got {projection!r}")
 
 
 def _dense(part: Part, jac: torch.Tensor, seed: int, cache: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -395,5 +525,6 @@ def _dense(part: Part, jac: torch.Tensor, seed: int, cache: dict[str, torch.Tens
     return out
 
 
-__all__ = ["BATCH", "MIN_K", "Part", "allocate", "gaussian", "part_variance", "probe_error", "sketch",
-           "sketch_function", "split", "split_function", "variance"]
+__all__ = ["BATCH", "KHATRI_RAO", "KRONECKER", "MIN_K", "PROJECTION", "PROJECTIONS", "Part", "allocate", "gaussian",
+           "khatri_rao_variance", "part_variance", "probe_error", "sketch", "sketch_function", "split",
+           "split_function", "variance"]

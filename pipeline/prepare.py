@@ -250,7 +250,7 @@ def _feature_plan(config: RunConfig, fm: FunctionalModel, x1: Source, x2: Source
         raise ConfigError("data.x2", "a feature run (ntk.mode: features) computes the features of data.x1, one "
                           "row per sample; run once per dataset, with the same model and ntk.features")
     try:
-        split = split_function(fm, head, spec.k, spec.of)
+        split = split_function(fm, head, spec.k, spec.of, projection=spec.projection)
     except ValueError as err:
         raise ConfigError("ntk.features.k", str(err).removeprefix("k: ")) from None
     chunk = config.tiling.chunk_shape

@@ -14,7 +14,7 @@ import pipeline
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, StoreError
-from pipeline.features import sketch_function
+from pipeline.features import sketch_function, split_function
 from pipeline.prepare import prepare
 from pipeline.store import unmark
 
@@ -40,9 +40,9 @@ def _features(path) -> np.ndarray:
     return np.asarray(zarr.open_group(str(path), mode="r")["features"][...])
 
 
-def _in_memory(config_path, of: str, k: int, seed: int) -> np.ndarray:
+def _in_memory(config_path, of: str, k: int, seed: int, projection: str = "khatri_rao") -> np.ndarray:
     p = prepare(load_config(config_path), fingerprint=False)
-    return sketch_function(p.fm, p.rows(0, p.x1.n), k, seed, of).numpy()
+    return sketch_function(p.fm, p.rows(0, p.x1.n), k, seed, of, projection=projection).numpy()
 
 
 @pytest.mark.parametrize("of, shape", [("trace", (21, 3, 64)), ("pntk", (21, 64))])
@@ -113,6 +113,50 @@ def test_a_feature_run_resumes_bit_for_bit(workdir, write_config):
         pipeline.run(write_config(_cfg(seed=4), "other.yaml"), executor="local", progress=False)
     ok = CliRunner().invoke(main, ["verify", str(workdir / "f.zarr"), "--sample", "0"])
     assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize("projection", [None, "kronecker", "khatri_rao"])
+def test_the_projection_is_a_config_key_the_workers_use_and_the_record_keeps(workdir, write_config, projection):
+    cfg = _cfg(of="pntk")
+    if projection is not None:
+        cfg["ntk"]["features"]["projection"] = projection
+    path = write_config(cfg)
+    s = pipeline.run(path, executor="local", progress=False)
+    used = projection or "khatri_rao"  # the default
+    other = {"kronecker": "khatri_rao", "khatri_rao": "kronecker"}[used]
+    np.testing.assert_array_equal(_features(workdir / "f.zarr"), _in_memory(path, "pntk", 64, 3, used))
+    assert not np.array_equal(_features(workdir / "f.zarr"), _in_memory(path, "pntk", 64, 3, other))
+    rec = zarr.open_group(str(workdir / "f.zarr"), mode="r").attrs["ntk_pipeline"]
+    assert rec["features"]["projection"] == used and s.features is not None and s.features.projection == used
+    assert rec["config"]["ntk"]["features"]["projection"] == used
+    p = prepare(load_config(path), fingerprint=False)
+    assert rec["features"]["split"] == split_function(p.fm, p.rows(0, 2), 64, "pntk", projection=used)
+    plan = CliRunner().invoke(main, ["plan", str(path)])
+    assert f"seed 3, {used} projection)" in plan.output, plan.output
+
+
+def test_a_resume_with_another_projection_is_refused_and_a_record_from_before_the_key_is_kronecker(
+        workdir, write_config):
+    cfg = _cfg()
+    del cfg["ntk"]["features"]  # the defaults: k = 4096, seed 0, trace, khatri_rao
+    path = write_config(cfg)
+    pipeline.run(path, executor="local", progress=False)
+    assert pipeline.kernel.open_store("f.zarr").provenance.features.projection == "khatri_rao"
+    kron = _cfg(k=4096, seed=0)
+    kron["ntk"]["features"]["projection"] = "kronecker"
+    with pytest.raises(StoreError, match="ntk.features.projection differs .recorded 'khatri_rao', now 'kronecker'"):
+        pipeline.run(write_config(kron, "kron.yaml"), executor="local", progress=False)
+    # A store written before the key (all of them Kronecker): neither its config nor its record has it.
+    g = zarr.open_group(str(workdir / "f.zarr"), mode="r+")
+    rec = dict(g.attrs["ntk_pipeline"])
+    del rec["features"]["projection"]
+    assert rec["config"]["ntk"]["features"] is None
+    g.attrs["ntk_pipeline"] = rec
+    assert pipeline.kernel.open_store("f.zarr").provenance.features.projection == "kronecker"
+    with pytest.raises(StoreError, match="ntk.features.projection differs .recorded 'kronecker', now 'khatri_rao'"):
+        pipeline.run(path, executor="local", progress=False)  # the same config now means khatri_rao
+    s = pipeline.run(write_config(kron, "kron.yaml"), executor="local", progress=False)
+    assert (s.blocks, s.skipped) == (0, 3)
 
 
 def test_a_feature_run_on_ray_equals_the_local_one(workdir, write_config, ray_session):

@@ -153,7 +153,8 @@ def _block_values(task: BlockTask, fm: FunctionalModel, s1: Any, block: Block, d
     on the band it is in)."""
     if task.sketch is not None:
         f = task.sketch
-        return sketch_function(fm, cast_input(task.x1.read(block.i0, block.i1), dtype, device), f.k, f.seed, f.of)
+        x = cast_input(task.x1.read(block.i0, block.i1), dtype, device)
+        return sketch_function(fm, x, f.k, f.seed, f.of, projection=f.projection)
     if task.x2 is None and block.diagonal:
         values = combine(fm, s1, None, task.method, task.mode)  # one side serves both
         # J J^T is symmetric only up to rounding; make the stored matrix exactly symmetric.

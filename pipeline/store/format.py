@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
-from pipeline.config import Method, Mode
+from pipeline.config import FeaturesSpec, Method, Mode
 from pipeline.errors import StoreError
 
 ATTRIBUTE = "ntk_pipeline"  # the group attribute that holds the record
@@ -138,6 +138,9 @@ class FeatureRecord(BaseModel):
     seed: int
     of: Literal["full", "trace", "pntk"]
     split: dict[str, int]  # features per part of the model, in the order of the features (features.split)
+    # How Linear / Conv parts were projected (ntk.features.projection); records written before the choice
+    # existed were all "kronecker".
+    projection: Literal["kronecker", "khatri_rao"] = "kronecker"
     probe: FeatureProbe | None = None  # set when the run completes
 
     @model_serializer(mode="wrap")
@@ -240,7 +243,8 @@ class Provenance(BaseModel):
         """The first difference in ``sections`` of the config (keys in ``ignore``, dotted, left out), else
         in the parameter and input fingerprints, or None. Where blocks run (PLACEMENT) is never a difference."""
         ignore = ignore | PLACEMENT
-        recorded = _config_defaults(self.config)
+        projection = self.features.projection if self.features is not None else None
+        recorded, config = _config_defaults(self.config, projection), _feature_settings(config)
         for section in sections:
             found = _first_difference(recorded.get(section), config[section], section, ignore)
             if found:
@@ -326,13 +330,27 @@ def parse(record: object, path: str) -> Provenance:
         raise StoreError(path, f"its {ATTRIBUTE} attribute is malformed: {_first_error(err)}") from None
 
 
-def _config_defaults(config: Mapping[str, Any]) -> Mapping[str, Any]:
+def _config_defaults(config: Mapping[str, Any], projection: str | None = None) -> Mapping[str, Any]:
     """A recorded config with the keys added since it was written at the value every run had before
-    (``ntk.precision``: "highest"), so that a resume (or verify) of an older store compares like with
-    like. The record itself is left as it was written."""
+    (``ntk.precision``: "highest"; a feature run's ntk.features.projection: ``projection``, the one its
+    FeatureRecord holds), so that a resume (or verify) of an older store compares like with like. The
+    record itself is left as it was written."""
     if not isinstance(config.get("ntk"), Mapping):
         return config
-    return {**config, "ntk": {"precision": "highest", **config["ntk"]}}
+    return _feature_settings({**config, "ntk": {"precision": "highest", **config["ntk"]}}, projection)
+
+
+def _feature_settings(config: Mapping[str, Any], projection: str | None = None) -> Mapping[str, Any]:
+    """A feature run's config with its ntk.features in full (their defaults where absent, so that a config
+    without the key is compared by the settings it runs with); ``projection``: the one a recorded run used
+    (its FeatureRecord's: "kronecker" for a record from before the key), where its config does not say."""
+    ntk = config.get("ntk")
+    if not isinstance(ntk, Mapping) or ntk.get("mode") != Mode.FEATURES.value:
+        return config
+    given = ntk.get("features")
+    settings = {**FeaturesSpec().model_dump(mode="json"), **({"projection": projection} if projection else {}),
+                **(given if isinstance(given, Mapping) else {})}
+    return {**config, "ntk": {**ntk, "features": settings}}
 
 
 def _first_error(err: Exception) -> str:
