@@ -47,7 +47,7 @@ def make_store(folder: Path, n: int, block: int, hidden: list[int]) -> str:
 
 
 def make_features(folder: Path, n: int, k: int, block: int) -> str:
-    path = folder / f"analyze-{n}-features-{k}-{time.time_ns()}.zarr"
+    path = folder / f"analyze-{n}-features-{k}.zarr"
     if (path / "zarr.json").exists():
         return str(path)
     cfg = yaml.safe_load((folder / "bench_analyze.yaml").read_text())
