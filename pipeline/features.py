@@ -105,9 +105,9 @@ PROJECTION = KHATRI_RAO  # the default: its error at k = 4096 is a third of Kron
 TRACE, PARAMETERS = "trace", "parameters"
 SPLIT_RULES = (TRACE, PARAMETERS)  # how k is split over the parts (module docstring)
 SPLIT_ROWS = 64  # the trace split's rows (at most): x's first
-# What the trace split's S x S products may cost, in multiply-adds over its rows: about 5 s of this
-# machine's two cores in float64; the tutorial CNN (three Convs of 676 to 900 positions, 1e9 a row) gets
-# 17 rows, an MLP (S = 1) all 64.
+# What the trace split's S x S products may cost, in multiply-adds over its rows (``split_rows``): the
+# tutorial CNN (three Convs of 676 to 900 positions, 1e9 a row) gets 18 rows, its split 1.5 s on this
+# machine's two shared cores in float64 with the passes; an MLP (S = 1) all 64 rows.
 SPLIT_MACS = 1 << 34
 
 

@@ -10,7 +10,8 @@ JSON shape and plain Zarr readers (``zarr.open_group(p).attrs["ntk_pipeline"]["s
 change. A record of a newer format than this code reads is refused, never guessed at. Keys added
 within format 1 are optional and read as what every earlier run did: ``function`` and
 ``block_sizing`` absent, ``precision`` (and, when a config is compared with the record, the recorded
-config's ``ntk.precision``) "highest".
+config's ``ntk.precision``) "highest"; a feature record's ``projection`` "kronecker" and ``split_rule``
+"parameters" (and so the recorded config's ``ntk.features.projection`` and ``split``).
 
 What a reader may trust: the record is data, written by whoever wrote the store. Parsing checks its
 shape and types (a malformed record is refused naming the store), not its truth: the config,
