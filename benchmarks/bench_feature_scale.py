@@ -39,12 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import _descendants, _label, _rss_and_name  # noqa: E402  (a sibling script)
 
 
-def _config(work: Path, name: str, args: argparse.Namespace, mode: str, x1: dict, x2: dict | None = None) -> Path:
+def _config(work: Path, name: str, args: argparse.Namespace, mode: str, x1: dict, x2: dict | None = None,
+            split: str = "trace") -> Path:
+    """A run's config; ``split``: a feature run's ntk.features.split (the test features: the train store's)."""
     cfg = {
         "model": {"builtin": "mlp", "kwargs": {"in_features": args.d, "hidden": args.hidden, "out_features": 10}},
         "data": {"x1": x1, **({"x2": x2} if x2 else {})},
         "ntk": {"mode": mode, "dtype": "float32", "method": "structured"} if mode != "features" else
-               {"mode": "features", "dtype": "float32", "features": {"k": args.k, "seed": 0, "of": "pntk"}},
+               {"mode": "features", "dtype": "float32",
+                "features": {"k": args.k, "seed": 0, "of": "pntk", "split": split}},
         "tiling": {"block": args.band if mode == "features" else args.block},
         "output": {"path": str(work / f"{name}.zarr")},
         "ray": {"cpus_per_task": 1},
@@ -101,8 +104,8 @@ def _features_and_predict(work: Path, args: argparse.Namespace, y: Path,
     test = {"synthetic": {"n": args.test, "shape": [args.d], "seed": 1}}
     times = {"train features": _timed(["run", str(_config(work, "f_train", args, "features", train)), "--no-progress"],
                                       peaks),
-             "test features": _timed(["run", str(_config(work, "f_test", args, "features", test)), "--no-progress"],
-                                     peaks)}
+             "test features": _timed(["run", str(_config(work, "f_test", args, "features", test,
+                                                         split=str(work / "f_train.zarr"))), "--no-progress"], peaks)}
     times["predict (features)"] = _timed(["predict", "--train-features", str(work / "f_train.zarr"),
                                           "--test-features", str(work / "f_test.zarr"), "--targets", str(y),
                                           "--diag-reg", str(args.diag_reg), "-o", str(work / "pred_f.npy")], peaks)

@@ -2,12 +2,15 @@
 
     python benchmarks/bench_features.py                          # n = 2000, k = 1024 and 4096, both projections
     python benchmarks/bench_features.py --n 256 --json out.json  # a small run
+    python benchmarks/bench_features.py --n 256 --k 4096 --split trace parameters   # the two splits of k
 
 For (a) the tutorial CNN (``builtin: cnn``, 3 x 32 x 32 Gaussian inputs, the trace kernel) and (b) the
 wide MLP 784-1024-1024-1024-10 (``benchmarks/bench_models.py``'s, Gaussian inputs, the pNTK), both in
 float64 with parameters from ``torch.manual_seed(0)`` and inputs from a generator seeded 1: the exact kernel
 by ``pipeline.empirical_ntk(method="structured")`` in tiles of ``--tile`` rows (its upper triangle), then,
-for each projection and k, ``pipeline.features.sketch`` of the same inputs (projection seed ``--seed``)
+for each split of k (``--split``: trace, by each part's share of the kernel's trace on the first 64 inputs,
+the run's default; parameters, by parameter counts), projection and k, ``pipeline.features.sketch`` of the
+same inputs (projection seed ``--seed``) with that split (``features.split``: its seconds are ``split_s``)
 and the relative Frobenius error ||Phi Phi^T - K||_F / ||K||_F of its kernel, the error of its eigenvalues
 max_i |lambda_i - lambda_i(K)| / lambda_1(K) (``features.probe_error``'s figures), and the seconds of each.
 The issue's target: a relative error of at most 0.05 at k = 4096 over 2,000 samples. Not a test.
@@ -70,18 +73,22 @@ def measure(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     exact = exact_kernel(model, x, of, args.tile)
     exact_s = time.perf_counter() - start
     rows = []
-    for projection in args.projections:
-        for k in args.k:
-            start = time.perf_counter()
-            phi = features.sketch(model, x, k=k, seed=args.seed, of=of, projection=projection,
-                                  batch=min(args.n, features.BATCH))  # a tiny --n: no padding to 64 rows
-            seconds = time.perf_counter() - start
-            relative, eigen = errors(phi, exact)
-            rows.append({"model": name, "of": of, "n": args.n, "projection": projection, "k": k,
-                         "relative_error": relative, "eigenvalue_error": eigen, "features_s": seconds,
-                         "exact_s": exact_s, "split": features.split(model, x[:1], k, of, projection=projection)})
-            print(f"{name:4} {of:5} {projection:10} {k:5} {relative:9.4f} {eigen:9.4f} {seconds:10.1f} "
-                  f"{exact_s:8.1f}", flush=True)
+    for rule in args.split:
+        for projection in args.projections:
+            for k in args.k:
+                start = time.perf_counter()
+                split = features.split(model, x, k, of, projection=projection, by=rule)
+                split_s = time.perf_counter() - start
+                start = time.perf_counter()
+                phi = features.sketch(model, x, k=k, seed=args.seed, of=of, projection=projection, split=split,
+                                      batch=min(args.n, features.BATCH))  # a tiny --n: no padding to 64 rows
+                seconds = time.perf_counter() - start
+                relative, eigen = errors(phi, exact)
+                rows.append({"model": name, "of": of, "n": args.n, "split_rule": rule, "projection": projection,
+                             "k": k, "relative_error": relative, "eigenvalue_error": eigen, "features_s": seconds,
+                             "split_s": split_s, "exact_s": exact_s, "split": split})
+                print(f"{name:4} {of:5} {rule:10} {projection:10} {k:5} {relative:9.4f} {eigen:9.4f} "
+                      f"{seconds:10.1f} {split_s:7.1f} {exact_s:8.1f}", flush=True)
     return rows
 
 
@@ -91,6 +98,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--k", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--projections", nargs="+", choices=list(features.PROJECTIONS), default=list(features.PROJECTIONS))
+    ap.add_argument("--split", nargs="+", choices=list(features.SPLIT_RULES), default=[features.TRACE],
+                    help="how k is split over the model's parts (trace, a run's default; parameters); several "
+                         "to compare them")
     ap.add_argument("--seed", type=int, default=0, help="the projections' seed")
     ap.add_argument("--tile", type=int, default=128, help="rows per exact kernel tile (memory: ~1.5 GB at 128, CNN)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -100,8 +110,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     print(f"n = {args.n}, float64, {torch.get_num_threads()} threads; relative error = ||K_phi - K||_F / ||K||_F; "
           "target <= 0.05 at k = 4096, n = 2000")
-    print(f"{'model':4} {'of':5} {'projection':10} {'k':>5} {'rel.err':>9} {'eig.err':>9} {'features s':>10} "
-          f"{'exact s':>8}")
+    print(f"{'model':4} {'of':5} {'split':10} {'projection':10} {'k':>5} {'rel.err':>9} {'eig.err':>9} "
+          f"{'features s':>10} {'split s':>7} {'exact s':>8}")
     rows = [row for name in args.models for row in measure(name, args)]
     if args.json:
         with open(args.json, "w") as f:

@@ -31,7 +31,7 @@ from pipeline.kernel import Kernel, bad_blocks, open_kernel, open_store
 from pipeline.methods import check_model, compute_block
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import Block
-from pipeline.prepare import Prepared, prepare, resolve
+from pipeline.prepare import Prepared, prepare, resolve, split_mismatch
 from pipeline.store import CONNECT_TIMEOUT_S, describe_lease, lease_alive, lease_holder, run_status
 from pipeline.store.format import LOCATIONS, VERIFY_SECTIONS
 
@@ -207,8 +207,11 @@ def _prepared(k: Kernel, config: RunConfig | str | os.PathLike[str],
     where = "the given config" if isinstance(config, RunConfig) else f"config {config}"
     try:
         cfg, search_path = resolve(config)
-        p = prepare(cfg, search_path, recorded=(prov.method, prov.auto), block=prov.plan_block)
+        split = None if prov.features is None else dict(prov.features.split)  # a feature store's, as recorded
+        p = prepare(cfg, search_path, recorded=(prov.method, prov.auto), block=prov.plan_block, split=split)
         mismatch = prov.mismatch(cfg.model_dump(mode="json"), p.fingerprints, VERIFY_SECTIONS, LOCATIONS)
+        if not mismatch and split is not None:
+            mismatch = split_mismatch(p, split)
         if not mismatch and prov.function is not None:
             mismatch = function_mismatch(prov.function, function_fingerprint(p), prov.dtype)
     except PipelineError as err:
@@ -272,7 +275,8 @@ def _recompute_features(f: Features, config: RunConfig | str | os.PathLike[str],
     spec, tol = f.record, FEATURE_TOLERANCE["tf32" if prov.ntk_precision == "tf32" else prov.dtype]
     failures = []
     for b in blocks:
-        ref = sketch_function(p.fm, p.rows(b.i0, b.i1), spec.k, spec.seed, spec.of).numpy()
+        ref = sketch_function(p.fm, p.rows(b.i0, b.i1), spec.k, spec.seed, spec.of, projection=spec.projection,
+                              split=spec.split).numpy()
         stored, _ = f.store.read_block(b)
         rel = float(np.abs(stored - ref).max()) / max(float(np.abs(ref).max()), 1e-30)
         if not rel <= tol:

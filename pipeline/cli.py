@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli_common import fails_cleanly, numbers, size, storage_options_option
+from pipeline.cli_common import fails_cleanly, numbers, size, split_rule, storage_options_option
 from pipeline.config import Method, Mode
 
 
@@ -170,7 +170,7 @@ def _echo_feature_plan(d: dict[str, Any]) -> None:
     click.echo(f"bands      {d['blocks']} tasks of {d['block'][0]} rows ({size(d['band_bytes'])} each)")
     parts = sorted(f["split"].items(), key=lambda kv: -kv[1])
     shown = ", ".join(f"{name} {n}" for name, n in parts[:6]) + (f", {len(parts) - 6} more" if len(parts) > 6 else "")
-    click.echo(f"split      {shown}")
+    click.echo(f"split      {shown} ({split_rule(f['split_rule'])})")
     if d["fallbacks"]:
         click.echo("fallbacks  " + "; ".join(f"no {t}: {why}" for t, why in d["fallbacks"].items()))
     click.echo(f"output     {d['output']}")

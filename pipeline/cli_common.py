@@ -49,6 +49,12 @@ def numbers(dtype: str, precision: str | None) -> str:
     return dtype if precision in (None, "highest") else f"{dtype} with {precision.upper()} products"
 
 
+def split_rule(rule: str) -> str:
+    """How a feature store's split of k was chosen, as ``plan`` and ``inspect`` show it: ``by trace``,
+    ``by parameters`` or ``from <the feature store it was taken from>``."""
+    return f"by {rule}" if rule in ("trace", "parameters") else f"from {rule}"
+
+
 def parse_storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
     """--storage-options: a JSON object of fsspec options (no credentials: those come from the environment)."""
     if value is None:

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import click
 
-from pipeline.cli_common import fails_cleanly, numbers, size, storage_options_flag, storage_options_option
+from pipeline.cli_common import fails_cleanly, numbers, size, split_rule, storage_options_flag, storage_options_option
 from pipeline.errors import ConfigError, StoreError, brief
 from pipeline.kernel import EXECUTORS
 
@@ -112,7 +112,8 @@ def _echo_features(d: dict[str, Any]) -> None:
                f"({size(d['stored_bytes'])} stored)")
     parts = sorted(d["split"].items(), key=lambda kv: -kv[1])
     more = f", {len(parts) - 4} more" if len(parts) > 4 else ""
-    click.echo(f"split      {', '.join(f'{name} {k}' for name, k in parts[:4])}{more} (features per part)")
+    click.echo(f"split      {', '.join(f'{name} {k}' for name, k in parts[:4])}{more} (features per part, "
+               f"{split_rule(d['split_rule'])})")
     p = d["probe"]
     click.echo("probe      none (the run has not completed)" if p is None else
                f"probe      {p['relative_error']:.2%} relative Frobenius error against the exact kernel on the first "

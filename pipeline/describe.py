@@ -79,7 +79,8 @@ def _feature_plan(p: Prepared) -> dict[str, Any]:
     shape = feature_shape(plan.n1, p.o, f.k, f.of)
     return {
         "n1": plan.n1, "o": p.o, "p": p.fm.p, "mode": cfg.ntk.mode, "dtype": cfg.ntk.dtype,
-        "precision": cfg.ntk.precision, "features": {**f.model_dump(), "split": p.split}, "shape": list(shape),
+        "precision": cfg.ntk.precision, "features": {**f.model_dump(), "split": p.split, "split_rule": f.split},
+        "shape": list(shape),
         "features_bytes": math.prod(shape) * p.fm.itemsize, "forward_flops_per_sample": p.fp,
         "block": [plan.block[0], 1], "grid": list(plan.grid), "blocks": len(plan.blocks), "chunk": list(plan.chunks),
         "sharded": plan.sharded, "band_bytes": math.prod(shape[1:]) * plan.block[0] * p.fm.itemsize,

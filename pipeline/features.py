@@ -29,18 +29,42 @@ Projections (each unbiased: E[<R u, R v>] = <u, v> for R with independent N(0, 1
   reparametrized parameters, the structured method's fallback): its per-sample Jacobian (n, o, p) times
   R^T, R (k_p, p) dense Gaussian, generated in column chunks; R is the identity where k_p = p (exact).
 
-The split of k (``split``): one part per Linear layer, Conv group and other parameter tensor. Part i
-gets t_i = max(min(MIN_K, cap_i), floor(k p_i / P)) features (p_i its parameters, P their total, cap_i
-the part's own dimension), cut back from the largest if the minimums overshoot k. A Khatri-Rao part takes
-its t_i features as they are, or, once t_i reaches its dimension C (K + b), is exact: its gradient itself
+The split of k (``split``): one part per Linear layer, Conv group and other parameter tensor, and one of
+two rules (``split=``; ``ntk.features.split`` in a run, where the default is "trace"):
+- "parameters" (the in-memory default: a row's features then depend on nothing but the row): part i gets
+  t_i = max(min(MIN_K, cap_i), floor(k p_i / P)) features (p_i its parameters, P their total, cap_i the
+  part's own dimension).
+- "trace": t_i proportional to tr_i, the part's share of the kernel's trace on x's first rows (so a row's
+  features depend on those rows: x[:SPLIT_ROWS]), tr_i = sum over those rows i and outputs a of
+  ||d f_a(x_i) / d theta_part||^2. For independent unbiased part estimates of variance ~ tr_i^2 / t_i
+  the total, sum_i tr_i^2 / t_i under sum_i t_i = k, is least at t_i ~ tr_i; a split by parameters
+  can starve a small layer that carries much of the kernel (the wide MLP's last Linear: 0.35% of the
+  parameters, 30% of the trace). tr_i of a Linear / Conv part comes from its inputs and cotangents,
+  never a per-sample gradient: ||sum_s g_s a_s^T||^2 + ||sum_s g_s||^2 = sum_{s,s'} (g_s . g_s')
+  ((a_s . a_s') + 1) (the 1 with a bias), S^2 (K + o (C + 1)) multiply-adds per row and output set;
+  a dense part's is ||J||^2. The rows: SPLIT_ROWS (64), fewer where those S x S products cost more
+  than SPLIT_MACS multiply-adds over the rows (``split_rows``: a Conv with many positions; one row at
+  least, whatever it costs: ``split: parameters`` costs nothing). Caps bind by water-filling (a part
+  at its dimension is exact, its share goes to the others); every part still gets its minimum; all
+  traces zero: by parameters.
+Either way the minimums are cut back from the largest if they overshoot k. A Khatri-Rao part takes its
+t_i features as they are, or, once t_i reaches its dimension C (K + b), is exact: its gradient itself
 (both sides the identity, as a Kronecker part of that size). A Kronecker part factors
 t_i as k_out (at most C) and k_in = t_i // k_out - b (at most K; b = 1 with a bias), the pair of least
 variance (1 + v_out)(1 + v_in) - 1, v = 2 / k for a projection and 0 for a factor as wide as its dimension
 (the identity): a Kronecker estimate is a product of two JL estimates, so its error is of order
 sqrt(2 / k_out + 2 / k_in), larger than a dense projection's sqrt(2 / k) at the same k, and an exact side
-halves it. What the factoring leaves over goes back, largest parts first, one k_in (k_out features) or one
-dense or Khatri-Rao feature at a time, then by refitting a Kronecker part to its features plus the rest;
-what no part can take is zero features at the end (recorded as ``"(zeros)"``).
+halves it. What the factoring leaves over goes back, largest parts first (by parameters or by trace): by
+parameters one k_in (k_out features) or one dense or Khatri-Rao feature at a time, then by refitting a
+Kronecker part to its features plus the rest; by trace only by refitting, so that every Kronecker part's
+factoring is the one ``_fit`` gives its count; what no part can take is zero features at the end
+(recorded as ``"(zeros)"``).
+
+A split as a dict, {part: features} (what ``split`` returns and a feature store records), is applied
+by ``apply_split``: the parts must be the model's, in order, and the counts sum to k; a Kronecker part's
+count is factored as the parameter rule factors it where the whole dict is that rule's (the stores
+written before the split was recorded resume bit for bit), else by ``_fit`` (the least-variance factoring
+with at most that many features: exactly the count for any count the trace rule gives).
 
 Reproducible: every projection comes from a torch.Generator on the CPU seeded with sha256(seed, part,
 role, shape), so the same seed gives the same features for a row whatever the other rows
@@ -50,9 +74,10 @@ chunks of features that depend on the part alone.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -77,6 +102,13 @@ ZEROS = "(zeros)"  # the split's key for features no part could take
 KRONECKER, KHATRI_RAO = "kronecker", "khatri_rao"
 PROJECTIONS = (KRONECKER, KHATRI_RAO)  # how a Linear / Conv part is projected (module docstring)
 PROJECTION = KHATRI_RAO  # the default: its error at k = 4096 is a third of Kronecker's on the tutorial CNN
+TRACE, PARAMETERS = "trace", "parameters"
+SPLIT_RULES = (TRACE, PARAMETERS)  # how k is split over the parts (module docstring)
+SPLIT_ROWS = 64  # the trace split's rows (at most): x's first
+# What the trace split's S x S products may cost, in multiply-adds over its rows (``split_rows``): the
+# tutorial CNN (three Convs of 676 to 900 positions, 1e9 a row) gets 18 rows, its split 1.5 s on this
+# machine's two shared cores in float64 with the passes; an MLP (S = 1) all 64 rows.
+SPLIT_MACS = 1 << 34
 
 
 @dataclass
@@ -126,7 +158,8 @@ Source = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
 
 def sketch(model: nn.Module, x: torch.Tensor, k: int = 4096, seed: int = 0, of: str = "trace",
-           output: str | int | None = None, batch: int = BATCH, projection: str = PROJECTION) -> torch.Tensor:
+           output: str | int | None = None, batch: int = BATCH, projection: str = PROJECTION,
+           split: str | Mapping[str, int] = PARAMETERS) -> torch.Tensor:
     """Sketched NTK features of ``model`` on x, in memory (the model runs in eval mode, as for
     ``empirical_ntk``; the features are over the parameters with ``requires_grad=True``).
 
@@ -139,31 +172,42 @@ def sketch(model: nn.Module, x: torch.Tensor, k: int = 4096, seed: int = 0, of: 
         with copies of its first row), so that a row's features do not depend on its neighbours.
       projection: how a Linear layer or Conv group is projected, "kronecker" (sum_s (P_out g_s)(P_in a_s)^T)
         or "khatri_rao" (an independent pair of vectors per feature); see the module docstring.
+      split: how k is split over the model's parts: "parameters" (the default: a row's features depend
+        on that row alone), "trace" (by each part's share of the kernel's trace on x's first rows, at most
+        SPLIT_ROWS: every row's features then depend on those rows), or a {part: features} dict as
+        ``split`` returns (``split(model, x_train, k, by="trace")`` for the test set's features).
 
     Returns:
       (n, o, k) for full and trace, (n, k) for pntk: <phi_a(x_i), phi_b(x_j)> estimates K[i, j, a, b].
     """
     with eval_mode(model):
-        return sketch_function(FunctionalModel(model, output), x, k, seed, of, batch, projection)
+        return sketch_function(FunctionalModel(model, output), x, k, seed, of, batch, projection, split)
 
 
 def sketch_function(fm: FunctionalModel, x: torch.Tensor, k: int = 4096, seed: int = 0, of: str = "trace",
-                    batch: int = BATCH, projection: str = PROJECTION) -> torch.Tensor:
-    """``sketch`` of a FunctionalModel (a run's workers call this on their rows: the model as it is,
-    its dtype and device those of the features)."""
+                    batch: int = BATCH, projection: str = PROJECTION,
+                    split: str | Mapping[str, int] = PARAMETERS) -> torch.Tensor:
+    """``sketch`` of a FunctionalModel (a run's workers call this on their rows with the split their store
+    records: the model as it is, its dtype and device those of the features)."""
     if x.shape[0] < 1 or batch < 1:
         raise ValueError(f"x: expected at least one sample and batch >= 1, got {x.shape[0]} and {batch}")
     _check_projection(projection)
+    _check_split(split)
     fm, x, summed = _prepared(fm, x, of)
     with torch.no_grad(), batchable_attention(fm):
         lay = layout(fm, x)
+        if split == TRACE:  # from x's first rows, once; then applied as a dict, as a run's workers do
+            split = _as_split(_by_trace(fm, lay, x, k, projection), k)
         parts: list[Part] | None = None
         cache: dict[str, torch.Tensor] = {}
         bands = []
         for i0 in range(0, x.shape[0], batch):
             rows = x[i0 : i0 + batch]
             sources = _sources(fm, lay, _padded(rows, batch))
-            parts = parts or allocate([p for p, _ in sources], k, projection)
+            if parts is None:
+                found = [p for p, _ in sources]
+                parts = apply_split(found, split, k, projection) if isinstance(split, Mapping) else \
+                    allocate(found, k, projection)
             bands.append(_features(parts, sources, seed, k, cache)[: rows.shape[0]])
         phi = torch.cat(bands)
     return phi[:, 0] if summed else phi
@@ -187,24 +231,66 @@ def _features(parts: list[Part], sources: list[tuple[Part, Source]], seed: int, 
 
 
 def split(model: nn.Module, x: torch.Tensor, k: int = 4096, of: str = "trace",
-          output: str | int | None = None, projection: str = PROJECTION) -> dict[str, int]:
-    """How ``sketch`` splits k over the model's parts, from one sample: {part: features}, in the order of
-    the features (a Linear layer or Conv by its module name, a Conv group as ``name[g]``, any other
-    parameter by its full name; ``"(zeros)"`` for features no part could take). Sums to k."""
+          output: str | int | None = None, projection: str = PROJECTION, by: str = PARAMETERS) -> dict[str, int]:
+    """How ``sketch`` splits k over the model's parts: {part: features}, in the order of the features (a
+    Linear layer or Conv by its module name, a Conv group as ``name[g]``, any other parameter by its full
+    name; ``"(zeros)"`` for features no part could take). Sums to k. ``by``: "parameters" (from x's first
+    sample, whose values do not matter) or "trace" (from x's first rows: ``split_rows`` of them); the dict
+    is what ``sketch(..., split=)`` takes, so that other inputs' features use the same split."""
     with eval_mode(model):
-        return split_function(FunctionalModel(model, output), x, k, of, projection)
+        return split_function(FunctionalModel(model, output), x, k, of, projection, by)
 
 
 def split_function(fm: FunctionalModel, x: torch.Tensor, k: int = 4096, of: str = "trace",
-                   projection: str = PROJECTION) -> dict[str, int]:
+                   projection: str = PROJECTION, by: str = PARAMETERS) -> dict[str, int]:
     """``split`` of a FunctionalModel."""
+    _check_projection(projection)
+    if by not in SPLIT_RULES:
+        raise ValueError(f"split: expected one of {', '.join(SPLIT_RULES)}, got {by!r}")
+    fm, x, _ = _prepared(fm, x[: SPLIT_ROWS if by == TRACE else 2], of)
+    with torch.no_grad(), batchable_attention(fm):
+        lay = layout(fm, x)
+        if by == TRACE:
+            parts = _by_trace(fm, lay, x, k, projection)
+        else:
+            parts = allocate([p for p, _ in _sources(fm, lay, x[:1])], k, projection)
+    return _as_split(parts, k)
+
+
+def check_split(fm: FunctionalModel, x: torch.Tensor, split: Mapping[str, int], k: int, of: str = "trace",
+                projection: str = PROJECTION) -> None:
+    """Raise ValueError (``split: ...``) unless ``split`` is a split of k over fm's parts (``apply_split``):
+    a recorded split (a store's, untrusted) checked before any band is computed with it."""
     _check_projection(projection)
     fm, x, _ = _prepared(fm, x[:2], of)
     with torch.no_grad(), batchable_attention(fm):
-        parts = allocate([p for p, _ in _sources(fm, layout(fm, x), x[:1])], k, projection)
+        parts = [p for p, _ in _sources(fm, layout(fm, x), x[:1])]
+    apply_split(parts, split, k, projection)
+
+
+def trace_shares(model: nn.Module, x: torch.Tensor, of: str = "trace",
+                 output: str | int | None = None) -> dict[str, float]:
+    """Each part's share of the ``of`` kernel's trace on x's first rows (``split_rows`` of them), the
+    weights of the trace split: {part: tr_i / sum_j tr_j}, tr_i = sum over rows and outputs of
+    ||d f_a(x_i) / d theta_part||^2 (module docstring)."""
+    with eval_mode(model):
+        fm, x, _ = _prepared(FunctionalModel(model, output), x[:SPLIT_ROWS], of)
+        with torch.no_grad(), batchable_attention(fm):
+            parts, traces = _traces(fm, layout(fm, x), x)
+    total = sum(traces) or 1.0
+    return {p.name: t / total for p, t in zip(parts, traces, strict=True)}
+
+
+def _as_split(parts: list[Part], k: int) -> dict[str, int]:
     out = {p.name: p.features for p in parts}
     pad = k - sum(out.values())
     return {**out, ZEROS: pad} if pad else out
+
+
+def _check_split(split: object) -> None:
+    if not (split in SPLIT_RULES or isinstance(split, Mapping)):
+        raise ValueError(f"split: expected one of {', '.join(SPLIT_RULES)} or a {{part: features}} dict, "
+                         f"got {split!r}")
 
 
 def probe_error(fm: FunctionalModel, x: torch.Tensor, phi: np.ndarray, of: str) -> tuple[float, float]:
@@ -227,20 +313,29 @@ def probe_error(fm: FunctionalModel, x: torch.Tensor, phi: np.ndarray, of: str) 
 # The split
 
 
-def allocate(parts: list[Part], k: int, projection: str = PROJECTION) -> list[Part]:
+def allocate(parts: list[Part], k: int, projection: str = PROJECTION,
+             weights: Sequence[float] | None = None) -> list[Part]:
     """Each part's k_out (and k_in), by the rule in the module docstring; total features at most k. With
-    ``projection="khatri_rao"`` a Linear / Conv part with a weight is projected row-wise."""
+    ``projection="khatri_rao"`` a Linear / Conv part with a weight is projected row-wise. ``weights``:
+    None for the split by parameters, else the parts' traces (the trace split: t_i proportional to them,
+    water-filled under the caps; all zero: by parameters)."""
     if k < 1:
         raise ValueError(f"k: expected a positive number of features, got {k}")
-    _check_projection(projection)
-    for p in parts:  # a bias alone is one projection of sum_s g_s either way: the Kronecker path's P_out
-        p.khatri_rao = projection == KHATRI_RAO and p.kronecker and p.weight
-    total = sum(p.numel for p in parts) or 1
+    _mark(parts, projection)
     mins = [min(MIN_K, p.cap) for p in parts]
     if sum(mins) > k:
         raise ValueError(f"k: expected at least {sum(mins)} features ({len(parts)} parts, at least {MIN_K} "
                          f"each), got {k}")
-    targets = [min(p.cap, max(m, k * p.numel // total)) for p, m in zip(parts, mins, strict=True)]
+    if weights is not None and not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"split: the parts' traces must be finite and non-negative, got {list(weights)}")
+    if weights is not None and sum(weights) <= 0:
+        weights = None  # no gradient at all on those rows: nothing to weigh by
+    if weights is None:
+        total = sum(p.numel for p in parts) or 1
+        shares = [k * p.numel // total for p in parts]
+    else:
+        shares = _proportional(weights, [p.cap for p in parts], k)
+    targets = [min(p.cap, max(m, t)) for p, m, t in zip(parts, mins, shares, strict=True)]
     for i in sorted(range(len(parts)), key=lambda i: -targets[i]):  # the minimums may overshoot: cut back
         over = sum(targets) - k
         if over <= 0:
@@ -248,8 +343,136 @@ def allocate(parts: list[Part], k: int, projection: str = PROJECTION) -> list[Pa
         targets[i] -= min(over, targets[i] - mins[i])
     for p, t in zip(parts, targets, strict=True):
         _fit(p, t)
-    _grow(parts, k - sum(p.features for p in parts))
+    left = k - sum(p.features for p in parts)
+    if weights is None:
+        _grow(parts, left)
+    else:
+        _refill([p for _, p in sorted(zip(weights, parts, strict=True), key=lambda wp: -wp[0])], left)
     return parts
+
+
+def apply_split(parts: list[Part], split: Mapping[str, int], k: int, projection: str = PROJECTION) -> list[Part]:
+    """The parts with the features ``split`` ({part: features}, as ``split`` returns and a store records)
+    gives them: the model's parts, in order, with ``"(zeros)"`` last, summing to k. A Kronecker part's
+    count is factored as the split by parameters factors it where the whole split is that one (stores
+    written before splits were recorded resume bit for bit), else by ``_fit`` (module docstring).
+
+    Raises:
+      ValueError: ``split: ...`` where the split is not one of these parts (another model, or malformed).
+    """
+    counts = dict(split)
+    zeros = counts.pop(ZEROS, 0)
+    names = [p.name for p in parts]
+    if list(counts) != names:
+        raise ValueError(f"split: its parts {list(counts)} are not the model's {names}")
+    if not all(type(t) is int and 0 < t <= p.cap for p, t in zip(parts, counts.values(), strict=True)) \
+            or type(zeros) is not int or zeros < 0 or sum(counts.values()) + zeros != k:
+        raise ValueError(f"split: expected between 1 and its dimension features per part, summing to k = {k}, "
+                         f"got {dict(split)}")
+    try:
+        reference = allocate([copy.copy(p) for p in parts], k, projection)
+    except ValueError:
+        reference = None
+    if reference is not None and [p.features for p in reference] == list(counts.values()):
+        return reference
+    _mark(parts, projection)
+    for p in parts:
+        _fit(p, counts[p.name])
+        if p.features != counts[p.name]:
+            raise ValueError(f"split: {p.name} takes {p.features} features where the split gives it "
+                             f"{counts[p.name]} (no factoring of its {p.c} x {p.k} makes that many)")
+    return parts
+
+
+def _mark(parts: list[Part], projection: str) -> None:
+    """Which parts the projection projects row-wise (Khatri-Rao)."""
+    _check_projection(projection)
+    for p in parts:  # a bias alone is one projection of sum_s g_s either way: the Kronecker path's P_out
+        p.khatri_rao = projection == KHATRI_RAO and p.kronecker and p.weight
+
+
+def _proportional(weights: Sequence[float], caps: list[int], k: int) -> list[int]:
+    """floor(k' w_i / W') features for each part, water-filled: a part whose share reaches its cap gets
+    its cap, and the others share what is left (k' and W' what the capped parts leave)."""
+    out, free, budget = [0] * len(caps), list(range(len(caps))), k
+    while free:
+        total = sum(weights[i] for i in free)
+        if total <= 0:
+            break
+        full = [i for i in free if caps[i] * total <= budget * weights[i]]
+        if not full:
+            for i in free:
+                out[i] = math.floor(budget * weights[i] / total)
+            break
+        for i in full:
+            out[i], budget = caps[i], budget - caps[i]
+        free = [i for i in free if i not in full]
+    return out
+
+
+def _refill(order: list[Part], left: int) -> None:
+    """Hand what the factoring left over back, in ``order``, by refitting each part to its features plus
+    the rest (a Kronecker part's factoring stays the one ``_fit`` gives its count)."""
+    grew = True
+    while left > 0 and grew:
+        grew = False
+        for p in order:
+            before, saved = p.features, (p.k_out, p.k_in)
+            if left <= 0 or before >= p.cap:
+                continue
+            _fit(p, before + left)
+            if p.features <= before:
+                p.k_out, p.k_in = saved
+                continue
+            left, grew = left - (p.features - before), True
+
+
+def split_rows(sources: list[tuple[Part, Source]], n: int) -> int:
+    """How many of n rows the trace split takes: SPLIT_ROWS, fewer where the Linear / Conv parts' S x S
+    products (``sources``: of one row) would cost more than SPLIT_MACS multiply-adds, one at least."""
+    per_row = 0
+    for part, src in sources:
+        if not isinstance(src, torch.Tensor) and part.weight:
+            a, g = src
+            o, _, s, c = g.shape
+            per_row += s * s * (a.shape[2] + o * (c + 1))
+    return max(1, min(SPLIT_ROWS, n, SPLIT_MACS // max(per_row, 1)))
+
+
+def _traces(fm: FunctionalModel, lay: Layout, x: torch.Tensor) -> tuple[list[Part], list[float]]:
+    """The parts and each one's trace on x's first ``split_rows`` rows (the sum over rows and outputs of
+    its squared gradient norm)."""
+    first = _sources(fm, lay, x[:1])
+    rows = split_rows(first, x.shape[0])
+    sources = first if rows == 1 else _sources(fm, lay, x[:rows])
+    return [p for p, _ in sources], [part_trace(p, src) for p, src in sources]
+
+
+def _by_trace(fm: FunctionalModel, lay: Layout, x: torch.Tensor, k: int, projection: str) -> list[Part]:
+    """The parts allocated by the trace split on x's first rows."""
+    parts, traces = _traces(fm, lay, x)
+    return allocate(parts, k, projection, traces)
+
+
+def part_trace(part: Part, src: Source) -> float:
+    """sum over rows and outputs of ||d f_a(x_i) / d theta_part||^2: ||J||^2 for a dense part; for a Linear
+    / Conv part, A (n, S, K) and G (o, n, S, C), sum_{s,s'} (g_s . g_s') (w (a_s . a_s') + b) (w, b: 1 with a
+    weight, a bias), in steps of S x S Gram rows that keep each product under CHUNK_ENTRIES entries."""
+    if isinstance(src, torch.Tensor):
+        return float(torch.linalg.vector_norm(src, dtype=torch.float64)) ** 2
+    a, g = src
+    o, n, s, _ = g.shape
+    w, b = float(part.weight), float(part.bias)
+    step = max(1, min(s, CHUNK_ENTRIES // ((o + 1) * s)))  # Gram rows per product
+    m = max(1, CHUNK_ENTRIES // ((o + 1) * s * s))  # samples per product, where a whole Gram fits
+    total = torch.zeros((), dtype=torch.float64)
+    for i0 in range(0, n, m):
+        ai, gi = a[i0 : i0 + m], g[:, i0 : i0 + m]
+        for s0 in range(0, s, step):
+            aa = ai[:, s0 : s0 + step] @ ai.mT  # (m, step, S): a_s . a_s'
+            gg = gi[:, :, s0 : s0 + step] @ gi.mT  # (o, m, step, S): g_s . g_s'
+            total += (gg * (w * aa + b)).sum(dtype=torch.float64).cpu()
+    return float(total)
 
 
 def variance(k: int, d: int) -> float:
@@ -525,6 +748,7 @@ def _dense(part: Part, jac: torch.Tensor, seed: int, cache: dict[str, torch.Tens
     return out
 
 
-__all__ = ["BATCH", "KHATRI_RAO", "KRONECKER", "MIN_K", "PROJECTION", "PROJECTIONS", "Part", "allocate", "gaussian",
-           "khatri_rao_variance", "part_variance", "probe_error", "sketch", "sketch_function", "split",
-           "split_function", "variance"]
+__all__ = ["BATCH", "KHATRI_RAO", "KRONECKER", "MIN_K", "PARAMETERS", "PROJECTION", "PROJECTIONS", "SPLIT_MACS",
+           "SPLIT_ROWS", "SPLIT_RULES", "TRACE", "ZEROS", "Part", "allocate", "apply_split", "check_split", "gaussian",
+           "khatri_rao_variance", "part_trace", "part_variance", "probe_error", "sketch", "sketch_function", "split",
+           "split_function", "split_rows", "trace_shares", "variance"]

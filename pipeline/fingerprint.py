@@ -54,7 +54,8 @@ def function_fingerprint(p: Prepared) -> Function:
     try:
         if p.config.ntk.mode == Mode.FEATURES:  # a feature run's "block": the rows' features, (rows[, o], k)
             f = p.config.ntk.sketch
-            block = sketch_function(p.fm, a, f.k, f.seed, f.of)
+            split = p.split if p.split is not None else {}  # always set for a feature run (prepare)
+            block = sketch_function(p.fm, a, f.k, f.seed, f.of, projection=f.projection, split=split)
         else:
             block = compute_block(p.fm, a, c, p.method, p.config.ntk.mode)  # (rows, rows[, o[, o]])
     except PipelineError:

@@ -473,7 +473,7 @@ def feature_mode(train: Features, mode: str | None) -> Mode:
 
 def check_features(train: Features, test: Features) -> None:
     """Raise StoreError (naming the store) unless the two feature stores are of one feature map: the same
-    dtype, model (parameter fingerprint) and ntk.features (of, k, seed, split), both complete."""
+    dtype, model (parameter fingerprint) and ntk.features (of, k, seed, projection, split), both complete."""
     if test.dtype != train.dtype:  # parameters are fingerprinted in the run's dtype: compare dtypes first
         raise StoreError(test.path, f"features in {test.dtype}, the train features in {train.dtype} (ntk.dtype); "
                          "compute both with the same ntk.dtype")
@@ -486,9 +486,14 @@ def check_features(train: Features, test: Features) -> None:
         raise StoreError(test.path, f"its features are of = {a.of}, k = {a.k}, seed {a.seed}, the train features' "
                          f"of = {b.of}, k = {b.k}, seed {b.seed}: other projections estimate another kernel; "
                          "compute both with the same ntk.features")
+    if a.projection != b.projection:
+        raise StoreError(test.path, f"its features are of the {a.projection} projection, the train features' of the "
+                         f"{b.projection} projection: another feature map; compute both with the same "
+                         "ntk.features.projection")
     if a.split != b.split or test.o != train.o:
         raise StoreError(test.path, f"its split of k over the model's parts, {a.split}, is not the train "
-                         f"features' {b.split}: another feature map")
+                         f"features' {b.split}: another feature map; compute the test features with "
+                         f"ntk.features.split: {train.path}")
     for f in (train, test):
         f.require_complete()
 

@@ -20,9 +20,10 @@ import torch
 from pipeline import policy
 from pipeline.config import Method, Mode, RunConfig, is_url, load_config
 from pipeline.data import Source, as_tensor, open_source
-from pipeline.errors import ConfigError, DataError, ModelError, StoreError, brief
+from pipeline.errors import ConfigError, DataError, ModelError, PipelineError, StoreError, brief
 from pipeline.execute.memory import WorkerMemory, device_free, per_task
-from pipeline.features import split_function
+from pipeline.features import SPLIT_ROWS, SPLIT_RULES, TRACE, check_split, split_function
+from pipeline.kernel import open_store
 from pipeline.methods import check_model, task_memory
 from pipeline.methods.auto import auto_method
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
@@ -192,7 +193,8 @@ def fit_block(fm: FunctionalModel, x: torch.Tensor, method: Method, config: RunC
 
 def prepare(config: RunConfig, search_path: str | None = None, *, measure: bool = False,
             recorded: tuple[Method, dict[str, Any] | None] | None = None, fingerprint: bool = True,
-            block: tuple[int, int] | None = None, memory: Callable[[], WorkerMemory] | None = None) -> Prepared:
+            block: tuple[int, int] | None = None, memory: Callable[[], WorkerMemory] | None = None,
+            split: dict[str, int] | None = None) -> Prepared:
     """Build and check everything a run needs, without touching the output.
 
     Args:
@@ -205,6 +207,8 @@ def prepare(config: RunConfig, search_path: str | None = None, *, measure: bool 
         a resume keeps it (its chunk grid is fixed), whatever auto would pick now.
       memory: for ``tiling.block: auto`` (and no ``block``), what one block task may use: an
         executor's ``worker_memory``, called only then; None: ``local_memory``.
+      split: a feature store's recorded split of k: a resume (and verify) takes it as it is, never
+        computed again (a trace split computed on another machine could round differently).
 
     Raises:
       PipelineError: naming the key and the bad value.
@@ -225,7 +229,8 @@ def prepare(config: RunConfig, search_path: str | None = None, *, measure: bool 
     check_model(fm, head)  # which transforms it takes: fm.fallbacks
     fp = forward_flops(fm, head)  # of head[:1]
     if config.ntk.mode == Mode.FEATURES:
-        plan, split = _feature_plan(config, fm, x1, x2, head, o, block)
+        plan = _feature_plan(config, fm, x1, x2, o, block)
+        split = split if split is not None else _feature_split(config, fm, x1, head)
         method, auto, sizing = Method.STRUCTURED, None, None  # features come from the structured method's parts
     else:
         split = None
@@ -242,17 +247,13 @@ def prepare(config: RunConfig, search_path: str | None = None, *, measure: bool 
 AUTO_BAND_BYTES = 256 * 2**20
 
 
-def _feature_plan(config: RunConfig, fm: FunctionalModel, x1: Source, x2: Source | None, head: torch.Tensor,
-                  o: int, block: tuple[int, int] | None) -> tuple[Plan, dict[str, int]]:
-    """A feature run's row bands and its split of k over the model's parts (``features.split_function``)."""
+def _feature_plan(config: RunConfig, fm: FunctionalModel, x1: Source, x2: Source | None, o: int,
+                  block: tuple[int, int] | None) -> Plan:
+    """A feature run's row bands."""
     spec = config.ntk.sketch
     if x2 is not None:
         raise ConfigError("data.x2", "a feature run (ntk.mode: features) computes the features of data.x1, one "
                           "row per sample; run once per dataset, with the same model and ntk.features")
-    try:
-        split = split_function(fm, head, spec.k, spec.of, projection=spec.projection)
-    except ValueError as err:
-        raise ConfigError("ntk.features.k", str(err).removeprefix("k: ")) from None
     chunk = config.tiling.chunk_shape
     rows = (block or config.tiling.shape or (0, 0))[0]
     if not rows:  # auto
@@ -260,9 +261,67 @@ def _feature_plan(config: RunConfig, fm: FunctionalModel, x1: Source, x2: Source
         step = chunk[0] if chunk else policy.BLOCK_STEP
         rows = max(step, AUTO_BAND_BYTES // row_bytes // step * step)
     try:
-        return bands(x1.n, rows, None if chunk is None else chunk[0]), split
+        return bands(x1.n, rows, None if chunk is None else chunk[0])
     except ValueError as err:
         raise ConfigError("tiling.chunk" if "chunk" in str(err) else "tiling.block", str(err)) from None
+
+
+def _feature_split(config: RunConfig, fm: FunctionalModel, x1: Source, head: torch.Tensor) -> dict[str, int]:
+    """A new feature store's split of k over the model's parts (``ntk.features.split``): by trace, from x1's
+    first rows (``features.split_function``, at most SPLIT_ROWS), by parameters, or another store's."""
+    spec = config.ntk.sketch
+    if spec.split not in SPLIT_RULES:
+        return _stored_split(config, fm, head)
+    dtype = getattr(torch, config.ntk.dtype)
+    rows = cast_input(x1.read(0, min(SPLIT_ROWS, x1.n)), dtype) if spec.split == TRACE else head
+    try:
+        return split_function(fm, rows, spec.k, spec.of, projection=spec.projection, by=spec.split)
+    except ValueError as err:
+        key = "ntk.features.k" if str(err).startswith("k: ") else "ntk.features.split"
+        raise ConfigError(key, str(err).removeprefix("k: ").removeprefix("split: ")) from None
+
+
+def _stored_split(config: RunConfig, fm: FunctionalModel, head: torch.Tensor) -> dict[str, int]:
+    """The split a feature store at ``ntk.features.split`` records (a train set's, for the test set's
+    features), if it is one of the same feature map: the same ntk.dtype, model parameters, k, of and
+    projection; else one ConfigError line naming ntk.features.split."""
+    spec, out = config.ntk.sketch, config.output
+    path = spec.split
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError("ntk.features.split", f"{path}: {why}")
+
+    try:
+        other = open_store(path, out.storage_options if is_url(path) else None, out.connect_timeout_s)
+    except PipelineError as err:
+        raise refuse(err.message) from None
+    prov, rec = other.provenance, other.provenance.features
+    if rec is None:
+        raise refuse(f"it holds a {prov.mode} kernel, not features: give a feature store, trace or parameters")
+    if prov.dtype != config.ntk.dtype:
+        raise refuse(f"its features are in {prov.dtype}, this run's in {config.ntk.dtype} (ntk.dtype)")
+    theirs, ours = prov.fingerprints.get("parameters"), fingerprint_module(fm.module)
+    if theirs != ours:
+        raise refuse(f"computed with other model parameters (fingerprint {theirs}, this run's {ours})")
+    if (rec.k, rec.of, rec.projection) != (spec.k, spec.of, spec.projection):
+        raise refuse(f"its features are k = {rec.k}, of = {rec.of}, {rec.projection} projection; this run's k = "
+                     f"{spec.k}, of = {spec.of}, {spec.projection}: its split is of another feature map")
+    try:
+        check_split(fm, head, rec.split, spec.k, spec.of, spec.projection)
+    except ValueError as err:
+        raise refuse(str(err).removeprefix("split: ")) from None
+    return dict(rec.split)
+
+
+def split_mismatch(p: Prepared, split: dict[str, int]) -> str | None:
+    """Why a feature store's recorded split (data, like the rest of its record) is not a split of k over
+    this run's model, or None: checked before a resume or verify computes bands with it."""
+    f = p.config.ntk.sketch
+    try:
+        check_split(p.fm, p.rows(0, min(2, p.x1.n)), split, f.k, f.of, f.projection)
+    except ValueError as err:
+        return f"its recorded split of k does not fit the model: {str(err).removeprefix('split: ')}"
+    return None
 
 
 def _kernel_plan(config: RunConfig, fm: FunctionalModel, x1: Source, x2: Source | None, head: torch.Tensor,

@@ -36,7 +36,7 @@ from pipeline.fingerprint import function_fingerprint, function_mismatch
 from pipeline.kernel import bad_blocks, open_store
 from pipeline.methods import estimate_flops
 from pipeline.plan import Block, feature_shape, kernel_entries
-from pipeline.prepare import Prepared, check_not_an_input, prepare, resolve
+from pipeline.prepare import Prepared, check_not_an_input, prepare, resolve, split_mismatch
 from pipeline.store import (
     BlockWriter,
     FeatureProbe,
@@ -137,7 +137,7 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
                          BlockWriter(cfg.output.path, cfg.output.storage_options), device=device,
                          step=cfg.tiling.chunk_shape[0] if cfg.tiling.chunk_shape else 64,
                          precision=cfg.ntk.precision,
-                         sketch=cfg.ntk.sketch if cfg.ntk.mode == Mode.FEATURES else None)
+                         sketch=cfg.ntk.sketch if cfg.ntk.mode == Mode.FEATURES else None, split=p.split)
         book = _execute(start, ex, task, progress)
         # A feature run: how far its kernel is from the exact one, on a probe.
         features = None if p.split is None else _record_probe(p, book.prov)
@@ -262,8 +262,13 @@ def _start(cfg: RunConfig, search_path: str | None, repair: bool = False,
     stored = open_store(path, opts, timeout)  # the one reader: a malformed or newer-format record is refused
     recorded = stored.provenance
     # The recorded choice: the same bits as before.
-    p = prepare(cfg, search_path, recorded=(recorded.method, recorded.auto), block=recorded.plan_block)
+    # A feature store's recorded split: the workers take it as it is (a trace split computed again could
+    # round differently), once it is known to be a split of this model's parts.
+    split = None if recorded.features is None else dict(recorded.features.split)
+    p = prepare(cfg, search_path, recorded=(recorded.method, recorded.auto), block=recorded.plan_block, split=split)
     mismatch = recorded.resume_mismatch(cfg.model_dump(mode="json"), p.fingerprints)
+    if not mismatch and split is not None:
+        mismatch = split_mismatch(p, split)
     if not mismatch and recorded.function is not None:  # a store older than the record resumes without it
         mismatch = function_mismatch(recorded.function, function_fingerprint(p), cfg.ntk.dtype)
     if mismatch:
@@ -307,7 +312,8 @@ def _create(p: Prepared, action: str, function: Function | None) -> Provenance:
         chunk=p.plan.chunks, compression=cfg.output.compression, grid=p.plan.grid, blocks_total=len(p.plan.blocks),
         versions=_versions(), fingerprints=p.fingerprints, status="running", started=_now(), blocks_done=0,
         fallbacks=dict(p.fm.fallbacks) or None, function=function,
-        features=None if p.split is None else FeatureRecord(**p.config.ntk.sketch.model_dump(), split=p.split),
+        features=None if p.split is None else FeatureRecord(**p.config.ntk.sketch.model_dump(exclude={"split"}),
+                                                             split=p.split, split_rule=p.config.ntk.sketch.split),
     )
     create(cfg.output.path, p.plan, cfg.ntk.mode, p.o, cfg.ntk.dtype, prov, overwrite=action == "overwrite",
            compression=cfg.output.compression, options=cfg.output.storage_options)

@@ -41,6 +41,8 @@ def make(tmp_path_factory):
             name = "-".join(map(str, key))
             ntk = ({"mode": "features", "features": {"k": k, "seed": seed, "of": of}} if mode == "features"
                    else {"mode": mode, "method": "structured"})
+            if mode == "features" and x == "test":  # the train set's split (one feature map), as a user would
+                ntk["features"]["split"] = store("train", of=of, k=k, seed=seed, dtype=dtype, model_seed=model_seed)
             data = {"x1": {"path": f"{x}.npy"}}
             if mode != "features" and x == "test":
                 data["x2"] = {"path": "train.npy"}

@@ -15,6 +15,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, StoreError
 from pipeline.features import sketch_function, split_function
+from pipeline.predict import predict_features
 from pipeline.prepare import prepare
 from pipeline.store import unmark
 
@@ -40,9 +41,13 @@ def _features(path) -> np.ndarray:
     return np.asarray(zarr.open_group(str(path), mode="r")["features"][...])
 
 
-def _in_memory(config_path, of: str, k: int, seed: int, projection: str = "khatri_rao") -> np.ndarray:
+def _in_memory(config_path, of: str, k: int, seed: int, projection: str = "khatri_rao",
+               split: str | dict | None = None) -> np.ndarray:
+    """The in-memory sketch of the config's inputs; ``split`` None: the one its store records."""
     p = prepare(load_config(config_path), fingerprint=False)
-    return sketch_function(p.fm, p.rows(0, p.x1.n), k, seed, of, projection=projection).numpy()
+    if split is None:
+        split = pipeline.kernel.open_store(str(p.config.output.path)).provenance.features.split
+    return sketch_function(p.fm, p.rows(0, p.x1.n), k, seed, of, projection=projection, split=split).numpy()
 
 
 @pytest.mark.parametrize("of, shape", [("trace", (21, 3, 64)), ("pntk", (21, 64))])
@@ -61,6 +66,9 @@ def test_a_feature_run_writes_plain_zarr_bands_equal_to_the_in_memory_sketch(wor
     assert rec["mode"] == "features" and rec["status"] == "complete" and rec["n1"] == 21
     f = rec["features"]
     assert (f["k"], f["seed"], f["of"]) == (64, 3, of) and sum(f["split"].values()) == 64
+    # the default split: by trace, from x1's first rows (here all 21), as the in-memory sketch splits them
+    assert f["split_rule"] == "trace" and rec["config"]["ntk"]["features"]["split"] == "trace"
+    np.testing.assert_array_equal(arr[...], _in_memory(path, of, 64, 3, split="trace"))
     assert f["probe"]["rows"] == 21 and 0 < f["probe"]["relative_error"] < 1.5
     assert s.features is not None and s.features.probe is not None
     assert s.features.probe.relative_error == pytest.approx(f["probe"]["relative_error"])
@@ -125,12 +133,12 @@ def test_the_projection_is_a_config_key_the_workers_use_and_the_record_keeps(wor
     used = projection or "khatri_rao"  # the default
     other = {"kronecker": "khatri_rao", "khatri_rao": "kronecker"}[used]
     np.testing.assert_array_equal(_features(workdir / "f.zarr"), _in_memory(path, "pntk", 64, 3, used))
-    assert not np.array_equal(_features(workdir / "f.zarr"), _in_memory(path, "pntk", 64, 3, other))
+    assert not np.array_equal(_features(workdir / "f.zarr"), _in_memory(path, "pntk", 64, 3, other, split="trace"))
     rec = zarr.open_group(str(workdir / "f.zarr"), mode="r").attrs["ntk_pipeline"]
     assert rec["features"]["projection"] == used and s.features is not None and s.features.projection == used
     assert rec["config"]["ntk"]["features"]["projection"] == used
     p = prepare(load_config(path), fingerprint=False)
-    assert rec["features"]["split"] == split_function(p.fm, p.rows(0, 2), 64, "pntk", projection=used)
+    assert rec["features"]["split"] == split_function(p.fm, p.rows(0, 21), 64, "pntk", projection=used, by="trace")
     plan = CliRunner().invoke(main, ["plan", str(path)])
     assert f"seed 3, {used} projection)" in plan.output, plan.output
 
@@ -249,3 +257,122 @@ def _kernel_store(workdir, write_config):
     cfg["output"]["path"] = "k.zarr"
     pipeline.run(write_config(cfg, "kernel.yaml"), executor="local", progress=False)
     return workdir / "k.zarr"
+
+
+def test_the_split_is_recorded_with_its_rule_and_a_resume_takes_it(workdir, write_config, monkeypatch):
+    path = write_config(_cfg())
+    pipeline.run(path, executor="local", progress=False)
+    rec = pipeline.kernel.open_store("f.zarr").provenance.features
+    p = prepare(load_config(path), fingerprint=False)
+    x = p.rows(0, 21)
+    assert rec.split_rule == "trace" and rec.split == split_function(p.fm, x, 64, by="trace")
+    assert rec.split != split_function(p.fm, x, 64, by="parameters")  # the rule matters here
+    whole = _features(workdir / "f.zarr")
+    # lose band 1; the resume computes it with the recorded split, never the trace split again
+    band = pipeline.kernel.open_store("f.zarr").plan.blocks[1]
+    unmark("f.zarr", [band])
+    zarr.open_group("f.zarr", mode="r+")["features"][band.i0 : band.i1] = np.nan
+
+    def computed_again(*args, **kwargs):
+        raise AssertionError("a resume computed the trace split again")
+
+    monkeypatch.setattr(pipeline.features, "_by_trace", computed_again)
+    s = pipeline.run(path, executor="local", progress=False)
+    assert (s.blocks, s.skipped) == (1, 2)
+    np.testing.assert_array_equal(_features(workdir / "f.zarr"), whole)
+    # a config whose split setting differs is refused (the default, trace, is compared as such)
+    other = _cfg()
+    other["ntk"]["features"]["split"] = "parameters"
+    with pytest.raises(StoreError, match="ntk.features.split differs .recorded 'trace', now 'parameters'"):
+        pipeline.run(write_config(other, "params.yaml"), executor="local", progress=False)
+    # a record from before the split was recorded with its rule: split by parameters
+    g = zarr.open_group("f.zarr", mode="r+")
+    old = json.loads(json.dumps(g.attrs["ntk_pipeline"]))
+    del old["features"]["split_rule"], old["config"]["ntk"]["features"]["split"]
+    g.attrs["ntk_pipeline"] = old
+    assert pipeline.kernel.open_store("f.zarr").provenance.features.split_rule == "parameters"
+    with pytest.raises(StoreError, match="ntk.features.split differs .recorded 'parameters', now 'trace'"):
+        pipeline.run(path, executor="local", progress=False)
+    s = pipeline.run(write_config(other, "params.yaml"), executor="local", progress=False)
+    assert (s.blocks, s.skipped) == (0, 3)
+    # a recorded split that is not this model's (a record is data) is refused before a band is computed
+    old["features"]["split"] = {"conv": 64}
+    g.attrs["ntk_pipeline"] = old
+    unmark("f.zarr", [band])
+    with pytest.raises(StoreError, match=r"cannot resume \S*f.zarr: its recorded split of k does not fit the "
+                                         r"model: its parts \['conv'\] are not the model's"):
+        pipeline.run(write_config(other, "params.yaml"), executor="local", progress=False)
+
+
+def test_a_test_set_takes_the_train_stores_split_and_predict_accepts_the_pair(workdir, write_config):
+    np.save(workdir / "y.npy", np.random.default_rng(1).standard_normal((13, 2, 6, 6)) * 2)
+    pipeline.run(write_config(_cfg()), executor="local", progress=False)
+    train = pipeline.open_features("f.zarr")
+    test_cfg = _cfg()
+    test_cfg["data"]["x1"]["path"] = "y.npy"
+    test_cfg["ntk"]["features"]["split"] = "f.zarr"  # relative to the config file
+    test_cfg["output"]["path"] = "t.zarr"
+    test_path = write_config(test_cfg, "test.yaml")
+    plan = CliRunner().invoke(main, ["plan", str(test_path)])
+    assert f"(from {workdir / 'f.zarr'})" in plan.output, plan.output
+    pipeline.run(test_path, executor="local", progress=False)
+    test = pipeline.open_features("t.zarr")
+    assert test.record.split == train.record.split and test.record.split_rule == str(workdir / "f.zarr")
+    np.testing.assert_array_equal(_features(workdir / "t.zarr"), _in_memory(test_path, "trace", 64, 3,
+                                                                             split=dict(train.record.split)))
+    y = np.random.default_rng(2).standard_normal((21, 2))
+    assert predict_features("f.zarr", "t.zarr", y, diag_reg=1e-2).values.shape == (13, 2)
+    # the test set's own trace split is another feature map: predict refuses the pair, naming the fix
+    own = {**test_cfg, "ntk": {**test_cfg["ntk"], "features": {"k": 64, "seed": 3, "of": "trace"}},
+           "output": {"path": "own.zarr"}}
+    pipeline.run(write_config(own, "own.yaml"), executor="local", progress=False)
+    assert pipeline.open_features("own.zarr").record.split != train.record.split
+    with pytest.raises(StoreError, match="compute the test features with ntk.features.split: f.zarr"):
+        predict_features("f.zarr", "own.zarr", y)
+    # and another projection with the same split
+    g = zarr.open_group("t.zarr", mode="r+")
+    rec = json.loads(json.dumps(g.attrs["ntk_pipeline"]))
+    rec["features"]["projection"] = "kronecker"
+    g.attrs["ntk_pipeline"] = rec
+    with pytest.raises(StoreError, match="of the kronecker projection, the train features' of the khatri_rao"):
+        predict_features("f.zarr", "t.zarr", y)
+    # a resume of the test set takes its recorded split: the train store need not be there any more
+    rec["features"]["projection"] = "khatri_rao"
+    g.attrs["ntk_pipeline"] = rec
+    (workdir / "f.zarr").rename(workdir / "gone.zarr")
+    unmark("t.zarr", [pipeline.kernel.open_store("t.zarr").plan.blocks[0]])
+    s = pipeline.run(test_path, executor="local", progress=False)
+    assert (s.blocks, s.skipped) == (1, 1)
+
+
+@pytest.mark.parametrize("case", ["missing", "kernel", "k", "projection", "model", "dtype"])
+def test_a_split_from_a_store_of_another_feature_map_is_one_line(workdir, write_config, case):
+    pipeline.run(write_config(_cfg()), executor="local", progress=False)
+    cfg = _cfg()
+    cfg["ntk"]["features"]["split"] = str(workdir / "f.zarr")
+    cfg["output"]["path"] = "t.zarr"
+    where = str(workdir / "f.zarr")
+    if case == "missing":
+        cfg["ntk"]["features"]["split"] = where = str(workdir / "nothing.zarr")
+        why = "does not exist"
+    elif case == "kernel":
+        cfg["ntk"]["features"]["split"] = where = str(_kernel_store(workdir, write_config))
+        why = "it holds a trace kernel, not features: give a feature store, trace or parameters"
+    elif case == "k":
+        cfg["ntk"]["features"]["k"] = 48
+        why = ("its features are k = 64, of = trace, khatri_rao projection; this run's k = 48, of = trace, "
+               "khatri_rao: its split is of another feature map")
+    elif case == "projection":
+        cfg["ntk"]["features"]["projection"] = "kronecker"
+        why = ("its features are k = 64, of = trace, khatri_rao projection; this run's k = 64, of = trace, "
+               "kronecker: its split is of another feature map")
+    elif case == "model":
+        cfg["model"]["seed"] = 1
+        why = "computed with other model parameters (fingerprint sha256:"
+    else:
+        cfg["ntk"]["dtype"] = "float32"
+        why = "its features are in float64, this run's in float32 (ntk.dtype)"
+    res = CliRunner().invoke(main, ["run", str(write_config(cfg, "test.yaml")), "--executor", "local"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert res.output.startswith(f"Error: ntk.features.split: {where}: {why}"), res.output
+    assert not (workdir / "t.zarr").exists()

@@ -288,10 +288,168 @@ def test_the_features_benchmark_runs_on_a_few_samples(tmp_path, capsys):
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = bench.main(["--n", "16", "--k", "128", "--json", str(tmp_path / "out.json")])
-    assert [(r["model"], r["of"], r["projection"]) for r in rows] == [
-        ("cnn", "trace", "kronecker"), ("cnn", "trace", "khatri_rao"), ("mlp", "pntk", "kronecker"),
-        ("mlp", "pntk", "khatri_rao")]
+    rows = bench.main(["--n", "16", "--k", "128", "--split", "trace", "parameters", "--json",
+                       str(tmp_path / "out.json")])
+    assert [(r["model"], r["split_rule"], r["projection"]) for r in rows] == [
+        (model, rule, projection) for model in ("cnn", "mlp") for rule in ("trace", "parameters")
+        for projection in ("kronecker", "khatri_rao")]
     assert all(0 < r["relative_error"] < 2 and r["features_s"] > 0 and sum(r["split"].values()) == 128 for r in rows)
     assert json.loads((tmp_path / "out.json").read_text()) == rows
-    assert "cnn  trace khatri_rao   128" in capsys.readouterr().out
+    assert "cnn  trace trace      khatri_rao   128" in capsys.readouterr().out
+
+
+# --- the split of k by each part's share of the kernel's trace ---------------------------------------------------
+
+# Each part of a model as the parameters (and, for a Conv group, the output channels) it holds.
+PARTS = {
+    "convbn": {"conv": [("conv.weight", None), ("conv.bias", None)], "bn.weight": [("bn.weight", None)],
+               "bn.bias": [("bn.bias", None)], "conv2": [("conv2.weight", None)],  # conv2.bias is frozen
+               "head": [("head.weight", None), ("head.bias", None)]},
+    "grouped": {"conv[0]": [("conv.weight", slice(0, 2)), ("conv.bias", slice(0, 2))],
+                "conv[1]": [("conv.weight", slice(2, 4)), ("conv.bias", slice(2, 4))],
+                "head": [("head.weight", None), ("head.bias", None)]},
+}
+
+
+def _tiny(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "convbn":  # Convs (one of them without its bias), a BatchNorm's affine, a Linear
+        return nets.ConvBN().double(), torch.randn(10, 3, 6, 6, dtype=torch.float64)
+    return nets.ConvVariant(out=4, groups=2).double(), torch.randn(10, 4, 7, 7, dtype=torch.float64)
+
+
+def _reference_traces(model: nn.Module, x: torch.Tensor, of: str, parts: dict) -> dict[str, float]:
+    """sum over rows and outputs of each part's squared gradient norm, by autograd per sample and output in
+    float64 (pntk: the gradient of sum_a f_a / sqrt(o)), independent of pipeline."""
+    model.eval()
+    params = {n: q for n, q in model.named_parameters() if q.requires_grad}
+    out = {name: 0.0 for name in parts}
+    for i in range(x.shape[0]):
+        y = model(x[i : i + 1])[0]
+        heads = [y.sum() / math.sqrt(y.numel())] if of == "pntk" else list(y)
+        for h in heads:
+            grads = dict(zip(params, torch.autograd.grad(h, list(params.values()), retain_graph=True), strict=True))
+            for part, pieces in parts.items():
+                for pname, rows in pieces:
+                    g = grads[pname] if rows is None else grads[pname][rows]
+                    out[part] += float(g.square().sum())
+    return out
+
+
+@pytest.mark.parametrize("of", ["trace", "pntk"])
+@pytest.mark.parametrize("name", ["convbn", "grouped"])
+def test_trace_shares_equal_per_sample_autograd_gradients(name, of):
+    model, x = _tiny(name)
+    ref = _reference_traces(model, x, of, PARTS[name])
+    total = sum(ref.values())
+    shares = features.trace_shares(model, x, of=of)
+    assert list(shares) == list(PARTS[name])  # the parts, in the order of the features
+    for part, share in shares.items():
+        assert share == pytest.approx(ref[part] / total, rel=1e-10, abs=1e-14), part
+    # the split by trace spends k by those shares, not by parameters (ConvBN's head: 63% of the trace, 15% of
+    # the parameters)
+    k = 48 if name == "grouped" else 200  # below the parameter count (91, 423): no part is exact
+    by_trace, by_parameters = features.split(model, x, k, of=of, by="trace"), features.split(model, x, k, of=of)
+    assert sum(by_trace.values()) == k and "(zeros)" not in by_trace and by_trace != by_parameters
+
+
+def test_the_trace_split_takes_fewer_rows_where_the_position_products_cost_more(monkeypatch):
+    model, x = _tiny("convbn")
+    x = torch.cat([x, x.flip(0)])  # 20 rows
+    conv = [(features.Part("c", 36, c=4, k=8, bias=True), (torch.zeros(1, 16, 8), torch.zeros(3, 1, 16, 4)))]
+    assert features.split_rows(conv, 20) == 20 and features.split_rows(conv, 100) == features.SPLIT_ROWS
+    # ConvBN, o = 3: conv (S = 16 positions, K = 27, C = 4) and conv2 (S = 16, K = 36, C = 4) cost
+    # S^2 (K + o (C + 1)) each, the head (S = 1, K = 64, C = 3) 64 + 3 x 4; the BatchNorm's dense parts nothing
+    per_row = 256 * (27 + 15) + 256 * (36 + 15) + (64 + 12)
+    monkeypatch.setattr(features, "SPLIT_MACS", 3 * per_row + per_row // 2)
+    shares = features.trace_shares(model, x)
+    for rows, equal in ((3, True), (20, False)):  # x's first 3 rows
+        ref = _reference_traces(model, x[:rows], "trace", PARTS["convbn"])
+        assert all(shares[p] == pytest.approx(ref[p] / sum(ref.values()), rel=1e-10) for p in ref) == equal
+    monkeypatch.setattr(features, "SPLIT_MACS", 1)  # one row at least, whatever it costs
+    ref = _reference_traces(model, x[:1], "trace", PARTS["convbn"])
+    assert features.trace_shares(model, x)["head"] == pytest.approx(ref["head"] / sum(ref.values()), rel=1e-10)
+
+
+def test_allocation_is_proportional_to_the_traces_with_the_minimums_and_caps():
+    def parts() -> list[features.Part]:
+        return [features.Part("a", 1000), features.Part("b", 10 * 101, c=10, k=100, bias=True),
+                features.Part("c", 5), features.Part("d", 2000)]
+
+    def counts(weights: list[float], k: int = 400, projection: str = "khatri_rao") -> list[int]:
+        return [p.features for p in features.allocate(parts(), k, projection, weights)]
+
+    # floor(k w_i / W) = 228, 114, 0, 57; c gets its minimum, 5 (its whole dimension, under MIN_K), and the 4
+    # over k are cut back from the largest
+    assert counts([0.5, 0.25, 0.0, 0.125]) == [224, 114, 5, 57]
+    # a part whose share passes its dimension is exact at it, and the others share the rest: c takes 5,
+    # then 395 by 0.25 : 0.125 : 0.125 -> 197, 98, 98, and the 2 left go to the largest trace that can grow
+    assert counts([0.25, 0.125, 0.5, 0.125]) == [199, 98, 5, 98]
+    # every part keeps its minimum, however small its trace
+    assert counts([1.0, 0.0, 0.0, 1e-9]) == [400 - 8 - 5 - 8, 8, 5, 8]
+    # all traces zero: the split by parameters
+    assert counts([0.0] * 4) == [p.features for p in features.allocate(parts(), 400, "khatri_rao")]
+    with pytest.raises(ValueError, match="split: the parts' traces must be finite"):
+        counts([float("nan"), 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("name", ["mlp", "convbn"])
+def test_feature_kernel_is_unbiased_with_a_trace_split(name):
+    model, x = _model(name)
+    exact = pipeline.empirical_ntk(model, x, mode="trace", method="jacobian_contraction")
+    k = 96
+    split = features.split(model, x, k, by="trace")
+    assert split != features.split(model, x, k) and "(zeros)" not in split
+    estimates = torch.stack([_kernel(features.sketch(model, x, k=k, seed=s, batch=8, split=split), "trace")
+                             for s in range(SEEDS)])
+    per_seed = torch.stack([(e - exact).norm() for e in estimates])
+    standard_error = float(per_seed.pow(2).mean().sqrt()) / math.sqrt(SEEDS)
+    assert float(per_seed.min()) > 1e-3 * float(exact.norm())
+    assert float((estimates.mean(0) - exact).norm()) < 4 * standard_error
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_a_split_dict_gives_the_features_of_its_rule_and_rows_that_depend_on_no_other_rows(projection):
+    model, x = _model("convbn")
+    x = torch.cat([x, x.flip(0), x * 0.5])[:20]
+    for by in ("trace", "parameters"):
+        split = features.split(model, x, 150, by=by, projection=projection)
+        whole = features.sketch(model, x, k=150, seed=2, batch=16, projection=projection, split=split)
+        # the rule itself, in memory, and its dict: the same features (a run's workers take the dict)
+        assert torch.equal(whole, features.sketch(model, x, k=150, seed=2, batch=16, projection=projection, split=by))
+        # with a dict, a row's features depend on that row alone
+        band = features.sketch(model, x[10:20], k=150, seed=2, batch=16, projection=projection, split=split)
+        assert torch.equal(whole[10:20], band)
+    assert not torch.equal(whole, features.sketch(model, x, k=150, seed=2, batch=16, projection=projection,
+                                                  split=features.split(model, x, 150, by="trace",
+                                                                       projection=projection)))
+
+
+def test_a_split_that_is_not_the_models_is_refused():
+    model, x = _model("convbn")
+    split = features.split(model, x, 64, by="trace")
+    with pytest.raises(ValueError, match="split: expected one of trace, parameters or a"):
+        features.sketch(model, x, k=64, split="layers")
+    with pytest.raises(ValueError, match=r"split: its parts \['conv', 'bn.weight'\] are not the model's"):
+        features.sketch(model, x, k=64, split={"conv": 32, "bn.weight": 32})
+    with pytest.raises(ValueError, match="summing to k = 64"):
+        features.sketch(model, x, k=64, split={**split, "head": split["head"] + 1})
+    with pytest.raises(ValueError, match="summing to k = 65"):
+        features.sketch(model, x, k=65, split=split)
+    with pytest.raises(ValueError, match="split: expected one of trace, parameters, got 'layers'"):
+        features.split(model, x, 64, by="layers")
+
+
+def test_a_kronecker_split_by_parameters_keeps_its_factoring():
+    """A store written before splits were recorded (Kronecker, split by parameters) resumes bit for bit: its
+    recorded dict is factored as the parameter rule factors it, though another factoring of the same count
+    has less variance (the last Linear: 6 x (6 + 1) = 42 features from the rule, 10 x (3 + 1) from ``_fit``)."""
+    torch.manual_seed(0)
+    model, x = pipeline.models.mlp(64, [128, 128], 10).double(), torch.randn(4, 64, dtype=torch.float64)
+    split = features.split(model, x, 777, projection="kronecker")
+    assert split["5"] == 42
+    last = features.Part("5", 10 * 129, c=10, k=128, bias=True)
+    features._fit(last, 42)
+    assert (last.k_out, last.k_in, last.features) == (10, 3, 40)  # not the rule's 6 x 6: another sketch
+    whole = features.sketch(model, x, k=777, seed=1, batch=4, projection="kronecker")
+    assert torch.equal(features.sketch(model, x, k=777, seed=1, batch=4, projection="kronecker", split=split), whole)

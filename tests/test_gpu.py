@@ -441,7 +441,8 @@ def test_a_feature_run_on_cuda_matches_the_cpu_features_and_records_the_gpu(tmp_
     spec = parse_config(cfg, check_files=False)
     model = build_model(spec.model, None).double()
     x = SyntheticSource("x1", spec.data.x1.synthetic).read(0, 12).double()
-    ref = pipeline.sketch_features(model, x, k=32, seed=1, of="trace").numpy()  # on the CPU, float64
+    split = record["features"]["split"]  # the run's (by trace: computed once, on the driver, in the run's dtype)
+    ref = pipeline.sketch_features(model, x, k=32, seed=1, of="trace", split=split).numpy()  # on the CPU, float64
     scale = np.abs(ref).max()
     np.testing.assert_allclose(got / scale, ref / scale, **TOLERANCES[getattr(torch, dtype)])
 

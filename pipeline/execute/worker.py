@@ -50,6 +50,7 @@ class BlockTask:
     step: int = 64  # a block size a worker suggests is a multiple of this (tiling.chunk, or 64)
     precision: str = "highest"  # ntk.precision: float32 products in float32, or "tf32" (pipeline.precision)
     sketch: FeaturesSpec | None = None  # ntk.features of a feature run (mode features): a block is a band's features
+    split: dict[str, int] | None = None  # a feature run's split of k, as its store records it: never computed here
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -153,8 +154,10 @@ def _block_values(task: BlockTask, fm: FunctionalModel, s1: Any, block: Block, d
     on the band it is in)."""
     if task.sketch is not None:
         f = task.sketch
+        if task.split is None:
+            raise ValueError("a feature task needs its store's split")  # a driver bug, not user input
         x = cast_input(task.x1.read(block.i0, block.i1), dtype, device)
-        return sketch_function(fm, x, f.k, f.seed, f.of, projection=f.projection)
+        return sketch_function(fm, x, f.k, f.seed, f.of, projection=f.projection, split=task.split)
     if task.x2 is None and block.diagonal:
         values = combine(fm, s1, None, task.method, task.mode)  # one side serves both
         # J J^T is symmetric only up to rounding; make the stored matrix exactly symmetric.

@@ -10,7 +10,8 @@ JSON shape and plain Zarr readers (``zarr.open_group(p).attrs["ntk_pipeline"]["s
 change. A record of a newer format than this code reads is refused, never guessed at. Keys added
 within format 1 are optional and read as what every earlier run did: ``function`` and
 ``block_sizing`` absent, ``precision`` (and, when a config is compared with the record, the recorded
-config's ``ntk.precision``) "highest".
+config's ``ntk.precision``) "highest"; a feature record's ``projection`` "kronecker" and ``split_rule``
+"parameters" (and so the recorded config's ``ntk.features.projection`` and ``split``).
 
 What a reader may trust: the record is data, written by whoever wrote the store. Parsing checks its
 shape and types (a malformed record is refused naming the store), not its truth: the config,
@@ -141,6 +142,10 @@ class FeatureRecord(BaseModel):
     # How Linear / Conv parts were projected (ntk.features.projection); records written before the choice
     # existed were all "kronecker".
     projection: Literal["kronecker", "khatri_rao"] = "kronecker"
+    # How ``split`` was chosen (ntk.features.split): "trace" (computed from x1's first rows when the store
+    # was created), "parameters", or the path of the feature store it was taken from; records written
+    # before the choice existed were all split by parameters.
+    split_rule: str = "parameters"
     probe: FeatureProbe | None = None  # set when the run completes
 
     @model_serializer(mode="wrap")
@@ -243,8 +248,7 @@ class Provenance(BaseModel):
         """The first difference in ``sections`` of the config (keys in ``ignore``, dotted, left out), else
         in the parameter and input fingerprints, or None. Where blocks run (PLACEMENT) is never a difference."""
         ignore = ignore | PLACEMENT
-        projection = self.features.projection if self.features is not None else None
-        recorded, config = _config_defaults(self.config, projection), _feature_settings(config)
+        recorded, config = _config_defaults(self.config, self.features), _feature_settings(config)
         for section in sections:
             found = _first_difference(recorded.get(section), config[section], section, ignore)
             if found:
@@ -330,26 +334,27 @@ def parse(record: object, path: str) -> Provenance:
         raise StoreError(path, f"its {ATTRIBUTE} attribute is malformed: {_first_error(err)}") from None
 
 
-def _config_defaults(config: Mapping[str, Any], projection: str | None = None) -> Mapping[str, Any]:
+def _config_defaults(config: Mapping[str, Any], features: FeatureRecord | None = None) -> Mapping[str, Any]:
     """A recorded config with the keys added since it was written at the value every run had before
-    (``ntk.precision``: "highest"; a feature run's ntk.features.projection: ``projection``, the one its
-    FeatureRecord holds), so that a resume (or verify) of an older store compares like with like. The
-    record itself is left as it was written."""
+    (``ntk.precision``: "highest"; a feature run's ntk.features.projection and split: those its
+    FeatureRecord holds, ``features``), so that a resume (or verify) of an older store compares like with
+    like. The record itself is left as it was written."""
     if not isinstance(config.get("ntk"), Mapping):
         return config
-    return _feature_settings({**config, "ntk": {"precision": "highest", **config["ntk"]}}, projection)
+    return _feature_settings({**config, "ntk": {"precision": "highest", **config["ntk"]}}, features)
 
 
-def _feature_settings(config: Mapping[str, Any], projection: str | None = None) -> Mapping[str, Any]:
+def _feature_settings(config: Mapping[str, Any], features: FeatureRecord | None = None) -> Mapping[str, Any]:
     """A feature run's config with its ntk.features in full (their defaults where absent, so that a config
-    without the key is compared by the settings it runs with); ``projection``: the one a recorded run used
-    (its FeatureRecord's: "kronecker" for a record from before the key), where its config does not say."""
+    without the key is compared by the settings it runs with); ``features``: the record of a run, whose
+    projection and split rule stand where its config does not say (a record from before the keys:
+    "kronecker" and "parameters")."""
     ntk = config.get("ntk")
     if not isinstance(ntk, Mapping) or ntk.get("mode") != Mode.FEATURES.value:
         return config
     given = ntk.get("features")
-    settings = {**FeaturesSpec().model_dump(mode="json"), **({"projection": projection} if projection else {}),
-                **(given if isinstance(given, Mapping) else {})}
+    recorded = {} if features is None else {"projection": features.projection, "split": features.split_rule}
+    settings = {**FeaturesSpec().model_dump(mode="json"), **recorded, **(given if isinstance(given, Mapping) else {})}
     return {**config, "ntk": {**ntk, "features": settings}}
 
 
