@@ -58,8 +58,8 @@ def _config(work: Path, name: str, args: argparse.Namespace, mode: str, x1: dict
 
 
 def _timed(cmd: list[str], peaks: dict[str, int] | None = None) -> float:
-    """Run ``ntk-pipeline <cmd>`` in a fresh process; its wall time; with ``peaks``, the largest RSS of each
-    kind of process it starts, merged into it."""
+    """Run ``ntk-pipeline <cmd>`` in a fresh process; its wall time (printed as soon as it is known); with
+    ``peaks``, the largest RSS of each kind of process it starts, merged into it."""
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *cmd], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -81,7 +81,9 @@ def _timed(cmd: list[str], peaks: dict[str, int] | None = None) -> float:
     sampler.join()
     if proc.returncode != 0:
         sys.exit(f"ntk-pipeline {' '.join(cmd)} failed:\n{out[-2000:]}\n{err[-3000:]}")
-    return time.time() - t0
+    seconds = time.time() - t0
+    print(f"  ({cmd[0]} {Path(cmd[1]).stem if cmd[0] == 'run' else ''}: {seconds:.1f} s)", flush=True)
+    return seconds
 
 
 def _targets(work: Path, args: argparse.Namespace, n: int) -> Path:
@@ -119,7 +121,8 @@ def _kernel_and_predict(work: Path, args: argparse.Namespace, y: Path) -> dict[s
              "test kernel": _timed(["run", str(_config(work, "k_test", args, "pntk", test, train)), "--no-progress"])}
     times["predict (kernel)"] = _timed(["predict", "--train-kernel", str(work / "k_train.zarr"), "--test-kernel",
                                         str(work / "k_test.zarr"), "--targets", str(y), "--diag-reg",
-                                        str(args.diag_reg), "-o", str(work / "pred_k.npy")])
+                                        str(args.diag_reg), "--maxiter", str(args.maxiter), "-o",
+                                        str(work / "pred_k.npy")])
     return times
 
 
@@ -189,6 +192,8 @@ def main() -> None:
     ap.add_argument("--band", type=int, default=8192, help="rows per feature task")
     ap.add_argument("--block", type=int, default=4096, help="exact kernel block")
     ap.add_argument("--diag-reg", type=float, default=1e-3)
+    ap.add_argument("--maxiter", type=int, default=1000, help="speed: the kernel predict's most CG iterations (each "
+                    "one read of the n x n kernel; at n = 50,000 and diag-reg 1e-3 it ran over 22 minutes here)")
     ap.add_argument("--calibrate", type=int, default=16384, help="scale: samples of the exact run that sets the rate")
     ap.add_argument("--dir", help="where the stores go (default: the system's temp folder)")
     ap.add_argument("--keep", action="store_true")

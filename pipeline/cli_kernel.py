@@ -229,7 +229,7 @@ def analyze(output: str, targets: str | None, against: str | None, as_json: bool
 @click.option("--mode", type=click.Choice(["full", "trace"]), default=None,
               help="Features only: the kernel of full or trace features to predict with (default: ntk.features.of).")
 @click.option("--band-bytes", type=click.IntRange(1), default=None,
-              help="Features only: bytes of features per read (default 256 MiB; at least one chunk).")
+              help="Features only: bytes of features per read (default 64 MiB; at least one chunk).")
 @click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-6, show_default=True,
               help="Kernels: relative residual (t = infinity) or relative change (finite t) at which the solver stops.")
 @click.option("--maxiter", type=click.IntRange(1), default=1000, show_default=True,

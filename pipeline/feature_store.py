@@ -29,7 +29,10 @@ from pipeline.errors import StoreError, brief
 from pipeline.kernel import DESCRIBED, Kernel, open_store
 from pipeline.store import CONNECT_TIMEOUT_S, FEATURES, FeatureRecord, Provenance
 
-BAND_BYTES = 256 << 20  # bytes of features one band read holds (at least one chunk)
+# Stored bytes of features one band read holds (at least one chunk). A band is read as float64 (twice
+# float32's bytes) while the next one is read ahead: at 256 MiB a predict of 1,000,000 x 1024 float32
+# features peaked at 1.6 GB, at 64 MiB it stays well under 1 GB (benchmarks/bench_feature_scale.py scale).
+BAND_BYTES = 64 << 20
 # The largest Gram matrix Psi^T Psi formed whole: 512 MiB of float64, 8192 on a side. Wider features (o k
 # above 8192 for a trace kernel) build it in panels of rows, one read of the features each (analyze), or
 # go through products with K (plot's eigenvalues).
