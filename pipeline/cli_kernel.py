@@ -85,20 +85,30 @@ def _echo_kernel(d: dict[str, Any]) -> None:
     prov = d["provenance"]
     click.echo(f"kernel     {' x '.join(map(str, d['shape']))} ({d['mode']}, {numbers(d['dtype'], d['precision'])}), "
                f"dims {', '.join(d['dims'])}{', symmetric K(x, x)' if d['symmetric'] else ''}")
-    shards = f", in shards of {' x '.join(map(str, d['shards']))}" if d["shards"] else ""
-    click.echo(f"storage    chunks {' x '.join(map(str, d['chunks']))}{shards}; {size(d['nbytes'])} "
-               f"({size(d['stored_bytes'])} stored)")
+    _echo_storage(d)
     click.echo(f"method     {d['method']}")
     click.echo(f"status     {d['status']}, {d['blocks_done']} of {d['blocks_total']} blocks done"
                + ("" if d["complete"] else " (incomplete)"))
-    fps = ", ".join(f"{k} {v[:15] + '...' if v else '-'}" for k, v in (prov["fingerprints"] or {}).items())
-    click.echo(f"model      p = {prov['p']:,} trainable parameters; fingerprints {fps}")
-    click.echo(f"versions   {', '.join(f'{k} {v}' for k, v in (prov['versions'] or {}).items())}")
-    click.echo(f"times      started {prov['started'] or '-'}, finished {prov['finished'] or '-'}")
+    _echo_provenance(prov)
     s = d["stats"]
     if s is not None:
         click.echo(f"values     min {_num(s['min'])}, max {_num(s['max'])}, mean {_num(s['mean'])}, diagonal mean "
                    f"{_num(s['diagonal_mean'])}; {s['not_computed']:,} of {s['entries']:,} entries not computed")
+
+
+def _echo_storage(d: dict[str, Any]) -> None:
+    """``inspect``'s storage line, for a kernel and a feature store alike."""
+    shards = f", in shards of {' x '.join(map(str, d['shards']))}" if d["shards"] else ""
+    click.echo(f"storage    chunks {' x '.join(map(str, d['chunks']))}{shards}; {size(d['nbytes'])} "
+               f"({size(d['stored_bytes'])} stored)")
+
+
+def _echo_provenance(prov: dict[str, Any]) -> None:
+    """``inspect``'s model, versions and times lines from a store's record."""
+    fps = ", ".join(f"{k} {v[:15] + '...' if v else '-'}" for k, v in (prov["fingerprints"] or {}).items())
+    click.echo(f"model      p = {prov['p']:,} trainable parameters; fingerprints {fps}")
+    click.echo(f"versions   {', '.join(f'{k} {v}' for k, v in (prov['versions'] or {}).items())}")
+    click.echo(f"times      started {prov['started'] or '-'}, finished {prov['finished'] or '-'}")
 
 
 def _echo_features(d: dict[str, Any]) -> None:
@@ -107,9 +117,7 @@ def _echo_features(d: dict[str, Any]) -> None:
     click.echo(f"features   {' x '.join(map(str, d['shape']))} ({numbers(d['dtype'], d['precision'])}), dims "
                f"{', '.join(d['dims'])}; estimating the {d['of']} kernel (reads as {', '.join(d['reads_as'])}), "
                f"k = {d['k']}, seed {d['seed']}")
-    shards = f", in shards of {' x '.join(map(str, d['shards']))}" if d["shards"] else ""
-    click.echo(f"storage    chunks {' x '.join(map(str, d['chunks']))}{shards}; {size(d['nbytes'])} "
-               f"({size(d['stored_bytes'])} stored)")
+    _echo_storage(d)
     parts = sorted(d["split"].items(), key=lambda kv: -kv[1])
     more = f", {len(parts) - 4} more" if len(parts) > 4 else ""
     click.echo(f"split      {', '.join(f'{name} {k}' for name, k in parts[:4])}{more} (features per part, "
@@ -121,10 +129,7 @@ def _echo_features(d: dict[str, Any]) -> None:
     click.echo(f"method     {d['provenance']['method']} (its per-layer factors)")
     click.echo(f"status     {d['status']}, {d['bands_done']} of {d['bands_total']} bands done"
                + ("" if d["complete"] else " (incomplete)"))
-    fps = ", ".join(f"{k} {v[:15] + '...' if v else '-'}" for k, v in (prov["fingerprints"] or {}).items())
-    click.echo(f"model      p = {prov['p']:,} trainable parameters; fingerprints {fps}")
-    click.echo(f"versions   {', '.join(f'{k} {v}' for k, v in (prov['versions'] or {}).items())}")
-    click.echo(f"times      started {prov['started'] or '-'}, finished {prov['finished'] or '-'}")
+    _echo_provenance(prov)
     s = d["stats"]
     if s is not None:
         over = "" if d["of"] == "pntk" else ", summed over outputs"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ import numpy as np
 
 from pipeline.config import Mode, url_options
 from pipeline.errors import StoreError, brief
-from pipeline.kernel import DESCRIBED, Kernel, open_store
+from pipeline.kernel import DESCRIBED, Kernel, open_store, read_ahead
 from pipeline.store import CONNECT_TIMEOUT_S, FEATURES, FeatureRecord, Provenance
 
 # Stored bytes of features one band read holds (at least one chunk). A band is read as float64 (twice
@@ -181,13 +180,7 @@ class Features:
 
     def read_bands(self, bands: list[Band]) -> Iterator[tuple[Band, np.ndarray]]:
         """Each band with its rows (``read``), the next read in a thread while the caller works on this one."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ntk-read") as pool:
-            ahead: list[Future[np.ndarray]] = [pool.submit(self.read, *bands[0])] if bands else []
-            for i, b in enumerate(bands):
-                values = ahead.pop().result()
-                if i + 1 < len(bands):
-                    ahead.append(pool.submit(self.read, *bands[i + 1]))
-                yield b, values
+        return read_ahead(self.read, bands)
 
     # -----------------------------------------------------------------------------------------
     # The approximate kernel
@@ -221,7 +214,8 @@ class Features:
         if x2.shape[0] != self.n * m:
             raise ValueError(f"x: expected {self.n * m} rows ({self.n} samples x {m}), got {x2.shape[0]}")
         bands = self.bands(band_bytes)
-        z = np.zeros((self.m, self.k, x2.shape[1]))  # per output: Phi_a^T x (its sum over a for full)
+        # per output: Phi_a^T x; for full one (k, c), the sum over outputs
+        z = np.zeros((1 if want == Mode.FULL else self.m, self.k, x2.shape[1]))
         for (i0, i1), phi in self.read_bands(bands):
             z += project(phi, x2[i0 * m : i1 * m], want)
         y = np.zeros((self.n * m, x2.shape[1]))
@@ -362,12 +356,12 @@ def block_of(a: np.ndarray, b: np.ndarray, mode: Mode) -> np.ndarray:
 
 
 def project(phi: np.ndarray, x: np.ndarray, mode: Mode) -> np.ndarray:
-    """A band's share of Phi^T x: (m, k, c) from phi (r, m, k) and x (r m', c), m' the matrix's outputs."""
+    """A band's share of Phi^T x: (m, k, c) from phi (r, m, k) and x (r m', c), m' the matrix's outputs;
+    (1, k, c) for full, whose one product sums over the outputs."""
     r, m, k = phi.shape
     c = x.shape[1]
-    if mode == Mode.FULL:  # z = sum_{j, b} phi_jb x_jb: one (k, c), kept in z[0] (and summed into every a)
-        z = phi.reshape(r * m, k).T @ x
-        return np.broadcast_to(z, (m, k, c))
+    if mode == Mode.FULL:  # z = sum_{j, b} phi_jb x_jb: one (k, c), as (1, k, c)
+        return np.asarray(phi.reshape(r * m, k).T @ x)[None]
     if mode == Mode.DIAGONAL:  # z_a = sum_j phi_ja x_ja
         return np.asarray(np.einsum("jak,jac->akc", phi, x.reshape(r, m, c)))
     return np.asarray(np.einsum("jak,jc->akc", phi, x))  # trace and pntk: z_a = sum_j phi_ja x_j

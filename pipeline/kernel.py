@@ -18,10 +18,10 @@ import functools
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -292,13 +292,7 @@ class Kernel:
 
     def read_tiles(self, tiles: list[Tile]) -> Iterator[tuple[Tile, np.ndarray]]:
         """Each tile with its values, the next read in a thread while the caller works on this one."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ntk-read") as pool:
-            ahead: list[Future[np.ndarray]] = [pool.submit(self.read, *tiles[0])] if tiles else []
-            for k, t in enumerate(tiles):
-                values = ahead.pop().result()
-                if k + 1 < len(tiles):
-                    ahead.append(pool.submit(self.read, *tiles[k + 1]))
-                yield t, values
+        return read_ahead(self.read, tiles)
 
     def diagonal(self, tile_bytes: int = TILE_BYTES) -> np.ndarray:
         """K(x_i, x_i) of a square kernel, out of core: (n,) for trace and pntk, (n, o) for full
@@ -366,6 +360,21 @@ class Kernel:
           (n1 m, c) float64.
         """
         return (products or Products(self)).matmat(x)
+
+
+Region = TypeVar("Region", bound=tuple[int, ...])
+
+
+def read_ahead(read: Callable[..., np.ndarray], regions: list[Region]) -> Iterator[tuple[Region, np.ndarray]]:
+    """Each region (a tile, a band of rows) with ``read(*region)``, the next one read in a thread while the
+    caller works on this one."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ntk-read") as pool:
+        ahead: list[Future[np.ndarray]] = [pool.submit(read, *regions[0])] if regions else []
+        for k, region in enumerate(regions):
+            values = ahead.pop().result()
+            if k + 1 < len(regions):
+                ahead.append(pool.submit(read, *regions[k + 1]))
+            yield region, values
 
 
 def band_tiles(n1: int, n2: int, rows: int, cols: int, entry_bytes: int, tile_bytes: int) -> list[Tile]:
