@@ -40,13 +40,13 @@ MODELS = {
     "bert": (nets.bert_classifier, "logits", True),
     "vit": (nets.vit_classifier, "logits", False),
 }
-# What each model cannot do, as the probe finds it with torch 2.13 on a CPU (pipeline.methods.capabilities):
-# fused attention has neither forward AD nor a double backward; weight_norm's interface no forward AD; LSTM,
-# GRU and GPT-2's pick of the last token cannot be vmapped.
-NO_FORWARD = {"forward_ad", "double_backward"}
-FALLBACKS = {"attention": NO_FORWARD, "encoder": NO_FORWARD, "encoder_norm_first": NO_FORWARD,
+# What each model cannot do, as the probe finds it with torch 2.13 on a CPU (pipeline.methods.capabilities),
+# with scaled_dot_product_attention in its math form as the methods run it: torch's fused MultiheadAttention
+# and encoder-layer kernels and weight_norm's interface have no forward AD (their double backward works);
+# LSTM, GRU and GPT-2's pick of the last token cannot be vmapped; Hugging Face's SDPA attention needs nothing.
+FALLBACKS = {"attention": {"forward_ad"}, "encoder": {"forward_ad"}, "encoder_norm_first": {"forward_ad"},
              "weight_norm": {"forward_ad"}, "reparametrized": {"forward_ad"}, "lstm": {"vmap"}, "gru": {"vmap"},
-             "gpt2": {"vmap"}, "bert": NO_FORWARD, "vit": NO_FORWARD}
+             "gpt2": {"vmap"}, "bert": set(), "vit": set()}
 
 
 def make(name: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -140,6 +140,24 @@ def test_the_probe_finds_what_each_model_cannot_do(name):
     found = check_model(fm, x if MODELS[name][2] else x.float())
     assert set(found) == FALLBACKS[name], found
     assert fm.fallbacks == found and all(isinstance(why, str) and why for why in found.values())
+
+
+@pytest.mark.parametrize("name", ["vit", "weight_norm"])
+def test_the_probe_runs_attention_as_the_methods_do_and_prints_no_functorch_warnings(name):
+    """The probe tries the transforms with attention in its math form, as the methods run it (so Hugging
+    Face's SDPA attention needs no fallback on the CPU), and keeps functorch's 'performance drop' warnings
+    for operators without a batching rule to itself (the probe's two samples are not the run)."""
+    import warnings
+
+    from pipeline.methods import check_model
+    from pipeline.models import FunctionalModel
+
+    fm = FunctionalModel(make(name, torch.float32), MODELS[name][1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_model(fm, inputs(name, 2, 0).float())
+    assert not [w for w in caught if "performance drop" in str(w.message)], [str(w.message) for w in caught]
+    assert set(fm.fallbacks) == FALLBACKS[name]
 
 
 def test_auto_takes_a_method_that_runs_and_records_the_fallbacks(tmp_path, write_config):

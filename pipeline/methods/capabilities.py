@@ -16,6 +16,7 @@ A model that not even the plain loop can differentiate is refused here, before a
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,7 @@ from torch.func import jacrev, jvp, vjp, vmap
 from pipeline.errors import ModelError, brief
 from pipeline.jacobians import single
 from pipeline.methods.ntk_vector_products import jvp_by_double_vjp
-from pipeline.models import FunctionalModel, probe_key
+from pipeline.models import FunctionalModel, batchable_attention, probe_key
 
 
 def _tries(fm: FunctionalModel, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
@@ -89,8 +90,11 @@ def _probe(fm: FunctionalModel, x: torch.Tensor) -> dict[str, str]:
     tries = _tries(fm, probe)
 
     def fails(name: str) -> bool:
+        # With attention in the form the methods run it (models.batchable_attention), and without
+        # functorch's per-operator "performance drop" warnings: the probe's two samples are not the run.
         try:
-            with torch.no_grad():
+            with torch.no_grad(), batchable_attention(fm), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="There is a performance drop")
                 tries[name]()
         except Exception as err:
             fallbacks[name] = brief(err)
