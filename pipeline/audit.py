@@ -77,7 +77,7 @@ def status(path: str, options: dict[str, Any] | None = None, timeout: float = CO
         "status_reason": why,
         "recorded_status": prov.status,
         "complete": prov.status == "complete",
-        "blocks_done": sum(bool(k.done[b.row, b.col]) for b in plan.blocks),
+        "blocks_done": sum(b.done_in(k.done) for b in plan.blocks),
         "blocks_total": len(plan.blocks),
         "method": prov.method,
         "mode": prov.mode,
@@ -188,7 +188,7 @@ def _read_all(k: Kernel, checked: list[str], failures: list[str]) -> list[Block]
     """Markers, then every block read (checksums, finite, a mirror equal to its transpose): the blocks
     marked done that passed."""
     plan, done = k.plan, k.done
-    missing = [b.index for b in plan.blocks if not done[b.row, b.col]]
+    missing = [b.index for b in plan.blocks if not b.done_in(done)]
     checked.append(f"{len(plan.blocks) - len(missing)} of {len(plan.blocks)} blocks marked done")
     if missing:
         failures.append(f"{len(missing)} blocks not done: {_some(missing)}")
@@ -196,7 +196,7 @@ def _read_all(k: Kernel, checked: list[str], failures: list[str]) -> list[Block]
     failures += [f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}): {why}" for b, why in bad]
     broken = {b.index for b, _ in bad}
     checked.append(f"read all {len(plan.blocks)} blocks: crc32c checksums, finite values, mirrored copies")
-    return [b for b in plan.blocks if done[b.row, b.col] and b.index not in broken]
+    return [b for b in plan.blocks if b.done_in(done) and b.index not in broken]
 
 
 def _prepared(k: Kernel, config: RunConfig | str | os.PathLike[str],

@@ -189,7 +189,7 @@ class Kernel:
 
     def missing_blocks(self) -> list[int]:
         """Indices of the blocks of the run's plan not marked done."""
-        return [b.index for b in self.plan.blocks if not self.done[b.row, b.col]]
+        return [b.index for b in self.plan.blocks if not b.done_in(self.done)]
 
     def require_complete(self) -> None:
         """Raise StoreError unless every block is done."""
@@ -407,7 +407,7 @@ def bad_blocks(kernel: Kernel) -> list[tuple[Block, str]]:
         except Exception as err:
             bad.append((b, f"unreadable: {brief(err)}"))
             continue
-        if not kernel.done[b.row, b.col]:
+        if not b.done_in(kernel.done):
             continue  # NaN where no block has written: not done, not bad
         n = int((~np.isfinite(values)).sum()) + (0 if mirror is None else int((~np.isfinite(mirror)).sum()))
         if any(np.isnan(part).all() for part in (values, mirror) if part is not None):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import Mode
 
@@ -38,6 +39,12 @@ class Block:
     @property
     def pairs(self) -> int:
         return (self.i1 - self.i0) * (self.j1 - self.j0)
+
+    def done_in(self, done: Any) -> bool:
+        """Whether the markers ``done`` (grid rows, grid cols) say the block is written: its own marker and,
+        for a mirrored block, its mirror's too. A write sets them one after the other, so a run killed
+        between the two leaves a block that is not done (and a resume writes it again)."""
+        return bool(done[self.row, self.col]) and (not self.mirrored or bool(done[self.col, self.row]))
 
 
 @dataclass(frozen=True)

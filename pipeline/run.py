@@ -289,7 +289,7 @@ def _check_repair(action: str, path: str) -> None:
 def _todo(blocks: Sequence[Block], done: np.ndarray, bad: tuple[tuple[Block, str], ...]) -> list[Block]:
     """The blocks a resume computes, in the plan's order: those not marked done, and the ``bad`` ones."""
     redo = {b.index for b, _ in bad}
-    return [b for b in blocks if not done[b.row, b.col] or b.index in redo]
+    return [b for b in blocks if not b.done_in(done) or b.index in redo]
 
 
 def _versions() -> dict[str, str]:

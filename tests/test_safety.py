@@ -5,6 +5,7 @@ are refused, and ``run --repair`` restores a damaged kernel exactly."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,29 @@ def test_repair_is_a_resume(write_config, tmp_path):
     cfg = base(ntk={"method": "jacobian_contraction", "mode": "trace", "dtype": "float64"})
     line = error_line(run_cli(write_config(cfg), "--repair"))
     assert line.startswith("Error: output.path: cannot resume ") and "ntk.mode differs" in line
+
+
+def test_a_block_killed_between_its_two_markers_is_not_done_and_a_resume_writes_it(write_config, tmp_path):
+    """A mirrored block's write sets its own marker, then its mirror's: a run killed between the two left a
+    store that every resume skipped (its own marker set) and then failed on (a marker unset), for ever."""
+    clean = _repair_config(write_config, False, "clean.zarr", "clean.yaml")
+    config = _repair_config(write_config, False, "out.zarr", "config.yaml")
+    pipeline.run(clean, executor="local", progress=False)
+    pipeline.run(config, executor="local", progress=False)
+    store = tmp_path / "out.zarr"
+    kernel = pipeline.open_kernel(str(store))
+    block = next(b for b in kernel.plan.blocks if b.mirrored)
+    markers = zarr.open_group(store, mode="r+")["done"]
+    markers[block.col, block.row] = 0  # its own marker set, its mirror's not
+    assert pipeline.open_kernel(str(store)).missing_blocks() == [block.index]
+    status = CliRunner().invoke(main, ["status", str(store), "--json"])
+    assert json.loads(status.stdout)["blocks_done"] == len(kernel.plan.blocks) - 1, status.output
+    verify = CliRunner().invoke(main, ["verify", str(store), "--sample", "0"])
+    assert verify.exit_code == 1 and f"1 blocks not done: {block.index}" in verify.output, verify.output
+
+    result = run_cli(config)
+    assert result.exit_code == 0, result.output
+    assert f"({len(kernel.plan.blocks) - 1} done by an earlier run)" in result.stdout, result.stdout
+    assert pipeline.open_kernel(str(store)).missing_blocks() == []
+    assert pipeline.open_kernel(str(store)).provenance.status == "complete"
+    assert np.array_equal(kernel_of(store), kernel_of(tmp_path / "clean.zarr"))
