@@ -26,7 +26,7 @@ from pipeline.config import Method, Mode, RunConfig
 from pipeline.errors import PipelineError, StoreError, brief
 from pipeline.feature_store import Features, features_of
 from pipeline.features import sketch_function
-from pipeline.fingerprint import function_fingerprint, function_mismatch
+from pipeline.fingerprint import function_fingerprint, function_mismatch, source_changes
 from pipeline.kernel import Kernel, bad_blocks, open_kernel, open_store
 from pipeline.methods import check_model, compute_block
 from pipeline.models import FunctionalModel, cast_input
@@ -212,13 +212,18 @@ def _prepared(k: Kernel, config: RunConfig | str | os.PathLike[str],
         mismatch = prov.mismatch(cfg.model_dump(mode="json"), p.fingerprints, VERIFY_SECTIONS, LOCATIONS)
         if not mismatch and split is not None:
             mismatch = split_mismatch(p, split)
-        if not mismatch and prov.function is not None:
-            mismatch = function_mismatch(prov.function, function_fingerprint(p), prov.dtype)
+        now = None if mismatch or prov.function is None else function_fingerprint(p)
+        if now is not None and prov.function is not None:
+            mismatch = function_mismatch(prov.function, now, prov.dtype)
     except PipelineError as err:
         return f"cannot recompute blocks from {where}: {err}"
     if mismatch:
         return f"{where} is not the config of the run that wrote {k.path}: {mismatch}; no block recomputed"
     checked.append(f"{where} matches the recorded config and fingerprints")
+    changed = [] if now is None or prov.function is None else source_changes(prov.function, now)
+    if changed:  # the blocks recomputed below are the check of what the edited code computes
+        checked.append(f"the model's source changed since the store was created ({', '.join(changed)}); its outputs "
+                       "and probe block agree")
     return cfg, p, where
 
 

@@ -43,8 +43,12 @@ def main() -> None:
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
               help="ray: one Ray task per block; local: every block in this process (on its GPU where it has one).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option("--allow-edited-source", is_flag=True, help="Resume although the model's source file changed since "
+              "the store was created, when its outputs on the recorded rows agree: for an edit that does not change "
+              "what the model computes (a comment). Without it such a resume is refused.")
 @fails_cleanly
-def run(config: str, overwrite: bool | None, repair: bool, executor: str, progress: bool) -> None:
+def run(config: str, overwrite: bool | None, repair: bool, executor: str, progress: bool,
+        allow_edited_source: bool) -> None:
     """Compute the NTK that CONFIG describes into its Zarr store."""
     from pipeline.errors import Interrupted
     from pipeline.run import run as run_pipeline
@@ -52,7 +56,8 @@ def run(config: str, overwrite: bool | None, repair: bool, executor: str, progre
     if repair and overwrite:
         raise click.UsageError("--repair and --overwrite exclude each other: a repair keeps the good blocks")
     try:
-        s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress, repair=repair)
+        s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress, repair=repair,
+                         allow_edited_source=allow_edited_source)
     except KeyboardInterrupt as err:  # SIGINT or SIGTERM: one line, the shell's exit status for the signal
         name = err.signal if isinstance(err, Interrupted) else "SIGINT"
         click.echo(f"Error: interrupted by {name}: the finished blocks are kept; rerun the same command to "

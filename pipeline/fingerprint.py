@@ -9,10 +9,13 @@ The sha256 fingerprints of the parameters and inputs say that the weights and th
 this says that the code is: the same weights under an edited ``forward`` (``torch.tanh`` ->
 ``torch.sin``) compute another kernel. The outputs and the probe block decide, compared with a
 tolerance keyed by dtype relative to their magnitude, not bit for bit: a resume may run on another
-machine or with another thread count, whose BLAS sums in another order. The source files' sha256
-alone decides nothing (an edited comment computes the same function); when the outputs differ, the
-message names the source files that changed. Cost: one forward pass over ``ROWS`` rows of each input
-and one ``ROWS`` x ``ROWS`` block with the run's method.
+machine or with another thread count, whose BLAS sums in another order. When the outputs differ, the
+message names the source files that changed. When they agree but a source file changed, a resume is
+refused too (``edited_source=False``): a few rows agreeing does not show that an edited ``forward``
+computes the same on the others (``torch.where(x[:, 0] > 2, sin, tanh)``); the user who knows the edit
+changes nothing (a comment) says so (``run --allow-edited-source``). ``verify --config`` recomputes
+blocks itself and only notes the change. Cost: one forward pass over ``ROWS`` rows of each input and
+one ``ROWS`` x ``ROWS`` block with the run's method.
 """
 
 from __future__ import annotations
@@ -104,20 +107,32 @@ def _source_file(name: str) -> SourceFile | None:
     return SourceFile(module=name, file=path, sha256="sha256:" + hashlib.sha256(data).hexdigest())
 
 
-def function_mismatch(recorded: Function, now: Function, dtype: str) -> str | None:
+def function_mismatch(recorded: Function, now: Function, dtype: str, *, edited_source: bool = True) -> str | None:
     """What differs between a recorded functional fingerprint and one taken now, as one phrase naming
     the rows and, when something differs, the source files changed since; None when it is the same
-    function (within ``TOLERANCE[dtype]``)."""
+    function (within ``TOLERANCE[dtype]``). ``edited_source=False``: a changed source file is a
+    difference even where the outputs and the block agree."""
     tol = TOLERANCE.get(dtype, TOLERANCE["float32"])
     rows = f"rows 0:{recorded.rows}"
     other = "x1" if recorded.outputs_x2 is None else "x2"
     parts = (("outputs_x1", f"the model's outputs on x1 {rows}"), ("outputs_x2", f"the model's outputs on x2 {rows}"),
              ("block", f"the kernel block K(x1 {rows}, {other} {rows})"))
+    changed = source_changes(recorded, now)
     for key, what in parts:
         found = _difference(getattr(recorded, key), getattr(now, key), tol)
         if found:
-            return f"{what} differ from the recorded run's ({found}){_changed(recorded.sources, now.sources)}"
+            return f"{what} differ from the recorded run's ({found}){_changed(changed)}"
+    if changed and not edited_source:
+        return (f"{_files(changed)} changed since the store was created: the model's outputs and kernel block on "
+                f"{rows} still agree, which does not show that it computes the same on the other rows; restore "
+                "it, or rerun with --allow-edited-source if the edit does not change what the model computes")
     return None
+
+
+def source_changes(recorded: Function, now: Function) -> list[str]:
+    """The recorded source files whose sha256 differs now (a file gone or unreadable is not counted)."""
+    current = {s.module: s for s in now.sources}
+    return [r.file for r in recorded.sources if r.module in current and current[r.module].sha256 != r.sha256]
 
 
 def _difference(recorded: Values | None, now: Values | None, tol: float) -> str | None:
@@ -147,13 +162,14 @@ def _far(x: float, y: float, atol: float) -> bool:
     return not abs(x - y) <= atol  # NaN against a number is far
 
 
-def _changed(recorded: tuple[SourceFile, ...], now: tuple[SourceFile, ...]) -> str:
-    """``; its source file F changed`` for each recorded source file whose sha256 differs now."""
-    current = {s.module: s for s in now}
-    changed = [r.file for r in recorded if r.module in current and current[r.module].sha256 != r.sha256]
-    if not changed:
-        return ""
-    return f"; its source file{'s' if len(changed) > 1 else ''} {', '.join(changed)} changed"
+def _files(changed: list[str]) -> str:
+    return f"its source file{'s' if len(changed) > 1 else ''} {', '.join(changed)}"
 
 
-__all__ = ["ROWS", "SAMPLE", "TOLERANCE", "function_fingerprint", "function_mismatch", "source_files", "summarize"]
+def _changed(changed: list[str]) -> str:
+    """``; its source file F changed`` for each file in ``changed``."""
+    return f"; {_files(changed)} changed" if changed else ""
+
+
+__all__ = ["ROWS", "SAMPLE", "TOLERANCE", "function_fingerprint", "function_mismatch", "source_changes", "source_files",
+           "summarize"]

@@ -99,7 +99,7 @@ def _now() -> str:
 
 
 def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", overwrite: bool | None = None,
-        progress: bool = True, repair: bool = False) -> RunSummary:
+        progress: bool = True, repair: bool = False, allow_edited_source: bool = False) -> RunSummary:
     """Compute the kernel a config describes into its Zarr store, resuming a store that holds some
     finished blocks of the same run.
 
@@ -112,6 +112,8 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
         failing its checksum, a deleted chunk, values not finite: ``kernel.bad_blocks``), even in a
         complete store; a resume, with its checks. Their markers are cleared first, so an interrupted
         repair is finished by any later resume.
+      allow_edited_source: resume although a source file of the model changed since the store was
+        created, when its outputs and kernel block on the recorded rows still agree (``fingerprint``).
 
     Returns:
       A RunSummary (blocks computed by this run, blocks already done, seconds, kernel entries, the
@@ -127,7 +129,7 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
     # Where block tasks compute: what tiling.block: auto measures, and what the workers use.
     workers = Workers(EXECUTORS[executor](cfg.ray, search_path), device == "cuda")
     try:
-        start = _start(cfg, search_path, repair, workers.memory)
+        start = _start(cfg, search_path, repair, workers.memory, allow_edited_source)
         p, skipped = start.p, len(start.p.plan.blocks) - len(start.todo)
         if not start.todo and start.recorded is not None and start.recorded.status == "complete":
             return RunSummary(cfg.output.path, p.method, 0, 0.0, _entries(p), 0.0, skipped=skipped, repair=repair,
@@ -245,7 +247,7 @@ def _entries(p: Prepared) -> int:
 
 
 def _start(cfg: RunConfig, search_path: str | None, repair: bool = False,
-           memory: Callable[[], WorkerMemory] | None = None) -> Start:
+           memory: Callable[[], WorkerMemory] | None = None, edited_source: bool = False) -> Start:
     """What the output holds and what this run does with it: prepared, checked, nothing written yet.
     ``memory``: what one block task may use, asked only to size ``tiling.block: auto`` for a new store
     (a resume keeps the recorded block: the store's chunk grid is fixed)."""
@@ -270,7 +272,8 @@ def _start(cfg: RunConfig, search_path: str | None, repair: bool = False,
     if not mismatch and split is not None:
         mismatch = split_mismatch(p, split)
     if not mismatch and recorded.function is not None:  # a store older than the record resumes without it
-        mismatch = function_mismatch(recorded.function, function_fingerprint(p), cfg.ntk.dtype)
+        mismatch = function_mismatch(recorded.function, function_fingerprint(p), cfg.ntk.dtype,
+                                     edited_source=edited_source)
     if mismatch:
         raise StoreError("output.path", f"cannot resume {path}: {mismatch}; use --overwrite to start afresh")
     bad = tuple(bad_blocks(stored)) if repair else ()

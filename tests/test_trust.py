@@ -157,7 +157,7 @@ def _snapshot(store: Path) -> tuple[dict, np.ndarray, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_a_resume_with_an_edited_model_is_refused_and_a_comment_edit_resumes(project):
+def test_a_resume_with_an_edited_model_is_refused_and_a_comment_edit_resumes_when_allowed(project):
     folder, config, name = project
     pipeline.run(config, executor="local", progress=False)
     store = folder / "out.zarr"
@@ -177,12 +177,32 @@ def test_a_resume_with_an_edited_model_is_refused_and_a_comment_edit_resumes(pro
     after = _snapshot(store)
     assert after[0] == before[0] and np.array_equal(after[2], before[2])
     np.testing.assert_array_equal(after[1], before[1])
-    # the same function, its source edited: resumes, and the kernel is the uninterrupted run's
+    # another function only where x[:, 0] > 0.5, which rows 0:2 are not (row 6 is, in the blocks left):
+    # its outputs on the recorded rows agree, so the changed source alone refuses it
+    edited = f"its source file {module} changed since the store was created: the model's outputs and kernel " \
+        "block on rows 0:2 still agree, which does not show that it computes the same on the other rows; " \
+        "restore it, or rerun with --allow-edited-source if the edit does not change what the model computes; " \
+        "use --overwrite to start afresh\n"
+    module.write_text(NET.replace("torch.tanh(self.a(x))", "torch.where(x[:, :1] > 0.5, torch.sin(self.a(x)), "
+                                  "torch.tanh(self.a(x)))"))
+    refused = _cli("run", str(config), "--executor", "local", "--no-progress", cwd=folder.parent)
+    assert refused.returncode == 1 and refused.stderr == f"Error: output.path: cannot resume {store}: {edited}", \
+        refused.stderr
+    assert _snapshot(store)[0] == before[0]
+    # the same function, its source edited: refused as well, and resumed when the user says the edit
+    # changes nothing; the kernel is then the uninterrupted run's
     module.write_text(NET.replace("    def forward", "    # tanh, as before\n    def forward"))
-    resumed = _cli("run", str(config), "--executor", "local", "--no-progress", cwd=folder.parent)
+    refused = _cli("run", str(config), "--executor", "local", "--no-progress", cwd=folder.parent)
+    assert refused.returncode == 1 and refused.stderr.endswith(edited), refused.stderr
+    resumed = _cli("run", str(config), "--executor", "local", "--no-progress", "--allow-edited-source",
+                   cwd=folder.parent)
     assert resumed.returncode == 0, resumed.stderr
     assert "done: 2 blocks (4 done by an earlier run)" in resumed.stdout, resumed.stdout
     np.testing.assert_array_equal(zarr.open_group(store, mode="r")["kernel"][...], whole)
+    # verify --config recomputes blocks, and notes the edit
+    verify = _cli("verify", str(store), "--config", str(config), "--sample", "2", cwd=folder.parent)
+    assert verify.returncode == 0 and f"the model's source changed since the store was created ({module})" \
+        in verify.stdout, verify.stdout + verify.stderr
 
 
 def _set_function(store: Path, change) -> None:
