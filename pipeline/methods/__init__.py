@@ -15,8 +15,12 @@ Methods (``REGISTRY``; each module's docstring gives its cost model and when it 
 - ntk_vector_products: a vjp and O jvps per pair: N²·O·[FP], no Jacobians in memory.
 ``auto`` (pipeline.methods.auto) picks one per run from these modules' cost estimates and a timing.
 
-Adding a method: one module with ``side``, ``combine``, ``flops`` and ``memory`` (pipeline.methods.base),
-and one line in ``REGISTRY``.
+Adding a method takes three things: a new module with ``side``, ``combine``, ``flops`` and ``memory``
+(pipeline.methods.base); a member of ``pipeline.config.Method`` naming it (the StrEnum that
+``ntk.method``, the store's record and the CLI's choices are checked against; config cannot import this
+registry, which imports config); and one line in ``REGISTRY``. Nothing else lists the methods: ``auto``
+and ``bench`` take every registered one, the costs come from the modules, and ``verify`` cross-checks a
+store with ``cross_check`` (the first registered method but the recorded one).
 """
 
 from __future__ import annotations
@@ -43,6 +47,17 @@ REGISTRY: dict[Method, NtkMethod] = {
 }
 METHODS: tuple[Method, ...] = tuple(REGISTRY)
 MODES: tuple[Mode, ...] = tuple(m for m in Mode if m != Mode.FEATURES)  # the kernels (features: pipeline.features)
+
+
+def cross_check(recorded: str) -> Method:
+    """The method ``verify --config --sample`` recomputes a store's blocks with: the first registered
+    method other than ``recorded`` (structured -> jacobian_contraction; jacobian_contraction and
+    ntk_vector_products -> structured), so that a wrong block is not reproduced by the code that wrote
+    it. Every registered method runs on any model the capability probe passes (each takes its own path
+    around a missing transform, ``FunctionalModel.fallbacks``), so the first other one can; with a single
+    method registered it is that one.
+    """
+    return next((m for m in REGISTRY if m != recorded), parse_method(recorded))
 
 
 def parse_method(method: str) -> Method:
@@ -173,5 +188,5 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
         return compute_block(fm, x1, x2, method, mode)
 
 
-__all__ = ["METHODS", "MODES", "REGISTRY", "check_model", "combine", "compute_block", "empirical_ntk", "estimate_flops",
-           "jacobian_bytes", "normalise", "outputs", "side", "task_memory"]
+__all__ = ["METHODS", "MODES", "REGISTRY", "check_model", "combine", "compute_block", "cross_check", "empirical_ntk",
+           "estimate_flops", "jacobian_bytes", "normalise", "outputs", "side", "task_memory"]
