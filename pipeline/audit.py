@@ -62,6 +62,8 @@ def status(path: str, options: dict[str, Any] | None = None, timeout: float = CO
     prov, plan = k.provenance, k.plan
     try:
         lease = lease_holder(path, options)
+    except StoreError:  # malformed: one line naming the store and the key
+        raise
     except Exception as err:
         raise StoreError(path, f"its lease is unreadable: {brief(err)}") from None
     alive = lease_alive(lease)
@@ -92,8 +94,8 @@ def status(path: str, options: dict[str, Any] | None = None, timeout: float = CO
         "error": prov.error,
         "nodes": dict(Counter(nodes[i] for i in prov.block_nodes or () if i >= 0)),
         "devices": dict(Counter(devices[i] for i in prov.block_devices or () if i >= 0)),
-        "lease": {"held": alive, "holder": describe_lease(lease) if lease and alive else None,
-                  "heartbeat_age_s": round(time.time() - float(lease["heartbeat"]), 1) if lease else None},
+        "lease": {"held": alive, "holder": describe_lease(lease) if lease is not None and alive else None,
+                  "heartbeat_age_s": None if lease is None else round(time.time() - lease.heartbeat, 1)},
     }
 
 

@@ -4,9 +4,12 @@ the package map names every module."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import yaml
+import zarr
 from click.testing import CliRunner
 
 import pipeline
@@ -56,3 +59,48 @@ def test_verify_recomputes_with_a_method_the_registry_holds(tmp_path, monkeypatc
     r = CliRunner().invoke(main, ["verify", str(store), "--config", str(config), "--sample", "1"])
     assert r.exit_code == 0, r.output
     assert "in float64 with ntk_vector_products" in r.stdout and "verify: ok" in r.stdout
+
+
+# 2. the lease: one typed record, one parser; a malformed one is one line naming the store
+
+
+MALFORMED = {"owner": "abc", "released": False}  # no host, pid, ttl, started nor heartbeat
+
+
+def _files(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["run", "--overwrite"], ["run"]],
+                         ids=["status", "status-json", "run-overwrite", "run-resume"])
+def test_a_malformed_lease_is_one_line_naming_the_store_and_nothing_is_written(tmp_path, args):
+    config, store = _run(tmp_path, "k")
+    zarr.open_group(store, mode="r+")["done"][1, 1] = 0  # a block to do: a resume would write it
+    zarr.open_group(store, mode="r+")["lease"].attrs.put(MALFORMED)
+    before = _files(store)
+    target = str(store) if args[0] == "status" else str(config)
+    r = CliRunner().invoke(main, [args[0], target, *args[1:], *(["--executor", "local"] if args[0] == "run" else [])])
+    assert r.exit_code == 1, r.output
+    assert r.output.splitlines() == [f"Error: {store}: its lease is malformed: "
+                                     "host: Field required (and 4 more)"]
+    assert _files(store) == before
+
+
+def test_a_lease_of_the_wrong_types_is_refused_by_the_parser_and_a_good_one_read_typed(tmp_path):
+    from pipeline.errors import StoreError
+    from pipeline.store import LeaseRecord, lease_alive, parse_lease
+
+    good = {"owner": "f" * 32, "host": "elsewhere", "pid": 7, "ttl": 60, "started": 1.0, "heartbeat": 2.0}
+    lease = parse_lease(good, "s.zarr")
+    assert isinstance(lease, LeaseRecord) and (lease.pid, lease.ttl, lease.released) == (7, 60.0, False)
+    assert lease_alive(lease, now=61.0) and not lease_alive(lease, now=62.0)
+    assert parse_lease({}, "s.zarr") is None
+    with pytest.raises(StoreError, match=r"^s\.zarr: its lease is malformed: pid: Input should be a valid integer$"):
+        parse_lease({**good, "pid": "7"}, "s.zarr")
+    with pytest.raises(StoreError, match=r"^s\.zarr: its lease is malformed: heartbeat: Input should be a finite"):
+        parse_lease({**good, "heartbeat": float("nan")}, "s.zarr")
+    # a well-formed lease still reads in status
+    store = _run(tmp_path, "k")[1]
+    zarr.open_group(store, mode="r+")["lease"].attrs.put({**good, "heartbeat": 0.0})
+    s = json.loads(CliRunner().invoke(main, ["status", str(store), "--json"]).stdout)
+    assert s["lease"]["held"] is False and s["lease"]["heartbeat_age_s"] > 1e9
