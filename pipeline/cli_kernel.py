@@ -24,6 +24,7 @@ from typing import IO, Any
 import click
 
 from pipeline.cli_common import fails_cleanly, numbers, size, split_rule, storage_options_flag, storage_options_option
+from pipeline.config import Mode, feature_mode
 from pipeline.errors import ConfigError, StoreError, brief
 from pipeline.kernel import EXECUTORS
 
@@ -65,7 +66,6 @@ def _num(x: float | None) -> str:
 def inspect(output: str, stats: bool, as_json: bool, options: dict[str, Any] | None, connect_timeout: float) -> None:
     """Shape, dtype, chunks, bytes, method, provenance, completeness and statistics of the kernel (or the
     sketched features) in OUTPUT."""
-    from pipeline.config import Mode
     from pipeline.feature_store import features_of
     from pipeline.kernel import open_store
 
@@ -132,7 +132,7 @@ def _echo_features(d: dict[str, Any]) -> None:
     _echo_provenance(prov)
     s = d["stats"]
     if s is not None:
-        over = "" if d["of"] == "pntk" else ", summed over outputs"
+        over = "" if feature_mode(d["of"]) == Mode.PNTK else ", summed over outputs"
         click.echo(f"norms      ||phi_i||^2 (the kernel's diagonal{over}) min {_num(s['norm_min'])}, "
                    f"max {_num(s['norm_max'])}, mean {_num(s['norm_mean'])}; {s['not_computed']:,} of "
                    f"{s['entries']:,} values not computed (NaN)")
@@ -158,7 +158,6 @@ def plot(output: str, out: str, size: int, eigenvalues: int, spectrum: str, dpi:
          options: dict[str, Any] | None, connect_timeout: float) -> None:
     """Plot the kernel in OUTPUT (a heatmap, and for a K(x, x) its eigenvalue spectrum) into a PNG; for
     a feature store, the kernel of its features, never formed."""
-    from pipeline.config import Mode
     from pipeline.feature_store import features_of
     from pipeline.kernel import Products, open_store
     from pipeline.spectrum import plot_features, plot_kernel

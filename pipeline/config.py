@@ -51,6 +51,23 @@ class Mode(StrEnum):
     FEATURES = "features"  # not a kernel: sketched features per sample, (n, o, k) or (n, k) (ntk.features)
 
 
+# The kernel a feature run estimates (ntk.features.of); its Mode is ``feature_mode(of)``.
+FeatureOf = Literal["full", "trace", "pntk"]
+FEATURE_MODES: tuple[Mode, ...] = (Mode.FULL, Mode.TRACE, Mode.PNTK)
+
+
+def feature_mode(of: str) -> Mode:
+    """The Mode of the kernel features of ``of`` estimate (full and trace features serve full, trace and
+    diagonal reads alike; pntk features, of the o = 1 model, only pntk): the one reading of ``of``.
+
+    Raises:
+      ValueError: ``of`` is not one of full, trace, pntk.
+    """
+    if of not in FEATURE_MODES:
+        raise ValueError(f"of: expected one of {', '.join(FEATURE_MODES)}, got {of!r}")
+    return Mode(of)
+
+
 DType = Literal["float32", "float64"]
 Precision = Literal["highest", "tf32"]
 
@@ -223,7 +240,7 @@ class FeaturesSpec(_Spec):
     k: PositiveInt = 4096  # features per sample (and output)
     seed: NonNegativeInt = 0  # the projections' seed: the same seed gives the same features, bit for bit
     # Which kernel they estimate: full and trace (and diagonal) share one set, (n, o, k); pntk (n, k).
-    of: Literal["full", "trace", "pntk"] = "trace"
+    of: FeatureOf = "trace"
     # How a Linear / Conv layer is projected from its inputs and cotangents (pipeline.features):
     # khatri_rao, an independent pair of vectors per feature, error ~ k^(-1/2) (on the tutorial CNN at
     # k = 4096, a third of kronecker's); kronecker, sum_s (P_out g_s)(P_in a_s)^T, error ~ k^(-1/4),

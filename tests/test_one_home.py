@@ -5,6 +5,7 @@ the package map names every module."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 import pipeline
 from pipeline import methods
 from pipeline.cli import main
-from pipeline.config import Method
+from pipeline.config import Method, Mode, feature_mode
 
 PIPELINE = Path(pipeline.__file__).resolve().parent
 
@@ -104,3 +105,18 @@ def test_a_lease_of_the_wrong_types_is_refused_by_the_parser_and_a_good_one_read
     zarr.open_group(store, mode="r+")["lease"].attrs.put({**good, "heartbeat": 0.0})
     s = json.loads(CliRunner().invoke(main, ["status", str(store), "--json"]).stdout)
     assert s["lease"]["held"] is False and s["lease"]["heartbeat_age_s"] > 1e9
+
+
+# 3. a feature run's ``of`` read as a Mode in one place; no mode compared as a bare string
+
+
+BARE_MODE = re.compile(r"""[!=]=\s*["'](full|trace|diagonal|pntk)["']|["'](full|trace|diagonal|pntk)["']\s*[!=]=""")
+
+
+def test_no_mode_is_compared_as_a_bare_string_in_the_package():
+    found = [f"{path.relative_to(PIPELINE)}:{i}" for path in sorted(PIPELINE.rglob("*.py"))
+             for i, line in enumerate(path.read_text().splitlines(), 1) if BARE_MODE.search(line)]
+    assert found == []
+    assert [feature_mode(of) for of in ("full", "trace", "pntk")] == [Mode.FULL, Mode.TRACE, Mode.PNTK]
+    with pytest.raises(ValueError, match=r"^of: expected one of full, trace, pntk, got 'diagonal'$"):
+        feature_mode("diagonal")

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
-from pipeline.config import FeaturesSpec, Method, Mode
+from pipeline.config import FeatureOf, FeaturesSpec, Method, Mode
 from pipeline.errors import StoreError
 
 ATTRIBUTE = "ntk_pipeline"  # the group attribute that holds the record
@@ -137,7 +137,7 @@ class FeatureRecord(BaseModel):
 
     k: int
     seed: int
-    of: Literal["full", "trace", "pntk"]
+    of: FeatureOf  # its kernel's Mode: config.feature_mode(of)
     split: dict[str, int]  # features per part of the model, in the order of the features (features.split)
     # How Linear / Conv parts were projected (ntk.features.projection); records written before the choice
     # existed were all "kronecker".
