@@ -120,3 +120,22 @@ def test_no_mode_is_compared_as_a_bare_string_in_the_package():
     assert [feature_mode(of) for of in ("full", "trace", "pntk")] == [Mode.FULL, Mode.TRACE, Mode.PNTK]
     with pytest.raises(ValueError, match=r"^of: expected one of full, trace, pntk, got 'diagonal'$"):
         feature_mode("diagonal")
+
+
+# 4. one check for "exactly one of two sources" (model: builtin or target; an input: path or synthetic)
+
+
+def test_a_config_with_both_or_neither_source_says_which(tmp_path):
+    from pipeline.config import parse_config
+    from pipeline.errors import ConfigError
+
+    (tmp_path / "x.npy").write_bytes(b"")
+    synthetic = {"synthetic": {"n": 2, "shape": [2]}}
+    cfg = {"model": {"builtin": "mlp"}, "data": {"x1": {"path": "x.npy", **synthetic}}, "output": {"path": "k.zarr"}}
+    with pytest.raises(ConfigError, match=r"^data\.x1: give exactly one of 'path' \(\.npy, \.pt, \.zarr\) or "
+                       r"'synthetic' \(\{n, shape, seed\}\), got both \(path='.*/x\.npy', "
+                       r"synthetic=Synthetic\(n=2, shape=\[2\], seed=0\)\)$"):
+        parse_config(cfg, base=tmp_path)
+    with pytest.raises(ConfigError, match=r"^model: give exactly one of 'builtin' \(cnn, mlp\) or 'target' "
+                       r"\('module:attribute'\), got neither$"):
+        parse_config({**cfg, "model": {}, "data": {"x1": synthetic}}, base=tmp_path)
