@@ -28,7 +28,7 @@ import torch
 
 from pipeline.config import Method, Mode, RunConfig
 from pipeline.errors import ConfigError
-from pipeline.methods import METHODS, compute_block, estimate_flops, outputs
+from pipeline.methods import METHODS, compute_block, estimate_flops, normalise_shape, outputs
 from pipeline.methods.auto import auto_method
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import contraction_flops, kernel_entries
@@ -189,7 +189,8 @@ def bench_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, 
     flops = estimate_flops(fm, x1, x1.shape[0], n2, mode, diagonal=x2 is None)
     o = outputs(fm, x1, mode)
     entries = kernel_entries(x1.shape[0], n2, o, mode)
-    work = contraction_flops(x1.shape[0], n2, o, fm.p, mode)
+    counted, counted_o = normalise_shape(mode, o)  # pntk: a trace kernel of o = 1
+    work = contraction_flops(x1.shape[0], n2, counted_o, fm.p, counted)
     rows = []
     for m in methods:
         args = (fm, x1, x2, m, mode, repeats, threads)

@@ -6,7 +6,8 @@
 K[i, j, a, b] = <d f_a(x1_i) / d theta, d f_b(x2_j) / d theta>, theta = the trainable parameters.
 Modes (pipeline.config.Mode): full (n1, n2, o, o); trace (n1, n2), the sum over a = b; diagonal
 (n1, n2, o), the a = b entries; pntk (n1, n2), the NTK of sum_a f_a / sqrt(o) (Mohamadi, Bae,
-Sutherland, ICML 2023), at the cost of an o = 1 kernel: ``normalise`` is the one place it becomes that.
+Sutherland, ICML 2023), at the cost of an o = 1 kernel: ``normalise`` is the one place it becomes that
+(``normalise_shape``, its half without a model, gives the mode and o alone, for counts from a record).
 
 Methods (``REGISTRY``; each module's docstring gives its cost model and when it wins):
 - structured: per-layer rules from the layers' inputs and output cotangents (Novak et al. 2022); the
@@ -75,9 +76,17 @@ def parse_mode(mode: str) -> Mode:
 
 def normalise(fm: FunctionalModel, mode: str) -> tuple[FunctionalModel, Mode]:
     """The model and mode a method computes: pntk is the trace kernel of x -> sum_a f_a(x) / sqrt(o)."""
+    computed, _ = normalise_shape(mode, 1)
+    return (fm if computed == mode else fm.sum_of_logits()), computed
+
+
+def normalise_shape(mode: str, o: int) -> tuple[Mode, int]:
+    """``normalise`` without a model: the mode and outputs per sample a method computes for ``mode`` on a
+    model of ``o`` outputs: (trace, 1) for pntk, else (mode, o). What a count from a store's record (whose
+    ``o`` is the model's) or a bench passes to ``plan.contraction_flops``."""
     if parse_mode(mode) == Mode.PNTK:
-        return fm.sum_of_logits(), Mode.TRACE
-    return fm, Mode(mode)
+        return Mode.TRACE, 1
+    return Mode(mode), o
 
 
 # The functions below take a Method and a Mode, or their names (users' strings), checked by parse_*.
@@ -189,4 +198,4 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
 
 
 __all__ = ["METHODS", "MODES", "REGISTRY", "check_model", "combine", "compute_block", "cross_check", "empirical_ntk",
-           "estimate_flops", "jacobian_bytes", "normalise", "outputs", "side", "task_memory"]
+           "estimate_flops", "jacobian_bytes", "normalise", "normalise_shape", "outputs", "side", "task_memory"]
