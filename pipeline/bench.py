@@ -13,14 +13,12 @@ measured in the same run (``matmul_peak``: float32 and TF32 on CUDA, the run's d
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import platform
 import resource
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,6 +30,7 @@ from pipeline.methods import METHODS, compute_block, estimate_flops, normalise_s
 from pipeline.methods.auto import auto_method
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import contraction_flops, kernel_entries
+from pipeline.precision import float32_precision
 from pipeline.prepare import prepare
 
 
@@ -69,17 +68,6 @@ class MatmulPeak:
     threads: int  # torch's CPU threads while it ran
 
 
-@contextlib.contextmanager
-def float32_precision(precision: str) -> Iterator[None]:
-    """torch's float32 matmul precision for the duration ("highest": IEEE float32; "high": TF32 on CUDA)."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
 def matmul_peak(device: str, dtype: torch.dtype, *, tf32: bool = False, n: int | None = None, repeats: int = 5,
                 threads: int | None = None) -> MatmulPeak:
     """Time ``a @ b`` for random (n, n) matrices: one warm-up, then the median of ``repeats`` runs,
@@ -99,7 +87,7 @@ def matmul_peak(device: str, dtype: torch.dtype, *, tf32: bool = False, n: int |
     cuda = a.is_cuda
     runs: list[float] = []
     try:
-        with float32_precision("high" if tf32 else "highest"):
+        with float32_precision("tf32" if tf32 else "highest"):  # the run's own switches (ntk.precision)
             for k in range(repeats + 1):
                 if cuda:
                     torch.cuda.synchronize()

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 import zarr
 from click.testing import CliRunner
@@ -139,3 +140,28 @@ def test_a_config_with_both_or_neither_source_says_which(tmp_path):
     with pytest.raises(ConfigError, match=r"^model: give exactly one of 'builtin' \(cnn, mlp\) or 'target' "
                        r"\('module:attribute'\), got neither$"):
         parse_config({**cfg, "model": {}, "data": {"x1": synthetic}}, base=tmp_path)
+
+
+# 6. bench measures its peaks under the run's own precision switches (pipeline.precision), cuDNN's included
+
+
+def _state() -> tuple[str, bool]:
+    return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("tf32, during", [(False, ("highest", False)), (True, ("high", True))])
+def test_bench_measures_its_peaks_under_the_runs_precision_switches(monkeypatch, tf32, during):
+    from pipeline import bench
+
+    seen, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: (seen.append(_state()), mm(a, b))[1])
+    saved, before = _state(), ("medium", not during[1])
+    torch.set_float32_matmul_precision(before[0])
+    torch.backends.cudnn.allow_tf32 = before[1]
+    try:
+        bench.matmul_peak("cpu", torch.float32, tf32=tf32, n=8, repeats=1)
+        assert seen == [during, during]  # the warm-up and the timed run
+        assert _state() == before
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
