@@ -18,6 +18,7 @@ import click
 
 from pipeline.cli_common import fails_cleanly, numbers, size, split_rule, storage_options_option
 from pipeline.config import Method, Mode
+from pipeline.execute import EXECUTORS
 from pipeline.plan import feature_shape
 
 
@@ -41,7 +42,7 @@ def main() -> None:
               "wrote; only its own nodes are removed).")
 @click.option("--repair", is_flag=True, help="Resume, and also recompute every block whose chunks fail their "
               "checksum, are missing or are not finite (reads the whole kernel), even in a complete store.")
-@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
+@click.option("--executor", type=click.Choice(list(EXECUTORS)), default="ray", show_default=True,
               help="ray: one Ray task per block; local: every block in this process (on its GPU where it has one).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @fails_cleanly
