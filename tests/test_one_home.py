@@ -165,3 +165,13 @@ def test_bench_measures_its_peaks_under_the_runs_precision_switches(monkeypatch,
     finally:
         torch.set_float32_matmul_precision(saved[0])
         torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+# 7. the package map names every module, one line each
+
+
+def test_the_package_map_has_one_line_per_module():
+    section = (PIPELINE / "README.md").read_text().split("## Modules, one line each", 1)[1]
+    named = re.findall(r"^- `([^`]+\.py)`", section, flags=re.M)
+    assert sorted(named) == sorted(str(p.relative_to(PIPELINE)) for p in PIPELINE.rglob("*.py"))
+    assert not re.findall(r"^- `[^`]+\.py`,? (?:and )?`[^`]+\.py`", section, flags=re.M)  # one module a line
