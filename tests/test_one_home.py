@@ -1,6 +1,7 @@
 """One home for each concept (issue 11's audit): verify's cross-check method comes from the method
-registry, the lease is one typed record read through one parser, feature kernels are named by Mode, and
-the package map names every module."""
+registry, the lease is one typed record read through one parser, feature kernels are named by Mode, one
+check for a config's two sources, bench's peaks under the run's own precision switches, and the package
+map names every module."""
 
 from __future__ import annotations
 
