@@ -44,11 +44,11 @@ DENSE = 2048
 # features are read once where they fit, else again for each row band of the kernel's tiles.
 FEATURE_CACHE_BYTES = 1 << 30
 
-# (the features' ``of``, the stored kernel's mode) -> the mode they are compared in.
-COMPARED: dict[tuple[str, Mode], Mode] = {
-    ("trace", Mode.TRACE): Mode.TRACE, ("trace", Mode.FULL): Mode.TRACE, ("trace", Mode.DIAGONAL): Mode.TRACE,
-    ("full", Mode.FULL): Mode.FULL, ("full", Mode.DIAGONAL): Mode.DIAGONAL, ("full", Mode.TRACE): Mode.TRACE,
-    ("pntk", Mode.PNTK): Mode.PNTK,
+# (the features' own mode, ``Features.mode``; the stored kernel's mode) -> the mode they are compared in.
+COMPARED: dict[tuple[Mode, Mode], Mode] = {
+    (Mode.TRACE, Mode.TRACE): Mode.TRACE, (Mode.TRACE, Mode.FULL): Mode.TRACE, (Mode.TRACE, Mode.DIAGONAL): Mode.TRACE,
+    (Mode.FULL, Mode.FULL): Mode.FULL, (Mode.FULL, Mode.DIAGONAL): Mode.DIAGONAL, (Mode.FULL, Mode.TRACE): Mode.TRACE,
+    (Mode.PNTK, Mode.PNTK): Mode.PNTK,
 }
 
 
@@ -85,10 +85,10 @@ def compared_mode(features: Features, kernel: Kernel) -> Mode:
       StoreError: naming the kernel's store and the first thing that differs, in one line.
     """
     fp, kp = features.provenance, kernel.provenance
-    mode = COMPARED.get((features.of, kernel.mode))
+    mode = COMPARED.get((features.mode, kernel.mode))
     if mode is None:
         raise StoreError(kernel.path, f"it holds a {kernel.mode} kernel, and {features.path} holds features of the "
-                         f"{features.of} kernel: compare {_partners(features.of)}")
+                         f"{features.of} kernel: compare {_partners(features.mode)}")
     if not kernel.symmetric:
         raise StoreError(kernel.path, "it is a K(x1, x2) (computed with data.x2): features are of x1 alone, so "
                          "compare them with a K(x1, x1)")
@@ -113,7 +113,7 @@ def compared_mode(features: Features, kernel: Kernel) -> Mode:
     return mode
 
 
-def _partners(of: str) -> str:
+def _partners(of: Mode) -> str:
     """What features of the ``of`` kernel compare with: ``trace features with a trace, full or diagonal kernel``."""
     modes = [str(m) for f, m in COMPARED if f == of]
     listed = modes[0] if len(modes) == 1 else ", ".join(modes[:-1]) + " or " + modes[-1]

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from pipeline.accuracy import EIGENVALUES, Accuracy, against_kernel, compared_mode, exceeded, sampled
-from pipeline.config import Method, Mode, RunConfig
+from pipeline.config import Mode, RunConfig
 from pipeline.errors import PipelineError, StoreError, brief
 from pipeline.feature_store import Features, features_of
 from pipeline.features import sketch_function
 from pipeline.fingerprint import function_fingerprint, function_mismatch, source_changes
 from pipeline.kernel import Kernel, bad_blocks, open_kernel, open_store
-from pipeline.methods import check_model, compute_block
+from pipeline.methods import check_model, compute_block, cross_check
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import Block
 from pipeline.prepare import Prepared, prepare, resolve, split_mismatch
@@ -51,9 +51,6 @@ VERIFY_TOLERANCE = {"float32": 1e-3, "float64": 1e-8, "tf32": 2e-2}
 def verify_tolerance(dtype: str, precision: str = "highest") -> float:
     """verify's tolerance for a store of ``dtype`` computed at ``precision`` (ntk.precision)."""
     return VERIFY_TOLERANCE["tf32" if precision == "tf32" else dtype]
-# verify recomputes with a method other than the recorded one.
-OTHER_METHOD = {Method.STRUCTURED: Method.JACOBIAN_CONTRACTION, Method.JACOBIAN_CONTRACTION: Method.STRUCTURED,
-                Method.NTK_VECTOR_PRODUCTS: Method.STRUCTURED}
 
 
 def status(path: str, options: dict[str, Any] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
@@ -65,6 +62,8 @@ def status(path: str, options: dict[str, Any] | None = None, timeout: float = CO
     prov, plan = k.provenance, k.plan
     try:
         lease = lease_holder(path, options)
+    except StoreError:  # malformed: one line naming the store and the key
+        raise
     except Exception as err:
         raise StoreError(path, f"its lease is unreadable: {brief(err)}") from None
     alive = lease_alive(lease)
@@ -95,8 +94,8 @@ def status(path: str, options: dict[str, Any] | None = None, timeout: float = CO
         "error": prov.error,
         "nodes": dict(Counter(nodes[i] for i in prov.block_nodes or () if i >= 0)),
         "devices": dict(Counter(devices[i] for i in prov.block_devices or () if i >= 0)),
-        "lease": {"held": alive, "holder": describe_lease(lease) if lease and alive else None,
-                  "heartbeat_age_s": round(time.time() - float(lease["heartbeat"]), 1) if lease else None},
+        "lease": {"held": alive, "holder": describe_lease(lease) if lease is not None and alive else None,
+                  "heartbeat_age_s": None if lease is None else round(time.time() - lease.heartbeat, 1)},
     }
 
 
@@ -242,7 +241,7 @@ def _recompute(k: Kernel, config: RunConfig | str | os.PathLike[str], sample: in
         return []
     fm = FunctionalModel(p.module.double(), cfg.model.output)
     check_model(fm, cast_input(p.x1.read(0, min(2, p.x1.n)), torch.float64))
-    method = OTHER_METHOD[prov.method]
+    method = cross_check(prov.method)  # another method than the one that wrote the block
     tol = verify_tolerance(prov.dtype, prov.ntk_precision)
     failures = []
     for b in blocks:

@@ -13,14 +13,12 @@ measured in the same run (``matmul_peak``: float32 and TF32 on CUDA, the run's d
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import platform
 import resource
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,10 +26,11 @@ import torch
 
 from pipeline.config import Method, Mode, RunConfig
 from pipeline.errors import ConfigError
-from pipeline.methods import METHODS, compute_block, estimate_flops, outputs
+from pipeline.methods import METHODS, compute_block, estimate_flops, normalise_shape, outputs
 from pipeline.methods.auto import auto_method
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import contraction_flops, kernel_entries
+from pipeline.precision import float32_precision
 from pipeline.prepare import prepare
 
 
@@ -69,17 +68,6 @@ class MatmulPeak:
     threads: int  # torch's CPU threads while it ran
 
 
-@contextlib.contextmanager
-def float32_precision(precision: str) -> Iterator[None]:
-    """torch's float32 matmul precision for the duration ("highest": IEEE float32; "high": TF32 on CUDA)."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
 def matmul_peak(device: str, dtype: torch.dtype, *, tf32: bool = False, n: int | None = None, repeats: int = 5,
                 threads: int | None = None) -> MatmulPeak:
     """Time ``a @ b`` for random (n, n) matrices: one warm-up, then the median of ``repeats`` runs,
@@ -99,7 +87,7 @@ def matmul_peak(device: str, dtype: torch.dtype, *, tf32: bool = False, n: int |
     cuda = a.is_cuda
     runs: list[float] = []
     try:
-        with float32_precision("high" if tf32 else "highest"):
+        with float32_precision("tf32" if tf32 else "highest"):  # the run's own switches (ntk.precision)
             for k in range(repeats + 1):
                 if cuda:
                     torch.cuda.synchronize()
@@ -189,7 +177,8 @@ def bench_block(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, 
     flops = estimate_flops(fm, x1, x1.shape[0], n2, mode, diagonal=x2 is None)
     o = outputs(fm, x1, mode)
     entries = kernel_entries(x1.shape[0], n2, o, mode)
-    work = contraction_flops(x1.shape[0], n2, o, fm.p, mode)
+    counted, counted_o = normalise_shape(mode, o)  # pntk: a trace kernel of o = 1
+    work = contraction_flops(x1.shape[0], n2, counted_o, fm.p, counted)
     rows = []
     for m in methods:
         args = (fm, x1, x2, m, mode, repeats, threads)

@@ -18,6 +18,8 @@ import click
 
 from pipeline.cli_common import fails_cleanly, numbers, size, split_rule, storage_options_option
 from pipeline.config import Method, Mode
+from pipeline.execute import EXECUTORS
+from pipeline.plan import feature_shape
 
 
 def _flops(n: float) -> str:
@@ -40,7 +42,7 @@ def main() -> None:
               "wrote; only its own nodes are removed).")
 @click.option("--repair", is_flag=True, help="Resume, and also recompute every block whose chunks fail their "
               "checksum, are missing or are not finite (reads the whole kernel), even in a complete store.")
-@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
+@click.option("--executor", type=click.Choice(list(EXECUTORS)), default="ray", show_default=True,
               help="ray: one Ray task per block; local: every block in this process (on its GPU where it has one).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.option("--allow-edited-source", is_flag=True, help="Resume although the model's source file changed since "
@@ -253,7 +255,7 @@ def _rate(n: float) -> str:
 def _echo_bench(r: dict[str, Any], repeats: int) -> None:
     click.echo(f"block {r['n1']} x {r['n2']} ({r['mode']}), {r['entries']:,} kernel entries, on {r['device']} "
                f"({r['device_name']}, {r['threads']} threads); median of {repeats} runs after a warm-up")
-    per_pair = {"full": "o^2 ", "pntk": ""}.get(r["mode"], "o ")
+    per_pair = {Mode.FULL: "o^2 ", Mode.PNTK: ""}.get(r["mode"], "o ")
     click.echo(f"work       {_flops(r['contraction_flops'])} counted as Jacobian contraction (2 n1 n2 {per_pair}P, "
                f"o = {r['o']}, P = {r['p']:,})")
     peaks = r["peaks"]
@@ -330,7 +332,7 @@ def status(output: str, as_json: bool, options: dict[str, Any] | None, connect_t
     click.echo(f"blocks     {s['blocks_done']} of {s['blocks_total']} done")
     f = s["features"]
     if f is not None:  # a feature run: bands of rows
-        shape = f"{s['n1']} x {f['k']}" if f["of"] == "pntk" else f"{s['n1']} x {s['o']} x {f['k']}"
+        shape = " x ".join(map(str, feature_shape(s["n1"], s["o"], f["k"], f["of"])))
         click.echo(f"features   {shape} ({numbers(s['dtype'], s['precision'])}), estimating the {f['of']} kernel, "
                    f"seed {f['seed']}, bands of {s['block'][0]} rows")
         if "probe" in f:

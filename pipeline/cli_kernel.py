@@ -24,6 +24,7 @@ from typing import IO, Any
 import click
 
 from pipeline.cli_common import fails_cleanly, numbers, size, split_rule, storage_options_flag, storage_options_option
+from pipeline.config import Mode, feature_mode
 from pipeline.errors import ConfigError, StoreError, brief
 from pipeline.kernel import EXECUTORS
 
@@ -65,7 +66,6 @@ def _num(x: float | None) -> str:
 def inspect(output: str, stats: bool, as_json: bool, options: dict[str, Any] | None, connect_timeout: float) -> None:
     """Shape, dtype, chunks, bytes, method, provenance, completeness and statistics of the kernel (or the
     sketched features) in OUTPUT."""
-    from pipeline.config import Mode
     from pipeline.feature_store import features_of
     from pipeline.kernel import open_store
 
@@ -82,14 +82,10 @@ def inspect(output: str, stats: bool, as_json: bool, options: dict[str, Any] | N
 
 def _echo_kernel(d: dict[str, Any]) -> None:
     """``inspect``'s lines for a kernel store."""
-    prov = d["provenance"]
     click.echo(f"kernel     {' x '.join(map(str, d['shape']))} ({d['mode']}, {numbers(d['dtype'], d['precision'])}), "
                f"dims {', '.join(d['dims'])}{', symmetric K(x, x)' if d['symmetric'] else ''}")
     _echo_storage(d)
-    click.echo(f"method     {d['method']}")
-    click.echo(f"status     {d['status']}, {d['blocks_done']} of {d['blocks_total']} blocks done"
-               + ("" if d["complete"] else " (incomplete)"))
-    _echo_provenance(prov)
+    _echo_run(d, d["method"], f"{d['blocks_done']} of {d['blocks_total']} blocks")
     s = d["stats"]
     if s is not None:
         click.echo(f"values     min {_num(s['min'])}, max {_num(s['max'])}, mean {_num(s['mean'])}, diagonal mean "
@@ -103,8 +99,12 @@ def _echo_storage(d: dict[str, Any]) -> None:
                f"({size(d['stored_bytes'])} stored)")
 
 
-def _echo_provenance(prov: dict[str, Any]) -> None:
-    """``inspect``'s model, versions and times lines from a store's record."""
+def _echo_run(d: dict[str, Any], method: str, done: str) -> None:
+    """``inspect``'s method and status lines (``done``: "3 of 6 blocks", "2 of 4 bands"), then the model,
+    versions and times from the store's record: for a kernel and a feature store alike."""
+    click.echo(f"method     {method}")
+    click.echo(f"status     {d['status']}, {done} done" + ("" if d["complete"] else " (incomplete)"))
+    prov = d["provenance"]
     fps = ", ".join(f"{k} {v[:15] + '...' if v else '-'}" for k, v in (prov["fingerprints"] or {}).items())
     click.echo(f"model      p = {prov['p']:,} trainable parameters; fingerprints {fps}")
     click.echo(f"versions   {', '.join(f'{k} {v}' for k, v in (prov['versions'] or {}).items())}")
@@ -113,7 +113,6 @@ def _echo_provenance(prov: dict[str, Any]) -> None:
 
 def _echo_features(d: dict[str, Any]) -> None:
     """``inspect``'s lines for a feature store (``Features.describe``)."""
-    prov = d["provenance"]
     click.echo(f"features   {' x '.join(map(str, d['shape']))} ({numbers(d['dtype'], d['precision'])}), dims "
                f"{', '.join(d['dims'])}; estimating the {d['of']} kernel (reads as {', '.join(d['reads_as'])}), "
                f"k = {d['k']}, seed {d['seed']}")
@@ -126,13 +125,11 @@ def _echo_features(d: dict[str, Any]) -> None:
     click.echo("probe      none (the run has not completed)" if p is None else
                f"probe      {p['relative_error']:.2%} relative Frobenius error against the exact kernel on the first "
                f"{p['rows']} samples; eigenvalues within {p['eigenvalue_error']:.2%} of the largest")
-    click.echo(f"method     {d['provenance']['method']} (its per-layer factors)")
-    click.echo(f"status     {d['status']}, {d['bands_done']} of {d['bands_total']} bands done"
-               + ("" if d["complete"] else " (incomplete)"))
-    _echo_provenance(prov)
+    _echo_run(d, f"{d['provenance']['method']} (its per-layer factors)",
+              f"{d['bands_done']} of {d['bands_total']} bands")
     s = d["stats"]
     if s is not None:
-        over = "" if d["of"] == "pntk" else ", summed over outputs"
+        over = "" if feature_mode(d["of"]) == Mode.PNTK else ", summed over outputs"
         click.echo(f"norms      ||phi_i||^2 (the kernel's diagonal{over}) min {_num(s['norm_min'])}, "
                    f"max {_num(s['norm_max'])}, mean {_num(s['norm_mean'])}; {s['not_computed']:,} of "
                    f"{s['entries']:,} values not computed (NaN)")
@@ -158,7 +155,6 @@ def plot(output: str, out: str, size: int, eigenvalues: int, spectrum: str, dpi:
          options: dict[str, Any] | None, connect_timeout: float) -> None:
     """Plot the kernel in OUTPUT (a heatmap, and for a K(x, x) its eigenvalue spectrum) into a PNG; for
     a feature store, the kernel of its features, never formed."""
-    from pipeline.config import Mode
     from pipeline.feature_store import features_of
     from pipeline.kernel import Products, open_store
     from pipeline.spectrum import plot_features, plot_kernel

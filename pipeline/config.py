@@ -12,10 +12,11 @@ import os
 import typing
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -51,6 +52,23 @@ class Mode(StrEnum):
     FEATURES = "features"  # not a kernel: sketched features per sample, (n, o, k) or (n, k) (ntk.features)
 
 
+# The kernel a feature run estimates (ntk.features.of); its Mode is ``feature_mode(of)``.
+FeatureOf = Literal["full", "trace", "pntk"]
+FEATURE_MODES: tuple[Mode, ...] = (Mode.FULL, Mode.TRACE, Mode.PNTK)
+
+
+def feature_mode(of: str) -> Mode:
+    """The Mode of the kernel features of ``of`` estimate (full and trace features serve full, trace and
+    diagonal reads alike; pntk features, of the o = 1 model, only pntk): the one reading of ``of``.
+
+    Raises:
+      ValueError: ``of`` is not one of full, trace, pntk.
+    """
+    if of not in FEATURE_MODES:
+        raise ValueError(f"of: expected one of {', '.join(FEATURE_MODES)}, got {of!r}")
+    return Mode(of)
+
+
 DType = Literal["float32", "float64"]
 Precision = Literal["highest", "tf32"]
 
@@ -77,6 +95,15 @@ def _resolve(value: str | None, info: ValidationInfo, must_exist: bool) -> str |
     if must_exist and (info.context or {}).get("check_files", True) and not os.path.exists(resolved):
         raise ValueError(f"no such file: {resolved}")
     return resolved
+
+
+def _existing_file(value: str | None, info: ValidationInfo) -> str | None:
+    return _resolve(value, info, must_exist=True)
+
+
+# A file the config names (a checkpoint, an input): resolved against the config file's folder (a URL is
+# kept as it is), and it must exist.
+ExistingFile = Annotated[str | None, AfterValidator(_existing_file)]
 
 
 # storage_options keys that carry secrets: credentials come from the environment (AWS_ACCESS_KEY_ID,
@@ -109,6 +136,15 @@ def _check_storage_options(options: dict[str, Any] | None, path: str | None) -> 
     return options
 
 
+def _exactly_one(spec: BaseModel, first: tuple[str, str], second: tuple[str, str]) -> None:
+    """Raise ValueError unless exactly one of two fields of ``spec`` is given: (name, what it takes) each."""
+    (a, a_takes), (b, b_takes) = first, second
+    va, vb = getattr(spec, a), getattr(spec, b)
+    if (va is None) == (vb is None):
+        got = "neither" if va is None else f"both ({a}={va!r}, {b}={vb!r})"
+        raise ValueError(f"give exactly one of '{a}' ({a_takes}) or '{b}' ({b_takes}), got {got}")
+
+
 class _Spec(BaseModel):
     # strict: "256" is not an int and "yes" is not a bool; YAML already gives real types.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -118,7 +154,7 @@ class ModelSpec(_Spec):
     builtin: Literal["cnn", "mlp"] | None = None
     target: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: str | None = None
+    checkpoint: ExistingFile = None
     seed: int = 0
     # What to take from the model's output: an attribute or key ("logits" for Hugging Face models) or a
     # tuple index; null: the output as it is (a tensor).
@@ -131,16 +167,9 @@ class ModelSpec(_Spec):
             raise ValueError(f"expected 'module:attribute', got {v!r}")
         return v
 
-    @field_validator("checkpoint")
-    @classmethod
-    def _checkpoint_path(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return _resolve(v, info, must_exist=True)
-
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
-        if (self.builtin is None) == (self.target is None):
-            raise ValueError("give exactly one of 'builtin' (cnn, mlp) or 'target' ('module:attribute'), "
-                             f"got builtin={self.builtin!r}, target={self.target!r}")
+        _exactly_one(self, ("builtin", "cnn, mlp"), ("target", "'module:attribute'"))
         return self
 
 
@@ -151,7 +180,7 @@ class Synthetic(_Spec):
 
 
 class InputSpec(_Spec):
-    path: str | None = None
+    path: ExistingFile = None
     array: str | None = None
     synthetic: Synthetic | None = None
     storage_options: dict[str, Any] | None = None  # fsspec options for a URL path (endpoint_url, anon, ...)
@@ -161,15 +190,9 @@ class InputSpec(_Spec):
     def _options(cls, v: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
         return _check_storage_options(v, info.data.get("path"))
 
-    @field_validator("path")
-    @classmethod
-    def _input_path(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return _resolve(v, info, must_exist=True)
-
     @model_validator(mode="after")
     def _one_source(self) -> InputSpec:
-        if (self.path is None) == (self.synthetic is None):
-            raise ValueError("give exactly one of 'path' (.npy, .pt, .zarr) or 'synthetic' ({n, shape, seed})")
+        _exactly_one(self, ("path", ".npy, .pt, .zarr"), ("synthetic", "{n, shape, seed}"))
         if self.array is not None and self.path is None:
             raise ValueError("'array' names an array inside a Zarr 'path'; there is no path")
         return self
@@ -223,7 +246,7 @@ class FeaturesSpec(_Spec):
     k: PositiveInt = 4096  # features per sample (and output)
     seed: NonNegativeInt = 0  # the projections' seed: the same seed gives the same features, bit for bit
     # Which kernel they estimate: full and trace (and diagonal) share one set, (n, o, k); pntk (n, k).
-    of: Literal["full", "trace", "pntk"] = "trace"
+    of: FeatureOf = "trace"
     # How a Linear / Conv layer is projected from its inputs and cotangents (pipeline.features):
     # khatri_rao, an independent pair of vectors per feature, error ~ k^(-1/2) (on the tutorial CNN at
     # k = 4096, a third of kronecker's); kronecker, sum_s (P_out g_s)(P_in a_s)^T, error ~ k^(-1/4),

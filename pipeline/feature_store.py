@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Mode, url_options
+from pipeline.config import Mode, feature_mode, url_options
 from pipeline.errors import StoreError, brief
 from pipeline.kernel import DESCRIBED, Kernel, open_store, read_ahead
+from pipeline.plan import feature_shape
 from pipeline.store import CONNECT_TIMEOUT_S, FEATURES, FeatureRecord, Provenance
 
 # Stored bytes of features one band read holds (at least one chunk). A band is read as float64 (twice
@@ -39,8 +40,9 @@ GRAM_BYTES = 512 << 20
 Band = tuple[int, int]  # rows i0:i1
 
 # What each kernel a set of features estimates may be read as: full and trace features give all three.
-READS: dict[str, tuple[Mode, ...]] = {"full": (Mode.FULL, Mode.TRACE, Mode.DIAGONAL),
-                                      "trace": (Mode.FULL, Mode.TRACE, Mode.DIAGONAL), "pntk": (Mode.PNTK,)}
+# Keyed by the features' own Mode (``config.feature_mode(of)``).
+READS: dict[Mode, tuple[Mode, ...]] = {Mode.FULL: (Mode.FULL, Mode.TRACE, Mode.DIAGONAL),
+                                       Mode.TRACE: (Mode.FULL, Mode.TRACE, Mode.DIAGONAL), Mode.PNTK: (Mode.PNTK,)}
 
 
 def open_features(path: str, options: dict[str, Any] | None = None,
@@ -115,16 +117,16 @@ class Features:
     def mode(self) -> Mode:
         """The kernel ``kernel()``, ``matmat`` and the readers give by default: the one the run estimated
         (``of``: full, trace or pntk)."""
-        return Mode.PNTK if self.of == "pntk" else Mode(self.of)
+        return feature_mode(self.of)
 
     @property
     def m(self) -> int:
         """Feature rows per sample: o, or 1 for pntk."""
-        return 1 if self.of == "pntk" else self.o
+        return 1 if self.mode == Mode.PNTK else self.o
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.n, self.k) if self.of == "pntk" else (self.n, self.o, self.k)
+        return feature_shape(self.n, self.o, self.k, self.of)
 
     @property
     def dtype(self) -> np.dtype[Any]:
@@ -187,8 +189,8 @@ class Features:
 
     def _mode(self, mode: str | None) -> Mode:
         want = self.mode if mode is None else Mode(mode) if mode in set(Mode) - {Mode.FEATURES} else None
-        if want is None or want not in READS[self.of]:
-            choices = ", ".join(READS[self.of])
+        if want is None or want not in READS[self.mode]:
+            choices = ", ".join(READS[self.mode])
             raise ValueError(f"mode: features of the {self.of} kernel give {choices}, not {mode!r}")
         return want
 
@@ -292,7 +294,7 @@ class Features:
             "shards": list(self.array.shards) if self.array.shards else None,
             "nbytes": self.nbytes, "stored_bytes": int(self.array.nbytes_stored()),
             "n": self.n, "o": self.o, "k": self.k, "seed": self.record.seed, "of": self.of,
-            "mode": str(self.mode), "reads_as": [str(m) for m in READS[self.of]],
+            "mode": str(self.mode), "reads_as": [str(m) for m in READS[self.mode]],
             "split": dict(self.record.split), "split_rule": self.record.split_rule,
             "probe": None if probe is None else probe.model_dump(mode="json"),
             "status": self.status(), "complete": not missing, "bands_done": total - len(missing),

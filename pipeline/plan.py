@@ -184,12 +184,16 @@ def contraction_flops(n1: int, n2: int, o: int, p: int, mode: Mode) -> float:
     """An n1 x n2 block's work counted as Jacobian contraction, the yardstick for FLOP rates on any method.
 
     ``2 n1 n2 o^2 P`` for full (one (n1 o, P) x (P, n2 o) matrix product), ``2 n1 n2 o P`` for trace and
-    diagonal, ``2 n1 n2 P`` for pntk (o = 1 whatever ``o`` is given). A method's own FLOPs
+    diagonal. ``mode`` and ``o`` are those a method computes, so pntk is refused: it is a trace kernel of
+    o = 1, which ``methods.normalise_shape`` (the registry's one pntk rule) gives. A method's own FLOPs
     (``methods.estimate_flops``) may be fewer (structured) or more (ntk_vector_products); ``bench`` and a
     run's rate divide this count by seconds, so rates compare across methods, devices and published runs
     (the ResNet-18 CIFAR-10 anchor: 2 x 60,000 x 50,000 x 11.2M FLOP in 43 minutes on 4 A100s, ~26 TFLOP/s).
     """
-    per_pair = {Mode.FULL: o * o, Mode.TRACE: o, Mode.DIAGONAL: o, Mode.PNTK: 1}[mode]
+    per_pair = {Mode.FULL: o * o, Mode.TRACE: o, Mode.DIAGONAL: o}.get(mode)
+    if per_pair is None:
+        raise ValueError(f"mode: expected a mode a method computes (full, trace, diagonal), got {str(mode)!r}: "
+                         "normalise it first (pipeline.methods.normalise_shape)")
     return 2.0 * n1 * n2 * per_pair * p
 
 

@@ -464,7 +464,7 @@ def feature_mode(train: Features, mode: str | None) -> Mode:
     trace, pntk features pntk (a diagonal kernel leaves out the NTK between outputs, as for ``predict``)."""
     if mode is None:
         return train.mode
-    allowed = [m for m in READS[train.of] if m != Mode.DIAGONAL]
+    allowed = [m for m in READS[train.mode] if m != Mode.DIAGONAL]
     if mode not in allowed:
         raise ConfigError("mode", f"{train.of} features ({train.path}) give the {' or '.join(allowed)} kernel for "
                           f"predictions, not {mode!r}")

@@ -256,8 +256,9 @@ def _start(cfg: RunConfig, search_path: str | None, repair: bool = False,
     if repair:
         _check_repair(action, path)
     if action != "resume":
-        if action == "overwrite" and lease_alive(holder := lease_holder(path, opts)):
-            raise StoreError("output.path", f"another run is writing {path}: {describe_lease(holder or {})}; "
+        holder = lease_holder(path, opts) if action == "overwrite" else None  # a malformed one: StoreError
+        if holder is not None and lease_alive(holder):
+            raise StoreError("output.path", f"another run is writing {path}: {describe_lease(holder)}; "
                              "not overwriting it")
         p = prepare(cfg, search_path, measure=True, memory=memory)
         return Start(action, p, None, list(p.plan.blocks), function_fingerprint(p))

@@ -23,7 +23,7 @@ from pipeline import bench
 from pipeline.cli import main
 from pipeline.config import Mode, load_config, parse_config, read_yaml
 from pipeline.errors import ConfigError
-from pipeline.methods import jacobian_contraction
+from pipeline.methods import jacobian_contraction, normalise_shape
 from pipeline.models import build_model
 from pipeline.plan import contraction_flops, tile
 
@@ -49,7 +49,12 @@ def test_contraction_flops_count_the_contraction_matrix_product():
     # trace and diagonal: (n1, o P) x (o P, n2)
     assert contraction_flops(n1, n2, o, p, Mode.TRACE) == 2 * n1 * (o * p) * n2
     assert contraction_flops(n1, n2, o, p, Mode.DIAGONAL) == 2 * n1 * (o * p) * n2
-    assert contraction_flops(n1, n2, o, p, Mode.PNTK) == 2 * n1 * n2 * p  # o = 1 whatever o is given
+    # pntk: normalised in one place (a trace kernel of o = 1), never special-cased by the count
+    with pytest.raises(ValueError, match=r"got 'pntk': normalise it first"):
+        contraction_flops(n1, n2, o, p, Mode.PNTK)
+    assert normalise_shape(Mode.PNTK, o) == (Mode.TRACE, 1) and normalise_shape(Mode.FULL, o) == (Mode.FULL, o)
+    mode, one = normalise_shape(Mode.PNTK, o)
+    assert contraction_flops(n1, n2, one, p, mode) == 2 * n1 * n2 * p
     # jacobian_contraction's own estimate is the Jacobians' cost plus this count: one definition
     jac = (n1 + n2) * 50 * (1 + 2 * o)
     assert jacobian_contraction.block_flops(n1, n2, o, p, 50, Mode.FULL, False) == jac + 2 * n1 * n2 * o * o * p

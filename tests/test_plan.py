@@ -13,7 +13,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.methods import METHODS, MODES, jacobian_contraction, ntk_vector_products, parse_method
+from pipeline.methods import METHODS, MODES, jacobian_contraction, normalise_shape, ntk_vector_products, parse_method
 from pipeline.plan import kernel_bytes, kernel_entries, tile, trailing_shape
 
 sizes = st.integers(min_value=1, max_value=60)
@@ -23,6 +23,9 @@ PROPERTY = settings(max_examples=50, deadline=None)
 BLOCK_FLOPS = {"jacobian_contraction": jacobian_contraction.block_flops,
                "ntk_vector_products": ntk_vector_products.block_flops}
 BLOCK_FLOPS_METHODS = tuple(BLOCK_FLOPS)
+# The modes a method computes: the registry normalises pntk to an o = 1 trace kernel before any method's
+# cost (methods.normalise_shape), so no method's formula takes pntk.
+COMPUTED = tuple(dict.fromkeys(normalise_shape(m, 1)[0] for m in MODES))
 
 
 def block_flops(method: str, *args) -> float:
@@ -173,7 +176,7 @@ def test_modes_and_methods():
 
 @PROPERTY
 @given(b=st.integers(1, 64), o=st.integers(1, 32), p=st.integers(1, 10**6), fp=st.integers(1, 10**6),
-       mode=st.sampled_from(MODES))  # estimates below 2**53, so float differences are exact
+       mode=st.sampled_from(COMPUTED))  # estimates below 2**53, so float differences are exact
 def test_a_diagonal_block_is_cheaper_for_the_contraction_only(b, o, p, fp, mode):
     on = block_flops("jacobian_contraction", b, b, o, p, fp, mode, True)
     off = block_flops("jacobian_contraction", b, b, o, p, fp, mode, False)
@@ -187,7 +190,7 @@ def test_a_diagonal_block_is_cheaper_for_the_contraction_only(b, o, p, fp, mode)
 @given(b1=st.integers(1, 64), b2=st.integers(1, 64), o=st.integers(2, 50), p=st.integers(1, 10**6),
        fp=st.integers(1, 10**6), method=st.sampled_from(BLOCK_FLOPS_METHODS))
 def test_block_flops_grow_with_the_block_and_full_costs_most(b1, b2, o, p, fp, method):
-    flops = {mode: block_flops(method, b1, b2, o, p, fp, mode, False) for mode in MODES}
+    flops = {mode: block_flops(method, b1, b2, o, p, fp, mode, False) for mode in COMPUTED}
     assert all(isinstance(f, float) and f > 0 for f in flops.values())
     assert flops["trace"] == flops["diagonal"] <= flops["full"]
     assert block_flops(method, b1 + 1, b2, o, p, fp, "full", False) > flops["full"]

@@ -159,11 +159,13 @@ def e2e_rows(rows: str, store: str, wall: float, n: int, asked: int, rc: int, lo
         cause = {124: "timed out", 125: "not run: the budget was spent"}.get(rc) or _summary_line(log)
         add_row(rows, what, f"exit {rc}", "completes", "fail", f"{cause}; {why}")
         return
+    from pipeline.methods import normalise_shape
     from pipeline.plan import contraction_flops, tile
 
     prov = json.loads(meta.read_text())["attributes"]["ntk_pipeline"]
     plan = tile(prov["n1"], prov["n2"], tuple(prov["block"]), prov["symmetric"])
-    work = sum(contraction_flops(b.i1 - b.i0, b.j1 - b.j0, prov["o"], prov["p"], prov["mode"]) for b in plan.blocks)
+    mode, o = normalise_shape(prov["mode"], prov["o"])  # pntk: a trace kernel of o = 1 (the record's o is the model's)
+    work = sum(contraction_flops(b.i1 - b.i0, b.j1 - b.j0, o, prov["p"], mode) for b in plan.blocks)
     seconds, busy = float(prov.get("seconds") or 0), float(prov.get("block_seconds") or 0)
     devices = {k: v for k, v in prov.items() if "device" in k.lower()}
     complete = prov.get("status") == "complete"

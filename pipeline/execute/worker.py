@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from pipeline.config import FeaturesSpec, Method, Mode
+from pipeline.config import FeaturesSpec, Method, Mode, feature_mode
 from pipeline.data import Source
 from pipeline.errors import BlockError
 from pipeline.execute import device as dev
@@ -179,7 +179,8 @@ def _fitting(task: BlockTask, fm: FunctionalModel, block: Block, device: torch.d
     x = cast_input(task.x1.read(0, min(2, task.x1.n)), getattr(torch, task.dtype))  # on the CPU, for the model
     if task.sketch is not None:  # a band of features: BATCH rows' structured side at a time, and the band
         f, itemsize = task.sketch, fm.itemsize
-        mode = Mode.PNTK if f.of == "pntk" else Mode.TRACE
+        # A sketch holds no o x o block: its side's memory is the trace kernel's (pntk's: of the o = 1 model).
+        mode = Mode.PNTK if feature_mode(f.of) == Mode.PNTK else Mode.TRACE
         with torch.no_grad():
             o = int(task.fm(task.fm.params, x).shape[1])
         row = math.prod(feature_shape(1, o, f.k, f.of)) * itemsize

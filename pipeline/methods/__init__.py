@@ -6,7 +6,8 @@
 K[i, j, a, b] = <d f_a(x1_i) / d theta, d f_b(x2_j) / d theta>, theta = the trainable parameters.
 Modes (pipeline.config.Mode): full (n1, n2, o, o); trace (n1, n2), the sum over a = b; diagonal
 (n1, n2, o), the a = b entries; pntk (n1, n2), the NTK of sum_a f_a / sqrt(o) (Mohamadi, Bae,
-Sutherland, ICML 2023), at the cost of an o = 1 kernel: ``normalise`` is the one place it becomes that.
+Sutherland, ICML 2023), at the cost of an o = 1 kernel: ``normalise`` is the one place it becomes that
+(``normalise_shape``, its half without a model, gives the mode and o alone, for counts from a record).
 
 Methods (``REGISTRY``; each module's docstring gives its cost model and when it wins):
 - structured: per-layer rules from the layers' inputs and output cotangents (Novak et al. 2022); the
@@ -15,8 +16,12 @@ Methods (``REGISTRY``; each module's docstring gives its cost model and when it 
 - ntk_vector_products: a vjp and O jvps per pair: N²·O·[FP], no Jacobians in memory.
 ``auto`` (pipeline.methods.auto) picks one per run from these modules' cost estimates and a timing.
 
-Adding a method: one module with ``side``, ``combine``, ``flops`` and ``memory`` (pipeline.methods.base),
-and one line in ``REGISTRY``.
+Adding a method takes three things: a new module with ``side``, ``combine``, ``flops`` and ``memory``
+(pipeline.methods.base); a member of ``pipeline.config.Method`` naming it (the StrEnum that
+``ntk.method``, the store's record and the CLI's choices are checked against; config cannot import this
+registry, which imports config); and one line in ``REGISTRY``. Nothing else lists the methods: ``auto``
+and ``bench`` take every registered one, the costs come from the modules, and ``verify`` cross-checks a
+store with ``cross_check`` (the first registered method but the recorded one).
 """
 
 from __future__ import annotations
@@ -45,6 +50,17 @@ METHODS: tuple[Method, ...] = tuple(REGISTRY)
 MODES: tuple[Mode, ...] = tuple(m for m in Mode if m != Mode.FEATURES)  # the kernels (features: pipeline.features)
 
 
+def cross_check(recorded: str) -> Method:
+    """The method ``verify --config --sample`` recomputes a store's blocks with: the first registered
+    method other than ``recorded`` (structured -> jacobian_contraction; jacobian_contraction and
+    ntk_vector_products -> structured), so that a wrong block is not reproduced by the code that wrote
+    it. Every registered method runs on any model the capability probe passes (each takes its own path
+    around a missing transform, ``FunctionalModel.fallbacks``), so the first other one can; with a single
+    method registered it is that one.
+    """
+    return next((m for m in REGISTRY if m != recorded), parse_method(recorded))
+
+
 def parse_method(method: str) -> Method:
     """A registered method by name; ValueError naming the choices (``auto`` is not a method module)."""
     if method not in METHODS:
@@ -60,9 +76,17 @@ def parse_mode(mode: str) -> Mode:
 
 def normalise(fm: FunctionalModel, mode: str) -> tuple[FunctionalModel, Mode]:
     """The model and mode a method computes: pntk is the trace kernel of x -> sum_a f_a(x) / sqrt(o)."""
+    computed, _ = normalise_shape(mode, 1)
+    return (fm if computed == mode else fm.sum_of_logits()), computed
+
+
+def normalise_shape(mode: str, o: int) -> tuple[Mode, int]:
+    """``normalise`` without a model: the mode and outputs per sample a method computes for ``mode`` on a
+    model of ``o`` outputs: (trace, 1) for pntk, else (mode, o). What a count from a store's record (whose
+    ``o`` is the model's) or a bench passes to ``plan.contraction_flops``."""
     if parse_mode(mode) == Mode.PNTK:
-        return fm.sum_of_logits(), Mode.TRACE
-    return fm, Mode(mode)
+        return Mode.TRACE, 1
+    return Mode(mode), o
 
 
 # The functions below take a Method and a Mode, or their names (users' strings), checked by parse_*.
@@ -173,5 +197,5 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
         return compute_block(fm, x1, x2, method, mode)
 
 
-__all__ = ["METHODS", "MODES", "REGISTRY", "check_model", "combine", "compute_block", "empirical_ntk", "estimate_flops",
-           "jacobian_bytes", "normalise", "outputs", "side", "task_memory"]
+__all__ = ["METHODS", "MODES", "REGISTRY", "check_model", "combine", "compute_block", "cross_check", "empirical_ntk",
+           "estimate_flops", "jacobian_bytes", "normalise", "normalise_shape", "outputs", "side", "task_memory"]

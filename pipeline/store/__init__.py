@@ -42,12 +42,22 @@ from pipeline.store.layout import (
     unmark,
     update_provenance,
 )
-from pipeline.store.lease import STOPPED, Lease, describe_lease, lease_alive, lease_holder, run_status
+from pipeline.store.lease import (
+    STOPPED,
+    Lease,
+    LeaseRecord,
+    describe_lease,
+    lease_alive,
+    lease_holder,
+    parse_lease,
+    run_status,
+)
 
 __all__ = [
     "ATTRIBUTE", "COMPRESSORS", "CONNECT_TIMEOUT_S", "DIMENSIONS", "DONE", "FEATURES", "FORMAT_VERSION", "KERNEL",
     "LEASE", "STOPPED", "BlockSizing", "BlockWriter", "FeatureProbe", "FeatureRecord", "Function", "Lease",
-    "Provenance", "Strip", "check_output", "clear",
+    "LeaseRecord", "Provenance", "Strip", "check_output", "clear",
     "create", "describe_lease", "done_mask", "existing", "lease_alive", "lease_holder", "open_group", "parse",
+    "parse_lease",
     "reach", "read_provenance", "run_status", "transpose", "transposed_copy", "unmark", "update_provenance",
 ]

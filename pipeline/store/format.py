@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
-from pipeline.config import FeaturesSpec, Method, Mode
+from pipeline.config import FeatureOf, FeaturesSpec, Method, Mode
 from pipeline.errors import StoreError
 
 ATTRIBUTE = "ntk_pipeline"  # the group attribute that holds the record
@@ -137,7 +137,7 @@ class FeatureRecord(BaseModel):
 
     k: int
     seed: int
-    of: Literal["full", "trace", "pntk"]
+    of: FeatureOf  # its kernel's Mode: config.feature_mode(of)
     split: dict[str, int]  # features per part of the model, in the order of the features (features.split)
     # How Linear / Conv parts were projected (ntk.features.projection); records written before the choice
     # existed were all "kronecker".
@@ -331,7 +331,7 @@ def parse(record: object, path: str) -> Provenance:
     try:
         return Provenance.model_validate_json(json.dumps(data, allow_nan=True))
     except (ValidationError, TypeError, ValueError) as err:
-        raise StoreError(path, f"its {ATTRIBUTE} attribute is malformed: {_first_error(err)}") from None
+        raise StoreError(path, f"its {ATTRIBUTE} attribute is malformed: {first_error(err)}") from None
 
 
 def _config_defaults(config: Mapping[str, Any], features: FeatureRecord | None = None) -> Mapping[str, Any]:
@@ -358,7 +358,7 @@ def _feature_settings(config: Mapping[str, Any], features: FeatureRecord | None 
     return {**config, "ntk": {**ntk, "features": settings}}
 
 
-def _first_error(err: Exception) -> str:
+def first_error(err: Exception) -> str:
     """A validation error as ``key: what is wrong (and N more)``; other errors as their message."""
     if not isinstance(err, ValidationError):
         return str(err)
@@ -371,4 +371,4 @@ def _first_error(err: Exception) -> str:
 
 __all__ = ["ATTRIBUTE", "FORMAT_VERSION", "LOCATIONS", "PLACEMENT", "RESUME_FREE", "RESUME_SECTIONS", "RUN_STATE",
            "VERIFY_SECTIONS", "BlockSizing", "Function", "Provenance", "SourceFile", "Strip", "Values", "attributes",
-           "parse", "read_provenance", "write_provenance"]
+           "first_error", "parse", "read_provenance", "write_provenance"]
