@@ -126,8 +126,10 @@ def _bench_file(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Sizing: memory of one worker's device (80GB, 80GiB, ...); picks the largest block that fits.")
 @click.option("--from-bench", "bench", callback=_bench_file, metavar="BENCH.json",
               help="Sizing: `ntk-pipeline bench CONFIG --json` output on the target device, for a wall-time estimate.")
+@click.option("--layers", is_flag=True, help="Also list each layer the structured rules take: its rule and parameters.")
 @fails_cleanly
-def plan(config: str, as_json: bool, workers: int | None, memory: int | None, bench: dict[str, Any] | None) -> None:
+def plan(config: str, as_json: bool, workers: int | None, memory: int | None, bench: dict[str, Any] | None,
+         layers: bool) -> None:
     """Show the blocks, kernel size, task memory and FLOPs of CONFIG, computing nothing; with
     --workers/--gpu-memory/--from-bench, also the block that fits, its tasks and the wall time."""
     from pipeline.describe import describe_plan
@@ -139,6 +141,14 @@ def plan(config: str, as_json: bool, workers: int | None, memory: int | None, be
     if "features" in d:
         _echo_feature_plan(d)
         return
+    _echo_kernel_plan(d)
+    if layers:
+        click.echo(f"{'layer':<52} {'rule':<10} {'parameters':>10}")
+        for site in d["structured_layout"]["sites"]:
+            click.echo(f"  {site['name']:<50} {site['kind']:<10} {site['parameters']:>10,}")
+
+
+def _echo_kernel_plan(d: dict[str, Any]) -> None:
     click.echo(f"kernel     {d['n1']} x {d['n2']} ({d['mode']}, o={d['o']}, {numbers(d['dtype'], d['precision'])}), "
                f"{size(d['kernel_bytes'])}{', symmetric' if d['symmetric'] else ''}")
     click.echo(f"model      {d['p']:,} trainable parameters, {_flops(d['forward_flops_per_sample'])} per forward "

@@ -224,7 +224,10 @@ def describe_output(out: Any) -> str:
         return f"a {type(out).__name__} with keys " + ", ".join(repr(k) for k in out)
     if isinstance(out, tuple | list):
         return f"a {type(out).__name__} of " + ", ".join(f"[{i}] {type(v).__name__}" for i, v in enumerate(out))
-    return f"a {type(out).__name__}"
+    tensors = [k for k, v in vars(out).items() if isinstance(v, torch.Tensor)] if hasattr(out, "__dict__") else []
+    name = type(out).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return f"{article} {name}" + (" with tensor attributes " + ", ".join(repr(k) for k in tensors) if tensors else "")
 
 
 def cast_input(x: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -214,6 +215,25 @@ class EncoderClf(nn.Module):
         return self.head(self.enc(x).mean(1))
 
 
+class DecoderClf(nn.Module):
+    """(n, S, d) -> memory tanh(Linear(x)) -> nn.TransformerDecoderLayer (self-attention causal when
+    ``causal``, cross-attention on the memory) -> mean over positions -> Linear."""
+
+    def __init__(self, d: int = 8, heads: int = 2, norm_first: bool = False, causal: bool = True, o: int = 3) -> None:
+        super().__init__()
+        self.causal = causal
+        self.inp = nn.Linear(d, d)
+        self.dec = nn.TransformerDecoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.head = nn.Linear(d, o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memory = torch.tanh(self.inp(x))
+        if not self.causal:
+            return self.head(self.dec(x, memory).mean(1))
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        return self.head(self.dec(x, memory, tgt_mask=mask, tgt_is_causal=True).mean(1))
+
+
 class WeightNormClf(nn.Module):
     """(n, S, d) -> mean -> a weight-normed Linear (torch.nn.utils.parametrizations) -> tanh -> Linear."""
 
@@ -278,6 +298,24 @@ class _Broken(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001, ANN205
         raise RuntimeError("this operator has no backward")
+
+
+@dataclasses.dataclass
+class Out:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    note: str = "not a tensor"
+
+
+class DataclassOut(nn.Module):
+    """Returns a plain dataclass (neither a mapping nor a tuple): model.output logits takes the logits."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> Out:
+        return Out(self.lin(x), x)
 
 
 class Pair(nn.Module):

@@ -32,6 +32,8 @@ MODELS = {
     "attention": (nets.AttentionClf, None, False),
     "encoder": (nets.EncoderClf, None, False),
     "encoder_norm_first": (lambda: nets.EncoderClf(norm_first=True), None, False),
+    "decoder_causal": (nets.DecoderClf, None, False),
+    "decoder_norm_first": (lambda: nets.DecoderClf(norm_first=True, causal=False), None, False),
     "weight_norm": (nets.WeightNormClf, None, False),
     "reparametrized": (nets.Reparametrized, None, False),
     "lstm": (lambda: nets.RNNClf("lstm"), None, False),
@@ -45,6 +47,7 @@ MODELS = {
 # and encoder-layer kernels and weight_norm's interface have no forward AD (their double backward works);
 # LSTM, GRU and GPT-2's pick of the last token cannot be vmapped; Hugging Face's SDPA attention needs nothing.
 FALLBACKS = {"attention": {"forward_ad"}, "encoder": {"forward_ad"}, "encoder_norm_first": {"forward_ad"},
+             "decoder_causal": set(), "decoder_norm_first": {"forward_ad"},
              "weight_norm": {"forward_ad"}, "reparametrized": {"forward_ad"}, "lstm": {"vmap"}, "gru": {"vmap"},
              "gpt2": {"vmap"}, "bert": set(), "vit": set()}
 
@@ -197,9 +200,14 @@ def test_a_hugging_face_model_runs_from_a_config_with_model_output(tmp_path, wri
            "model.output to one of them"),
     ("logits", "Error: model.output: the model's output has no 'logits'; it holds a tuple of [0] Tensor, [1] Tensor"),
     (2, "Error: model.output: the model's output has no 2; it holds a tuple of [0] Tensor, [1] Tensor"),
+    (None, "Error: model.output: the model returns an Out with tensor attributes 'logits', 'hidden', not a tensor; "
+           "set model.output to one of them"),
+    ("logit", "Error: model.output: the model's output has no 'logit'; it holds an Out with tensor attributes "
+              "'logits', 'hidden'"),
 ])
 def test_an_output_that_is_not_a_tensor_is_one_line_naming_what_is_there(tmp_path, write_config, output, message):
-    cfg = {"model": {"target": "nets:Pair", "output": output},
+    target = "nets:DataclassOut" if "Out" in message else "nets:Pair"
+    cfg = {"model": {"target": target, "output": output},
            "data": {"x1": {"synthetic": {"n": 3, "shape": [4], "seed": 1}}},
            "output": {"path": str(tmp_path / "o.zarr")}}
     r = CliRunner().invoke(main, ["run", str(write_config(cfg)), "--executor", "local", "--no-progress"])
@@ -370,8 +378,15 @@ def test_computed_weights_take_their_layers_rule(name):
     assert originals == expected
 
 
-@pytest.mark.parametrize("name", ["attention", "encoder", "encoder_norm_first"])
+ATTENTION_SITES = {"attention": ["att"], "encoder": ["enc.self_attn"], "encoder_norm_first": ["enc.self_attn"],
+                   "decoder_causal": ["dec.self_attn", "dec.multihead_attn"],
+                   "decoder_norm_first": ["dec.self_attn", "dec.multihead_attn"]}
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_SITES))
 def test_attention_takes_the_attention_rule(name):
+    """Self-attention and a decoder's cross-attention (queries from the target, keys and values from the
+    memory) by the attention rule, their out_proj by the Linear rule: no parameter falls back."""
     from pipeline.methods import check_model
     from pipeline.methods.structured import layout
     from pipeline.models import FunctionalModel
@@ -381,11 +396,11 @@ def test_attention_takes_the_attention_rule(name):
     check_model(fm, x)
     lay = layout(fm, x)
     assert lay.fallback == []  # in_proj by the attention rule, out_proj by the Linear rule
-    attention = "att" if name == "attention" else "enc.self_attn"
     kinds = {s.name: s.kind for s in lay.sites}
-    assert kinds[attention] == "attention" and kinds[f"{attention}.out_proj"] == "linear"
-    site = next(s for s in lay.sites if s.name == attention)
-    assert set(site.params) == {"in_proj_weight", "in_proj_bias"}
+    for attention in ATTENTION_SITES[name]:
+        assert kinds[attention] == "attention" and kinds[f"{attention}.out_proj"] == "linear"
+        site = next(s for s in lay.sites if s.name == attention)
+        assert set(site.params) == {"in_proj_weight", "in_proj_bias"}
 
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
@@ -439,6 +454,23 @@ def test_plan_shows_the_per_layer_layout_and_the_fallbacks(write_config):
     text = CliRunner().invoke(main, ["plan", str(path)]).output
     assert "structured rules cover " in text and "per-sample Jacobians for rnn.weight_ih_l0" in text
     assert "fallbacks  no vmap: " in text
+
+
+def test_plan_lists_each_layer_with_its_rule_for_a_vit(write_config):
+    """plan --layers: one line per layer the rules take; a ViT's class token and position embeddings (its
+    broadcast sites, which record no input: plan's memory estimate once failed on them) included."""
+    cfg = {"model": {"target": "nets:vit_classifier", "output": "logits"},
+           "data": {"x1": {"synthetic": {"n": 6, "shape": [3, 8, 8], "seed": 1}}}, "output": {"path": "out.zarr"}}
+    r = CliRunner().invoke(main, ["plan", str(write_config(cfg)), "--layers"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("layer ")) + 1:]
+    rows = {line.split()[0]: (line.split()[1], int(line.split()[2].replace(",", ""))) for line in table}
+    assert rows["vit.embeddings.cls_token"] == ("broadcast", 32)
+    assert rows["vit.embeddings.position_embeddings"] == ("broadcast", 32 * 5)  # 4 patches and the class token
+    assert rows["classifier"] == ("linear", 32 * 3 + 3)
+    assert sum(p for _, p in rows.values()) == sum(p.numel() for p in nets.vit_classifier().parameters())
+    assert "per-sample Jacobians for none" in r.stdout
 
 
 def test_vector_products_cost_counts_the_fallback_paths():
@@ -577,3 +609,38 @@ def test_recurrent_layers_take_the_rule_and_are_exact(name, mode):
     expected = full if mode == "full" else torch.einsum("ijaa->ij", full)
     assert_kernel_close(pipeline.empirical_ntk(model, x1, x2, method="structured", mode=mode), expected,
                         torch.float64)
+
+
+class _VariantAttention(torch.nn.Module):
+    def __init__(self, **kw) -> None:
+        super().__init__()
+        self.kv = kw.get("kdim") is not None
+        self.att = torch.nn.MultiheadAttention(8, 2, batch_first=True, **kw)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = x[..., :6] if self.kv else x
+        return self.head(self.att(x, kv, kv)[0].mean(1))
+
+
+@pytest.mark.parametrize("kw", [dict(kdim=6, vdim=6), dict(add_bias_kv=True), dict(add_zero_attn=True)],
+                         ids=["kdim_vdim", "add_bias_kv", "add_zero_attn"])
+def test_attention_variants_the_rule_does_not_cover_fall_back_exactly_and_alone(kw):
+    """MultiheadAttention with separate key / value sizes, bias_k / bias_v or a zero attention row: its
+    parameters fall back to per-sample Jacobians (exact), the layers around it keep their rules (bias_k,
+    concatenated to the keys rather than added, once sent every parameter to the fallback)."""
+    from pipeline.methods import check_model
+    from pipeline.methods.structured import layout
+    from pipeline.models import FunctionalModel
+
+    torch.manual_seed(0)
+    model = _VariantAttention(**kw).double().eval()
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = (torch.randn(n, 5, 8, generator=g, dtype=torch.float64) for n in (3, 2))
+    fm = FunctionalModel(model)
+    check_model(fm, x1)
+    lay = layout(fm, x1)
+    assert [s.name for s in lay.sites] == ["head"] and all(p.startswith("att.") for p in lay.fallback), lay.fallback
+    k = pipeline.empirical_ntk(model, x1, x2, method="structured", mode="full")
+    ref = torch.einsum("iap,jbp->ijab", loop_jacobian(model, x1, None), loop_jacobian(model, x2, None))
+    assert_kernel_close(k, ref, torch.float64)

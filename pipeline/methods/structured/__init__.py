@@ -80,7 +80,10 @@ def summary(fm: FunctionalModel, x: torch.Tensor) -> dict[str, Any]:
 
 
 def _numel(t: Any) -> int:
-    """Values in a tensor, or in a rule's tuple of them."""
+    """Values in a tensor, or in a rule's tuple of them (None: a rule that records no input, as the
+    broadcast rule's)."""
+    if t is None:
+        return 0
     return sum(_numel(x) for x in t) if isinstance(t, tuple | list) else int(t.numel())
 
 

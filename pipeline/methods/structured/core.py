@@ -138,9 +138,25 @@ def layout(fm: FunctionalModel, x: torch.Tensor) -> Layout:
         return cache[key]
     probe = x[:2]
     o = single(fm, fm.params, probe[0]).numel()
-    sites, inputs, gs = _recorded(fm, find_sites(fm), probe, o)
+    sites = find_sites(fm)
+    kept = _checked(fm, sites, probe, o)
+    broadcast = {s.name for s in sites if s.kind == "broadcast"}
+    if broadcast and not broadcast <= {s.name for s in kept}:
+        # A broadcast parameter expanded to the batch may change the forward for every other site too
+        # (nn.MultiheadAttention's bias_k, concatenated rather than added): check again without them.
+        without = _checked(fm, [s for s in sites if s.kind != "broadcast"], probe, o)
+        kept = without if len(without) > len(kept) else kept
+    covered = {p for s in kept for p in s.params.values()}
+    result = Layout(kept, [k for k in fm.params if k not in covered])
+    cache[key] = result
+    return result
+
+
+def _checked(fm: FunctionalModel, sites: list[Site], probe: torch.Tensor, o: int) -> list[Site]:
+    """The sites (of those that can be recorded) whose rule passes the check on the probe's samples."""
+    sites, inputs, gs = _recorded(fm, sites, probe, o)
     dtype = fm.params_dtype
-    v = torch.randn(o, generator=torch.Generator().manual_seed(0)).to(device=x.device, dtype=dtype)
+    v = torch.randn(o, generator=torch.Generator().manual_seed(0)).to(device=probe.device, dtype=dtype)
     grads = _direction_gradients(fm, sites, probe, v)
     tol = 1e-3 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
     kept = []
@@ -154,10 +170,7 @@ def layout(fm: FunctionalModel, x: torch.Tensor) -> Layout:
         if got.shape == want.shape and torch.allclose(got, want, rtol=tol,
                                                       atol=tol * float(want.abs().max().clamp_min(1e-30))):
             kept.append(site)
-    covered = {p for s in kept for p in s.params.values()}
-    result = Layout(kept, [k for k in fm.params if k not in covered])
-    cache[key] = result
-    return result
+    return kept
 
 
 def _recorded(fm: FunctionalModel, sites: list[Site], x: torch.Tensor,
