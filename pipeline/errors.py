@@ -17,8 +17,10 @@ _STORE_NAMES = (
     (re.compile(r"StorePath\(\w+, '([^']*)'\)"), r"\1"),
     (re.compile(r"<?\b\w*Store\(\w+, ([^)>]*)\)>?"), r"\1"),
     (re.compile(r"\b\w*Store\('([^']*)'\)"), r"\1"),
-    (re.compile(r"file://(/[^\s'\"]*)"), r"\1"),
+    (re.compile(r"file://([^\s'\"]+)"), r"\1"),  # file:///a/k.zarr, and file://k.zarr for a relative path
 )
+# What zarr's crc32c codec raises for a chunk whose bytes changed: it quotes both checksums as raw bytes.
+_CHECKSUM = "Stored and computed checksum do not match"
 
 
 def plain_paths(text: str) -> str:
@@ -28,9 +30,17 @@ def plain_paths(text: str) -> str:
     return text
 
 
+def is_checksum_error(err: BaseException) -> bool:
+    """Whether ``err`` is zarr's error for a chunk that fails its crc32c checksum."""
+    return isinstance(err, ValueError) and str(err).startswith(_CHECKSUM)
+
+
 def brief(err: BaseException, limit: int = 2000) -> str:
     """An exception as ``Type: first line`` for one-line messages: the whole first line (cut only past
-    ``limit`` characters, for a cause that quotes a whole array), stores named by their paths."""
+    ``limit`` characters, for a cause that quotes a whole array), stores named by their paths; a chunk
+    that fails its checksum as "checksum mismatch" (zarr's message quotes raw bytes)."""
+    if is_checksum_error(err):
+        return "checksum mismatch"
     lines = plain_paths(str(err)).strip().splitlines()
     text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
