@@ -46,18 +46,19 @@ def main() -> None:
 @fails_cleanly
 def run(config: str, overwrite: bool | None, repair: bool, executor: str, progress: bool) -> None:
     """Compute the NTK that CONFIG describes into its Zarr store."""
-    from pipeline.errors import Interrupted
-    from pipeline.run import run as run_pipeline
+    from pipeline.errors import Interrupted, stop_on_signals
 
     if repair and overwrite:
         raise click.UsageError("--repair and --overwrite exclude each other: a repair keeps the good blocks")
     try:
-        s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress, repair=repair)
+        with stop_on_signals():  # also while the run's modules load
+            from pipeline.run import run as run_pipeline
+
+            s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress, repair=repair)
     except KeyboardInterrupt as err:  # SIGINT or SIGTERM: one line, the shell's exit status for the signal
-        name = err.signal if isinstance(err, Interrupted) else "SIGINT"
-        click.echo(f"Error: interrupted by {name}: the finished blocks are kept; rerun the same command to "
-                   "resume", err=True)
-        sys.exit(128 + signal.Signals[name].value)
+        stop = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
+        click.echo(f"Error: {stop}: {stop.outcome}", err=True)
+        sys.exit(128 + signal.Signals[stop.signal].value)
     for line in s.repaired:
         click.echo(f"repaired: {line}")
     every = f"all {s.skipped} blocks are" if s.skipped != 1 else "its one block is"
