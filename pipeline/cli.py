@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli_common import fails_cleanly, numbers, size, split_rule, storage_options_option
+from pipeline.cli_common import count, fails_cleanly, numbers, size, split_rule, storage_options_option
 from pipeline.config import Method, Mode
 from pipeline.execute import EXECUTORS
 from pipeline.plan import feature_shape
@@ -52,36 +52,39 @@ def main() -> None:
 def run(config: str, overwrite: bool | None, repair: bool, executor: str, progress: bool,
         allow_edited_source: bool) -> None:
     """Compute the NTK that CONFIG describes into its Zarr store."""
-    from pipeline.errors import Interrupted
-    from pipeline.run import run as run_pipeline
+    from pipeline.errors import Interrupted, stop_on_signals
 
     if repair and overwrite:
         raise click.UsageError("--repair and --overwrite exclude each other: a repair keeps the good blocks")
     try:
-        s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress, repair=repair,
-                         allow_edited_source=allow_edited_source)
+        with stop_on_signals():  # also while the run's modules load
+            from pipeline.run import run as run_pipeline
+
+            s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress, repair=repair,
+                             allow_edited_source=allow_edited_source)
     except KeyboardInterrupt as err:  # SIGINT or SIGTERM: one line, the shell's exit status for the signal
-        name = err.signal if isinstance(err, Interrupted) else "SIGINT"
-        click.echo(f"Error: interrupted by {name}: the finished blocks are kept; rerun the same command to "
-                   "resume", err=True)
-        sys.exit(128 + signal.Signals[name].value)
+        stop = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
+        click.echo(f"Error: {stop}: {stop.outcome}", err=True)
+        sys.exit(128 + signal.Signals[stop.signal].value)
     for line in s.repaired:
         click.echo(f"repaired: {line}")
+    every = f"all {s.skipped} blocks are" if s.skipped != 1 else "its one block is"
     if s.blocks == 0 and s.skipped and s.repair:
-        click.echo(f"nothing to repair: all {s.skipped} blocks are done and pass their checks (crc32c checksums, "
-                   f"finite values, mirrored copies) (method {s.method})")
+        checks = "passes its" if s.skipped == 1 else "pass their"
+        click.echo(f"nothing to repair: {every} done and {checks} checks (crc32c checksums, finite values, "
+                   f"mirrored copies) (method {s.method})")
     elif s.blocks == 0 and s.skipped:
-        click.echo(f"nothing to do: all {s.skipped} blocks are done already (method {s.method}); --repair "
-                   "checks every chunk and recomputes the blocks that fail")
+        click.echo(f"nothing to do: {every} done already (method {s.method}); --repair checks every chunk and "
+                   "recomputes the blocks that fail")
     else:
         resumed = f" ({s.skipped} done by an earlier run)" if s.skipped else ""
         how = f"method {s.method}" if s.features is None else f"k = {s.features.k}, seed {s.features.seed}"
-        click.echo(f"done: {s.blocks} blocks{resumed} in {s.seconds:.2f} s, {s.entries:,} {s.unit} "
+        click.echo(f"done: {count(s.blocks, 'block')}{resumed} in {s.seconds:.2f} s, {s.entries:,} {s.unit} "
                    f"({s.entries_per_second:,.0f}/s), {how}")
         probe = s.features.probe if s.features is not None else None
         if probe is not None:
-            click.echo(f"probe: the feature kernel of the first {probe.rows} samples is {probe.relative_error:.2%} "
-                       f"from the exact one (relative Frobenius error; eigenvalues within "
+            click.echo(f"probe: the feature kernel of the first {count(probe.rows, 'sample')} is "
+                       f"{probe.relative_error:.2%} from the exact one (relative Frobenius error; eigenvalues within "
                        f"{probe.eigenvalue_error:.2%} of the largest)")
     click.echo(f"output: {s.path}")
 
@@ -153,7 +156,7 @@ def _echo_kernel_plan(d: dict[str, Any]) -> None:
                f"{size(d['kernel_bytes'])}{', symmetric' if d['symmetric'] else ''}")
     click.echo(f"model      {d['p']:,} trainable parameters, {_flops(d['forward_flops_per_sample'])} per forward "
                "sample")
-    click.echo(f"blocks     {d['blocks']} tasks of {d['block'][0]} x {d['block'][1]} (grid "
+    click.echo(f"blocks     {count(d['blocks'], 'task')} of {d['block'][0]} x {d['block'][1]} (grid "
                f"{d['grid'][0]} x {d['grid'][1]}){_auto_block(d['block_sizing'])}")
     lay = d["layout"]
     chunk = f"{d['chunk'][0]} x {d['chunk'][1]} ({size(lay['chunk_bytes'])})"
@@ -184,7 +187,8 @@ def _echo_feature_plan(d: dict[str, Any]) -> None:
                f"{f['projection']} projection)")
     click.echo(f"model      {d['p']:,} trainable parameters, {_flops(d['forward_flops_per_sample'])} per forward "
                "sample")
-    click.echo(f"bands      {d['blocks']} tasks of {d['block'][0]} rows ({size(d['band_bytes'])} each)")
+    click.echo(f"bands      {count(d['blocks'], 'task')} of {count(d['block'][0], 'row')} "
+               f"({size(d['band_bytes'])} each)")
     parts = sorted(f["split"].items(), key=lambda kv: -kv[1])
     shown = ", ".join(f"{name} {n}" for name, n in parts[:6]) + (f", {len(parts) - 6} more" if len(parts) > 6 else "")
     click.echo(f"split      {shown} ({split_rule(f['split_rule'])})")
@@ -209,15 +213,16 @@ def _echo_sizing(z: dict[str, Any]) -> None:
             "balance": ", small enough for at least 4 tasks per worker (task memory allows more)",
             "kernel": f", the whole kernel: its task fits {size(z['memory_bytes'])} with 20% headroom",
             "config": " (tiling.block)"}[z["block_limited_by"]]
-    click.echo(f"sizing     {z['workers']} workers: blocks of {z['block'][0]} x {z['block'][1]}{fits}; "
-               f"{z['tasks']:,} tasks; {size(z['task_memory_bytes'])} per task; {_flops(z['total_flops'])} "
+    click.echo(f"sizing     {count(z['workers'], 'worker')}: blocks of {z['block'][0]} x {z['block'][1]}{fits}; "
+               f"{z['tasks']:,} task{'' if z['tasks'] == 1 else 's'}; {size(z['task_memory_bytes'])} per task; "
+               f"{_flops(z['total_flops'])} "
                f"with {z['method']}")
     e = z.get("estimate")
     if e:
         h = e["wall_seconds"] / 3600
         click.echo(f"estimate   {e['seconds_per_block']:.3g} s per block ({e['flops_per_second'] / 1e9:.3g} GFLOP/s as "
                    f"benched on a {e['bench_block'][0]} x {e['bench_block'][1]} block on {e['bench_device']}); "
-                   f"wall ~{h:.3g} h ({e['wall_seconds'] / 86400:.3g} days) on {z['workers']} workers, "
+                   f"wall ~{h:.3g} h ({e['wall_seconds'] / 86400:.3g} days) on {count(z['workers'], 'worker')}, "
                    "block compute only")
 
 
@@ -264,7 +269,8 @@ def _rate(n: float) -> str:
 
 def _echo_bench(r: dict[str, Any], repeats: int) -> None:
     click.echo(f"block {r['n1']} x {r['n2']} ({r['mode']}), {r['entries']:,} kernel entries, on {r['device']} "
-               f"({r['device_name']}, {r['threads']} threads); median of {repeats} runs after a warm-up")
+               f"({r['device_name']}, {count(r['threads'], 'thread')}); median of {count(repeats, 'run')} after a "
+               "warm-up")
     per_pair = {Mode.FULL: "o^2 ", Mode.PNTK: ""}.get(r["mode"], "o ")
     click.echo(f"work       {_flops(r['contraction_flops'])} counted as Jacobian contraction (2 n1 n2 {per_pair}P, "
                f"o = {r['o']}, P = {r['p']:,})")
@@ -347,7 +353,7 @@ def status(output: str, as_json: bool, options: dict[str, Any] | None, connect_t
                    f"seed {f['seed']}, bands of {s['block'][0]} rows")
         if "probe" in f:
             click.echo(f"probe      {f['probe']['relative_error']:.2%} relative Frobenius error on the first "
-                       f"{f['probe']['rows']} samples")
+                       f"{count(f['probe']['rows'], 'sample')}")
     else:
         click.echo(f"kernel     {shape} ({s['mode']}, {numbers(s['dtype'], s['precision'])}), method {s['method']}, "
                    f"blocks of {s['block'][0]} x {s['block'][1]}{', symmetric' if s['symmetric'] else ''}"
@@ -355,9 +361,9 @@ def status(output: str, as_json: bool, options: dict[str, Any] | None, connect_t
     click.echo(f"started    {s['started']}" + (f", last run started {s['last_started']}" if s["last_started"] else ""))
     click.echo(f"last write {s['last_write'] or '-'}" + (f", finished {s['finished']}" if s["finished"] else ""))
     if s["nodes"]:
-        click.echo("nodes      " + ", ".join(f"{node} ({n} blocks)" for node, n in s["nodes"].items()))
+        click.echo("nodes      " + ", ".join(f"{node} ({count(n, 'block')})" for node, n in s["nodes"].items()))
     if s["devices"]:
-        click.echo("devices    " + ", ".join(f"{device} ({n} blocks)" for device, n in s["devices"].items()))
+        click.echo("devices    " + ", ".join(f"{device} ({count(n, 'block')})" for device, n in s["devices"].items()))
     click.echo(f"lease      {'held by ' + s['lease']['holder'] if s['lease']['held'] else 'free'}")
     if s["error"]:
         click.echo(f"error      {s['error']}")
@@ -401,7 +407,7 @@ def verify(output: str, config: str | None, sample: int, seed: int, against: str
             _echo_accuracy(r["accuracy"])
         for line in r["failures"]:
             click.echo(f"FAILED: {line}")
-        click.echo("verify: ok" if r["ok"] else f"verify: {len(r['failures'])} failures")
+        click.echo("verify: ok" if r["ok"] else f"verify: {count(len(r['failures']), 'failure')}")
     if not r["ok"]:
         sys.exit(1)
 
@@ -409,15 +415,15 @@ def verify(output: str, config: str | None, sample: int, seed: int, against: str
 def _echo_accuracy(a: dict[str, Any]) -> None:
     """verify's measurement of a feature kernel's accuracy, in a few lines."""
     if a["against"] == "sample":
-        what = (f"the exact kernel of {a['rows']} sampled rows ({len(a['blocks'])} blocks, float64, computed "
-                "here)")
+        what = (f"the exact kernel of {a['rows']} sampled row{'' if a['rows'] == 1 else 's'} "
+                f"({count(len(a['blocks']), 'block')}, float64, computed here)")
     else:
-        what = f"{a['against']} ({a['rows']} samples)"
+        what = f"{a['against']} ({count(a['rows'], 'sample')})"
     click.echo(f"accuracy: the features' {a['mode']} kernel against {what}: relative Frobenius error "
                f"{a['relative_error']:.3e}")
     if a["eigenvalue_error"] is not None:
         where = " (of the sampled diagonal block where they differ most)" if a["against"] == "sample" else ""
-        click.echo(f"accuracy: its {len(a['eigenvalues'])} leading eigenvalues{where} within "
+        click.echo(f"accuracy: its {count(len(a['eigenvalues']), 'leading eigenvalue')}{where} within "
                    f"{a['eigenvalue_error']:.3e} of the largest exact one (max_i |lambda_i(K_phi) - lambda_i(K)| "
                    "/ lambda_1(K))")
         for i, e in enumerate(a["eigenvalues"], 1):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,21 +18,33 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fails_cleanly(fn: F) -> F:
-    """Print a PipelineError as one line ``Error: <key>: <what is wrong>`` and exit 1."""
+    """Print a PipelineError as one line ``Error: <key>: <what is wrong>`` and exit 1. Python warnings
+    (a request the program adjusted itself, as eigenvalues clipped to the matrix's size) are not
+    printed as Python prints them, with a source line: a command that succeeds says each once, as a
+    line ``note: <message>`` on stderr after its output; one that fails says only its error."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except PipelineError as err:
-            if "zarr" in sys.modules:  # a failed read may leave others in flight: let them end quietly
-                from pipeline.store.layout import settle
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                out = fn(*args, **kwargs)
+            except PipelineError as err:
+                if "zarr" in sys.modules:  # a failed read may leave others in flight: let them end quietly
+                    from pipeline.store.layout import settle
 
-                settle()
-            click.echo(f"Error: {err}", err=True)
-            sys.exit(1)
+                    settle()
+                click.echo(f"Error: {err}", err=True)
+                sys.exit(1)
+        for note in dict.fromkeys(" ".join(str(w.message).split()) for w in caught):
+            click.echo(f"note: {note}", err=True)
+        return out
 
     return wrapper  # type: ignore[return-value]
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """A number with its noun: ``1 block``, ``2 blocks`` (``plural``: where it is not ``noun + "s"``)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def size(n: float) -> str:

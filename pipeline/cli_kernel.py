@@ -23,7 +23,15 @@ from typing import IO, Any
 
 import click
 
-from pipeline.cli_common import fails_cleanly, numbers, size, split_rule, storage_options_flag, storage_options_option
+from pipeline.cli_common import (
+    count,
+    fails_cleanly,
+    numbers,
+    size,
+    split_rule,
+    storage_options_flag,
+    storage_options_option,
+)
 from pipeline.config import Mode, feature_mode
 from pipeline.errors import ConfigError, StoreError, brief
 from pipeline.kernel import EXECUTORS
@@ -85,7 +93,7 @@ def _echo_kernel(d: dict[str, Any]) -> None:
     click.echo(f"kernel     {' x '.join(map(str, d['shape']))} ({d['mode']}, {numbers(d['dtype'], d['precision'])}), "
                f"dims {', '.join(d['dims'])}{', symmetric K(x, x)' if d['symmetric'] else ''}")
     _echo_storage(d)
-    _echo_run(d, d["method"], f"{d['blocks_done']} of {d['blocks_total']} blocks")
+    _echo_run(d, d["method"], f"{d['blocks_done']} of {count(d['blocks_total'], 'block')}")
     s = d["stats"]
     if s is not None:
         click.echo(f"values     min {_num(s['min'])}, max {_num(s['max'])}, mean {_num(s['mean'])}, diagonal mean "
@@ -124,9 +132,9 @@ def _echo_features(d: dict[str, Any]) -> None:
     p = d["probe"]
     click.echo("probe      none (the run has not completed)" if p is None else
                f"probe      {p['relative_error']:.2%} relative Frobenius error against the exact kernel on the first "
-               f"{p['rows']} samples; eigenvalues within {p['eigenvalue_error']:.2%} of the largest")
+               f"{count(p['rows'], 'sample')}; eigenvalues within {p['eigenvalue_error']:.2%} of the largest")
     _echo_run(d, f"{d['provenance']['method']} (its per-layer factors)",
-              f"{d['bands_done']} of {d['bands_total']} bands")
+              f"{d['bands_done']} of {count(d['bands_total'], 'band')}")
     s = d["stats"]
     if s is not None:
         over = "" if feature_mode(d["of"]) == Mode.PNTK else ", summed over outputs"
@@ -174,8 +182,8 @@ def plot(output: str, out: str, size: int, eigenvalues: int, spectrum: str, dpi:
     if ev is None:
         click.echo(f"spectrum   none: {info['skipped']}")
     else:
-        click.echo(f"spectrum   {len(ev)} leading eigenvalues ({info['method']}, {info['passes']} reads of the "
-                   f"{read}): {ev[0]:.4g} ... {ev[-1]:.4g}")
+        click.echo(f"spectrum   {count(len(ev), 'leading eigenvalue')} ({info['method']}, "
+                   f"{count(info['passes'], 'read')} of the {read}): {ev[0]:.4g} ... {ev[-1]:.4g}")
     click.echo(f"output     {out} ({info['width']} x {info['height']} pixels)")
 
 

@@ -9,6 +9,7 @@ Unknown keys and wrong types are errors; relative paths are taken relative to th
 from __future__ import annotations
 
 import os
+import re
 import typing
 from enum import StrEnum
 from pathlib import Path
@@ -349,6 +350,30 @@ class OutputSpec(_Spec):
         return _check_storage_options(v, info.data.get("path"))
 
 
+# What ``ray.address`` may be besides None (a local instance) and "auto" (Ray's own conventions, and the
+# forms the README documents): HOST:PORT, a head node's GCS, or ray://HOST:PORT, its Ray client server.
+_HOST_PORT = re.compile(r"(?:ray://)?(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):(\d{1,5})")
+RAY_ADDRESS_FORMS = "auto, HOST:PORT (a head node, e.g. 10.0.0.1:6379) or ray://HOST:PORT (e.g. ray://10.0.0.1:10001)"
+
+
+def ray_address_problem(address: str) -> str | None:
+    """Why ``address`` is no Ray address to join (one line, with the value), or None where it is one."""
+    if address in ("auto", "local"):
+        return None
+    m = _HOST_PORT.fullmatch(address)
+    if m and 0 < int(m.group(1)) < 65536:
+        return None
+    if address.startswith(("http://", "https://")):
+        why = " (an http:// address is a job server's, for `ntk-pipeline submit --address`)"
+    elif address.rstrip("/").endswith(":") or ":" not in address.split("://")[-1]:
+        why = " (no port)"
+    elif m:
+        why = " (a port is 1 to 65535)"
+    else:
+        why = ""
+    return f"expected {RAY_ADDRESS_FORMS}, got {address!r}{why}"
+
+
 class RaySpec(_Spec):
     address: str | None = None  # None: a local Ray instance for this run; "auto" or ray://host:10001
     gpus_per_task: NonNegativeFloat = 0
@@ -357,6 +382,14 @@ class RaySpec(_Spec):
     max_retries: NonNegativeInt = 3  # re-runs of a block whose worker process or node died
     # Seconds to wait for a cluster at ``address`` to answer; Ray alone would retry for many minutes.
     connect_timeout_s: PositiveFloat = 60.0
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        why = None if v is None else ray_address_problem(v)
+        if why:
+            raise ValueError(why)
+        return v
 
 
 class RunConfig(_Spec):

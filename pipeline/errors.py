@@ -1,4 +1,5 @@
-"""Domain errors. ``cli.py`` alone turns them into ``Error: ...`` lines and exit code 1.
+"""Domain errors. ``cli.py`` alone turns them into ``Error: ...`` lines and exit code 1; SIGINT and
+SIGTERM become ``Interrupted`` inside ``stop_on_signals``.
 
 Every error names the config key (or file) it is about, so the message reads
 ``<key>: <what is wrong, with the bad value>``. They are plain ``Exception``
@@ -8,7 +9,11 @@ themselves.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import threading
+from collections.abc import Iterator
 
 # How Zarr's errors name a store or a node in it, and what the user gave instead: ``StorePath(LocalStore,
 # 'file:///a/k.zarr/kernel')`` and ``LocalStore('file:///a/k.zarr')`` are /a/k.zarr/kernel and /a/k.zarr;
@@ -17,8 +22,10 @@ _STORE_NAMES = (
     (re.compile(r"StorePath\(\w+, '([^']*)'\)"), r"\1"),
     (re.compile(r"<?\b\w*Store\(\w+, ([^)>]*)\)>?"), r"\1"),
     (re.compile(r"\b\w*Store\('([^']*)'\)"), r"\1"),
-    (re.compile(r"file://(/[^\s'\"]*)"), r"\1"),
+    (re.compile(r"file://([^\s'\"]+)"), r"\1"),  # file:///a/k.zarr, and file://k.zarr for a relative path
 )
+# What zarr's crc32c codec raises for a chunk whose bytes changed: it quotes both checksums as raw bytes.
+_CHECKSUM = "Stored and computed checksum do not match"
 
 
 def plain_paths(text: str) -> str:
@@ -28,9 +35,17 @@ def plain_paths(text: str) -> str:
     return text
 
 
+def is_checksum_error(err: BaseException) -> bool:
+    """Whether ``err`` is zarr's error for a chunk that fails its crc32c checksum."""
+    return isinstance(err, ValueError) and str(err).startswith(_CHECKSUM)
+
+
 def brief(err: BaseException, limit: int = 2000) -> str:
     """An exception as ``Type: first line`` for one-line messages: the whole first line (cut only past
-    ``limit`` characters, for a cause that quotes a whole array), stores named by their paths."""
+    ``limit`` characters, for a cause that quotes a whole array), stores named by their paths; a chunk
+    that fails its checksum as "checksum mismatch" (zarr's message quotes raw bytes)."""
+    if is_checksum_error(err):
+        return "checksum mismatch"
     lines = plain_paths(str(err)).strip().splitlines()
     text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -72,22 +87,71 @@ class BlockError(PipelineError):
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped a run (``signal``: the signal's name); a KeyboardInterrupt, so that
-    whatever treats Ctrl-C treats it the same. The run records "interrupted"; its finished blocks stay."""
+    whatever treats Ctrl-C treats it the same. ``written``: whether the run had begun writing its output
+    (then it records "interrupted" and its finished blocks stay), or stopped before (nothing written)."""
 
-    # The signal ``run.stop_on_signals`` last turned into an Interrupted in this process (None outside).
-    received: str | None = None
+    # The Interrupted ``stop_on_signals`` last raised in this process (None outside).
+    received: Interrupted | None = None
 
-    def __init__(self, signal: str) -> None:
+    def __init__(self, signal: str, written: bool = False) -> None:
         super().__init__(signal)
         self.signal = signal
+        self.written = written
 
     def __str__(self) -> str:
         return f"interrupted by {self.signal}"
 
+    @property
+    def outcome(self) -> str:
+        """What became of the output, for the one line the command prints after ``interrupted by X: ``."""
+        if self.written:
+            return "the finished blocks are kept; rerun the same command to resume"
+        return "nothing was written; rerun the same command to start again"
+
     @classmethod
     def of(cls, err: KeyboardInterrupt) -> KeyboardInterrupt:
-        """``err``, or an Interrupted naming the signal received where a library re-raised ours as a plain
+        """``err``, or the Interrupted received where a library re-raised ours as a plain
         KeyboardInterrupt (Ray's ``wait`` does: it catches any KeyboardInterrupt and raises a new one)."""
         if isinstance(err, cls) or cls.received is None:
             return err
-        return cls(cls.received)
+        return cls.received
+
+
+@contextlib.contextmanager
+def stop_on_signals(written: bool = False) -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM raise Interrupted (``written``: whether the output is being
+    written by then) in this thread (the main one: elsewhere this does nothing), so that a command
+    stopped by either at any stage says so in one line, and a run records "interrupted", keeps its
+    finished blocks and releases its lease. May be nested; the previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        Interrupted.received = err = Interrupted(signal.Signals(signum).name, written)
+        raise err
+
+    with handlers_kept():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, interrupt)
+        try:
+            yield
+        except KeyboardInterrupt as err:
+            raise Interrupted.of(err) from None
+        finally:
+            Interrupted.received = None
+
+
+@contextlib.contextmanager
+def handlers_kept() -> Iterator[None]:
+    """Put back the SIGINT and SIGTERM handlers of before on leaving (in the main thread): around a call
+    that sets its own, as ``ray.init`` starting a local instance sets a SIGTERM handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)

@@ -15,6 +15,7 @@ the tiles in this process or as one Ray task per row band.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from pipeline.config import Method, Mode, is_url, url_options
-from pipeline.errors import StoreError, brief
+from pipeline.errors import StoreError, brief, is_checksum_error
 from pipeline.execute.ray_session import RaySession, ray_installed, unwrapped
 from pipeline.plan import Block, Plan, tile
 from pipeline.store import (
@@ -257,22 +258,47 @@ class Kernel:
         """Which block's file among rows i0:i1, columns j0:j1 fails to read, and why, in one line; None
         when each reads on its own. A file is a block (a chunk, or a shard of chunks), or for a symmetric
         kernel the mirrored copy of one."""
+        found = self._failing_file((slice(i0, i1), slice(j0, j1)))
+        if found is None:
+            return None
+        (r, c), file, err = found
         rows, cols = (self.array.shards or self.array.chunks)[:2]
+        row, col = r * rows // self.provenance.block[0], c * cols // self.provenance.block[1]
         by_place = {(b.row, b.col): b for b in self.plan.blocks}
-        trailing = (0,) * (self.array.ndim - 2)
-        for r in range(i0 // rows, -(-i1 // rows)):
-            for c in range(j0 // cols, -(-j1 // cols)):
-                try:
-                    self.array[r * rows : (r + 1) * rows, c * cols : (c + 1) * cols]
-                except Exception as err:
-                    file = f"{KERNEL}/{self.array.metadata.encode_chunk_key((r, c, *trailing))}"
-                    row, col = r * rows // self.provenance.block[0], c * cols // self.provenance.block[1]
-                    b = by_place.get((row, col)) or by_place.get((col, row))
-                    if b is None:
-                        return f"file {file} is unreadable: {brief(err)}"
-                    copy = "" if (b.row, b.col) == (row, col) else " its mirrored copy"
-                    return (f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}):{copy} unreadable "
-                            f"(file {file}): {brief(err)}")
+        b = by_place.get((row, col)) or by_place.get((col, row))
+        if b is None:
+            return read_failure(err, file)
+        copy = "" if (b.row, b.col) == (row, col) else " its mirrored copy:"
+        return f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}):{copy} {read_failure(err, file)}"
+
+    def block_unreadable(self, block: Block, err: Exception) -> str:
+        """Why ``block`` does not read (``err``: what reading it raised), in one line naming its file:
+        ``checksum mismatch (file kernel/c/1/2)``, ``its mirrored copy: ...``, or ``unreadable (file ...): ...``."""
+        parts: list[tuple[str, tuple[slice, ...]]]
+        if self.mode == Mode.FEATURES:  # a band of rows
+            parts = [("", (slice(block.i0, block.i1),))]
+        else:
+            parts = [("", (slice(block.i0, block.i1), slice(block.j0, block.j1)))]
+            if block.mirrored:
+                parts.append(("its mirrored copy: ", (slice(block.j0, block.j1), slice(block.i0, block.i1))))
+        for copy, region in parts:
+            found = self._failing_file(region)
+            if found is not None:
+                return copy + read_failure(found[2], found[1])
+        return read_failure(err)
+
+    def _failing_file(self, region: tuple[slice, ...]) -> tuple[tuple[int, ...], str, Exception] | None:
+        """The first file in ``region`` (slices of the leading dimensions; the others whole) that fails
+        to read on its own: its place in the grid of files, its key in the store, and its error."""
+        unit = self.array.shards or self.array.chunks  # a file: a shard of chunks, or one chunk
+        spans = [region[d] if d < len(region) else slice(0, n) for d, n in enumerate(self.array.shape)]
+        for place in itertools.product(*(range(s.start // u, -(-s.stop // u)) for s, u in zip(spans, unit,
+                                                                                             strict=True))):
+            try:
+                self.array[tuple(slice(i * u, (i + 1) * u) for i, u in zip(place, unit, strict=True))]
+            except Exception as err:
+                name = self.array.path or self.array.basename
+                return place, f"{name}/{self.array.metadata.encode_chunk_key(place)}", err
         return None
 
     def _unit(self, tile_bytes: int) -> tuple[int, int]:
@@ -391,6 +417,13 @@ def band_tiles(n1: int, n2: int, rows: int, cols: int, entry_bytes: int, tile_by
             for i0 in range(0, n1, rows) for j0 in range(0, n2, width)]
 
 
+def read_failure(err: BaseException, file: str | None = None) -> str:
+    """A failed read in one line, naming ``file`` where known: ``checksum mismatch (file F)`` (zarr's
+    crc32c error quotes raw bytes), else ``unreadable (file F): <the error>``."""
+    where = f" (file {file})" if file else ""
+    return f"checksum mismatch{where}" if is_checksum_error(err) else f"unreadable{where}: {brief(err)}"
+
+
 def bad_blocks(kernel: Kernel) -> list[tuple[Block, str]]:
     """The blocks whose stored data fails a check, read one block at a time, and why: a chunk that
     cannot be read (its crc32c checksum fails, or the store errs), or, for a block marked done, values
@@ -398,14 +431,14 @@ def bad_blocks(kernel: Kernel) -> list[tuple[Block, str]]:
     block's transpose. ``verify`` reports them; ``run --repair`` recomputes them.
 
     Returns:
-      ``[(block, why), ...]`` in the plan's order; ``why`` is one line ("unreadable: ...").
+      ``[(block, why), ...]`` in the plan's order; ``why`` is one line ("checksum mismatch (file ...)").
     """
     bad: list[tuple[Block, str]] = []
     for b in kernel.plan.blocks:
         try:
             values, mirror = kernel.read_block(b)
         except Exception as err:
-            bad.append((b, f"unreadable: {brief(err)}"))
+            bad.append((b, kernel.block_unreadable(b, err)))
             continue
         if not b.done_in(kernel.done):
             continue  # NaN where no block has written: not done, not bad

@@ -15,10 +15,8 @@ import contextlib
 import datetime as dt
 import math
 import os
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
@@ -28,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pipeline import policy
 from pipeline.config import Method, Mode, RunConfig
-from pipeline.errors import ConfigError, Interrupted, PipelineError, StoreError
+from pipeline.errors import ConfigError, PipelineError, StoreError, handlers_kept, stop_on_signals
 from pipeline.execute import EXECUTORS, BlockResult, BlockTask, Executor, WorkerMemory, strips
 from pipeline.execute.device import resolve_device
 from pipeline.features import probe_error
@@ -98,6 +96,7 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+@stop_on_signals()  # from the start of a run: a signal before anything is written says so too
 def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", overwrite: bool | None = None,
         progress: bool = True, repair: bool = False, allow_edited_source: bool = False) -> RunSummary:
     """Compute the kernel a config describes into its Zarr store, resuming a store that holds some
@@ -151,32 +150,6 @@ def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", ov
                       features=features)
 
 
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """While inside, SIGINT and SIGTERM raise Interrupted in this thread (the main one: elsewhere this
-    does nothing), so that a run stopped by either records "interrupted", keeps its finished blocks and
-    releases its lease; the previous handlers come back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        Interrupted.received = signal.Signals(signum).name
-        raise Interrupted(Interrupted.received)
-
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, interrupt)
-    try:
-        yield
-    except KeyboardInterrupt as err:
-        raise Interrupted.of(err) from None
-    finally:
-        Interrupted.received = None
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-
 class Workers:
     """A run's executor, started once, on first need: by ``tiling.block: auto`` asking what a block
     task's memory is (before the plan is made, so for a new store only), else just before the output
@@ -187,7 +160,8 @@ class Workers:
 
     def start(self) -> Executor:
         if not self.started:
-            self.ex.start()
+            with handlers_kept():  # ray.init starting a local instance sets its own SIGTERM handler
+                self.ex.start()
             self.started = True
         return self.ex
 
@@ -202,7 +176,7 @@ def _execute(start: Start, ex: Executor, task: BlockTask, progress: bool) -> Pro
     skipped = len(p.plan.blocks) - len(start.todo)
     lease = Lease(cfg.output.path, cfg.output.lease_seconds, cfg.output.storage_options)
     try:
-        with stop_on_signals():  # after ex.start(): a local Ray instance sets its own SIGTERM handler
+        with stop_on_signals(written=True):  # from here a signal leaves a store that says "interrupted"
             prov = start.recorded or _create(p, start.action, start.function)
             lease.acquire()
             if start.bad:

@@ -364,7 +364,7 @@ def test_plot_a_feature_store(stores, tmp_path):
     lines = text.splitlines()
     assert lines[0] == "heatmap    7 x 7 bins of 3 x 3 samples"
     want = np.linalg.eigvalsh(_matrix(stores["full"]))[::-1]
-    assert lines[1].startswith("spectrum   5 leading eigenvalues (gram, 1 reads of the features): ")
+    assert lines[1].startswith("spectrum   5 leading eigenvalues (gram, 1 read of the features): ")
     assert lines[1].endswith(f"{want[0]:.4g} ... {want[4]:.4g}")
     code, text, _ = _cli("plot", _incomplete(stores["pntk"], tmp_path), "-o", str(tmp_path / "g.png"))
     assert code == 0 and "spectrum   none: the features are incomplete" in text, text

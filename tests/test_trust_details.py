@@ -83,21 +83,43 @@ def _flip(path: Path, at: int = 20) -> None:
     path.write_bytes(bytes(data))
 
 
+def _show_on_stderr(message, category, filename, lineno, file=None, line=None):
+    """Python's own showwarning, writing to the sys.stderr of the moment (pytest records warnings instead)."""
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 @pytest.mark.parametrize("file, says", [
-    ("0/0", "block 0 (rows 0:4, cols 0:4): unreadable (file kernel/c/0/0)"),
-    ("1/0", "block 1 (rows 0:4, cols 4:8): its mirrored copy unreadable (file kernel/c/1/0)"),
+    ("0/0", "block 0 (rows 0:4, cols 0:4): checksum mismatch (file kernel/c/0/0)"),
+    ("1/0", "block 1 (rows 0:4, cols 4:8): its mirrored copy: checksum mismatch (file kernel/c/1/0)"),
 ])
-def test_inspect_and_plot_name_the_block_of_a_corrupt_chunk(tmp_path, file, says):
+def test_a_corrupt_chunk_is_named_by_its_block_and_file_in_one_line_without_raw_bytes(tmp_path, file, says,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(warnings, "showwarning", _show_on_stderr)  # printed, as outside pytest
     store = _run(tmp_path, "k")
     _flip(store / "kernel" / "c" / file)
     runner = CliRunner()
-    expected = f"Error: {store}: {says}: ValueError: Stored and computed checksum do not match."
-    for args in (["inspect", str(store)], ["plot", str(store), "-o", str(tmp_path / "k.png"), "--eigenvalues", "4"]):
+    # plot asks 50 eigenvalues of this 8 x 8 kernel by default: no warning before the error line
+    for args in (["inspect", str(store)], ["plot", str(store), "-o", str(tmp_path / "k.png")]):
         r = runner.invoke(main, args)
         assert r.exit_code == 1, r.output
-        lines = r.output.splitlines()
-        assert len(lines) == 1 and lines[0].startswith(expected), r.output
+        assert r.output.splitlines() == [f"Error: {store}: {says}"]
     assert not (tmp_path / "k.png").exists()
+    r = runner.invoke(main, ["verify", str(store)])
+    assert r.exit_code == 1 and f"FAILED: {says}" in r.stdout.splitlines(), r.output
+    r = runner.invoke(main, ["run", str(tmp_path / "k.yaml"), "--executor", "local", "--no-progress", "--repair"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"repaired: {says}" and lines[1].startswith("done: 1 block (2 done by an earlier run) in ")
+    assert "Stored" not in r.output and "b'" not in r.output
+
+
+def test_a_request_the_cli_adjusts_is_a_note_not_a_python_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(warnings, "showwarning", _show_on_stderr)
+    store = _run(tmp_path, "k")
+    r = CliRunner().invoke(main, ["plot", str(store), "-o", str(tmp_path / "k.png")])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == ["note: 50 eigenvalues asked of a 8 x 8 matrix; computing 8"]
+    assert r.stdout.splitlines()[1].startswith("spectrum   8 leading eigenvalues (randomized, 1 read of the kernel): ")
 
 
 def test_a_resume_with_only_tiling_strip_changed_goes_on_and_gives_the_same_bits(tmp_path):
@@ -118,19 +140,28 @@ def test_a_resume_with_only_tiling_strip_changed_goes_on_and_gives_the_same_bits
         pipeline.run(tmp_path / "k3.yaml", executor="local", progress=False)
 
 
-def test_error_causes_keep_their_whole_first_line_and_name_paths_not_reprs(tmp_path):
+def test_error_causes_keep_their_whole_first_line_and_name_paths_not_reprs(tmp_path, monkeypatch):
     long = "x" * 400
     assert brief(ValueError(f"{long}\nsecond line")) == f"ValueError: {long}"
     assert brief(FileNotFoundError("StorePath(LocalStore, 'file:///data/k.zarr/kernel') is missing")) == \
         "FileNotFoundError: /data/k.zarr/kernel is missing"
     assert brief(ValueError("An array exists in store LocalStore('file:///data/k.zarr') at path 'lease'.")) == \
         "ValueError: An array exists in store /data/k.zarr at path 'lease'."
-    # a Zarr array where a store's group should be: zarr names the store by its URL
+    # zarr names a store by its URL, for a relative path too
+    assert brief(ValueError("An array already exists in store file://array.zarr at path .")) == \
+        "ValueError: An array already exists in store array.zarr at path ."
+    # a corrupt chunk: zarr quotes both checksums as raw bytes
+    assert brief(ValueError("Stored and computed checksum do not match. Stored: b'\\xf5\\x7f\\xbb\\xb6'. "
+                            "Computed: b'\\x01\\x02\\x03\\x04'.")) == "checksum mismatch"
+    # a Zarr array where a store's group should be
     path = tmp_path / "array.zarr"
     zarr.create_array(path, data=np.zeros(3))
-    with pytest.raises(pipeline.StoreError) as err:
+    with pytest.raises(pipeline.StoreError, match=f"^{path}: is a Zarr store but not an ntk-pipeline output$"):
         open_kernel(str(path))
-    assert f"store {path} at path" in str(err.value) and "file://" not in str(err.value)
+    monkeypatch.chdir(tmp_path)
+    for command in ("status", "inspect", "verify"):
+        r = CliRunner().invoke(main, [command, "array.zarr"])
+        assert (r.exit_code, r.output) == (1, "Error: array.zarr: is a Zarr store but not an ntk-pipeline output\n")
 
 
 def test_predict_with_kernels_of_two_dtypes_names_the_dtypes(tmp_path):

@@ -7,10 +7,11 @@
     session.stop()                                   # shuts Ray down only if start() started it
 
 Joining a cluster is bounded: Ray's own client retries an address where nothing answers for many
-minutes, deaf to SIGTERM, so ``start`` first connects to the address with a plain TCP socket, then
-joins in a thread it waits for at most ``timeout`` seconds; either failure is one line naming the
-address. Ray is imported only inside ``pipeline.execute``, and only when used: importing this module
-(as ``pipeline.kernel`` does) costs nothing.
+minutes, deaf to SIGTERM and logging each retry to stderr, so ``start`` first checks that something
+at the address answers the opening of a gRPC connection (``probe``), then joins in a thread it waits
+for at most ``timeout`` seconds; either failure is one line naming the address. Ray is imported
+only inside ``pipeline.execute``, and only when used: importing this module (as ``pipeline.kernel``
+does) costs nothing.
 """
 
 from __future__ import annotations
@@ -105,20 +106,39 @@ def host_port(address: str) -> tuple[str, int] | None:
     return (host.strip("[]") or "127.0.0.1", int(port)) if sep and port.isdigit() else None
 
 
+# What a gRPC client sends first (RFC 9113, 3.4): HTTP/2's connection preface and an empty SETTINGS
+# frame. A Ray head's GCS and its Ray client server (both gRPC) answer with a SETTINGS frame at once.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def probe(address: str, timeout: float) -> str | None:
-    """Why nothing answers at ``address`` (a TCP connection to its host and port, at most ``timeout``
-    seconds), or None: something listens there, or the address names no port to try."""
+    """Why nothing answers at ``address``, within ``timeout`` seconds in all, or None: something there
+    answered, or the address names no port to try. A TCP connection to its host and port, then the
+    opening of a gRPC connection: whatever answers (a TLS server answers with an alert, and closing or
+    resetting is an answer too) is ray.init's to judge; silence is refused here, before Ray's own
+    client, which retries for minutes and logs each retry to stderr (Ray offers no setting that quiets
+    its C++ log before it has joined: RAY_BACKEND_LOG_LEVEL is read only by a started core worker)."""
     where = host_port(address)
     if where is None:
         return None
+    deadline = time.monotonic() + timeout
     try:
-        socket.create_connection(where, timeout=timeout).close()
+        conn = socket.create_connection(where, timeout=timeout)
     except TimeoutError:
         return f"no Ray cluster answered at {address} within {timeout:g} s"
     except ConnectionRefusedError:
         return f"no Ray cluster answered at {address}: connection refused"
     except OSError as err:
         return f"no Ray cluster answered at {address}: {err.strerror or brief(err)}"
+    with conn:
+        try:
+            conn.settimeout(max(0.001, deadline - time.monotonic()))
+            conn.sendall(H2_PREFACE)
+            conn.recv(1)
+        except TimeoutError:
+            return f"no Ray cluster answered at {address} within {timeout:g} s"  # the port is open, and silent
+        except OSError:
+            return None  # reset: something there, for ray.init to judge
     return None
 
 
@@ -194,7 +214,7 @@ class RaySession:
             raise self.error(self.key, f"cannot connect to {self.address!r}: {brief(err)}") from None
 
     def _join(self, target: str) -> None:
-        """Join the cluster at ``target`` within ``timeout`` seconds: a TCP probe first, then ``ray.init``
+        """Join the cluster at ``target`` within ``timeout`` seconds: a probe first, then ``ray.init``
         in a thread this one waits for (still answering SIGINT and SIGTERM). A join that does not end in
         time is left to its thread, which the process leaves behind when it exits."""
         deadline = time.monotonic() + self.timeout
@@ -247,5 +267,5 @@ def unwrapped(error: type[PipelineError], key: str, what: str = "") -> Iterator[
         raise unwrap(err, error, key, what) from None
 
 
-__all__ = ["CHECK", "CONNECT_TIMEOUT_S", "RAY_MISSING", "NoAnswer", "RaySession", "bounded", "cluster_address",
-           "host_port", "import_ray", "probe", "quiet_ray", "ray_installed", "unwrap", "unwrapped"]
+__all__ = ["CHECK", "CONNECT_TIMEOUT_S", "H2_PREFACE", "RAY_MISSING", "NoAnswer", "RaySession", "bounded",
+           "cluster_address", "host_port", "import_ray", "probe", "quiet_ray", "ray_installed", "unwrap", "unwrapped"]

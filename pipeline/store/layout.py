@@ -128,7 +128,8 @@ def existing(path: str, options: dict[str, Any] | None = None, timeout: float = 
         if ATTRIBUTE not in group.attrs:
             return "zarr"
         complete = any(name in group for name in DATA) and DONE in group  # reads their metadata
-    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError,
+            zarr.errors.ContainsArrayError):
         return "zarr"  # a zarr.json that is not a group's (an array's, or unreadable as a group)
     except Exception as err:
         raise StoreError("output.path", f"cannot read {path}: {brief(err)}") from None
