@@ -8,7 +8,9 @@ A PipelineError prints one line ``Error: <key>: <what is wrong>`` and exits 1; b
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
 import sys
@@ -34,6 +36,17 @@ def _flops(n: float) -> str:
 @click.version_option(package_name="ntk-pipeline")
 def main() -> None:
     """Empirical neural tangent kernels of PyTorch models, tiled over Ray into a Zarr store."""
+
+
+def _quiet_exit_logs() -> None:
+    """After an interrupted run's one line, nothing more on stderr: Ray's core worker, shutting down
+    at exit with tasks still running, may log from C++ straight to file descriptor 2
+    ("task_manager.cc: Failed to push error to driver for task ..."); those lines stay in Ray's session
+    logs. Python's own stderr is flushed first."""
+    sys.stderr.flush()
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
 
 
 @main.command()
@@ -65,6 +78,7 @@ def run(config: str, overwrite: bool | None, repair: bool, executor: str, progre
     except KeyboardInterrupt as err:  # SIGINT or SIGTERM: one line, the shell's exit status for the signal
         stop = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
         click.echo(f"Error: {stop}: {stop.outcome}", err=True)
+        _quiet_exit_logs()
         sys.exit(128 + signal.Signals[stop.signal].value)
     for line in s.repaired:
         click.echo(f"repaired: {line}")
