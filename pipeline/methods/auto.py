@@ -3,7 +3,9 @@
     choice = auto_method(fm, x1, x2, Mode.TRACE)
     choice["method"], choice["reason"]      # recorded in the output's provenance
 
-``choose_method`` is a pure function of the estimates, the Jacobians' size and the timings.
+``choose_method`` is a pure function of the estimates, the Jacobians' size and the timings. With
+measurement on (a run), the method chosen has always run on the probe: the plausible ones are timed, a
+lone one is run once, and one that raises is ruled out (``ruled_out``) and the choice goes on without it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pipeline.models import FunctionalModel, probe_key
 
 # Bytes of a block's Jacobians above which ``auto`` rules out the contraction.
 JACOBIAN_BUDGET_BYTES = 4 << 30
-# Methods whose estimate is more than this many times the cheapest are not timed.
+# Methods whose estimate is more than this many times the cheapest are not timed; nor, after its warm-up,
+# is one whose warm-up alone took more than this many times the fastest timed so far (it cannot win).
 PROBE_SPREAD = 10.0
 PROBE_ROWS = 8
 
@@ -38,17 +41,22 @@ def choose_method(flops: dict[Method, float], jacobian_bytes: int, timings: dict
 
     Returns:
       ``{"method", "reason", "flops", "timings"}`` and ``"ruled_out"`` (method -> why) when a method
-      failed on the probe, recorded in the output.
+      failed on the probe or was abandoned there as slow (``time_methods``), recorded in the output.
 
     Raises:
-      ModelError: every method failed on the probe.
+      ModelError: every method failed on the probe (or all but the contraction, over the Jacobian budget).
     """
     failed = failed or {}
     allowed = [m for m in METHODS if m in flops and m not in failed]
-    if not allowed:
-        raise ModelError("model", "no method runs on it: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
+    over = jacobian_bytes > JACOBIAN_BUDGET_BYTES
+    if not allowed or (over and allowed == [Method.JACOBIAN_CONTRACTION]):
+        why = [f"{m}: {reason}" for m, reason in failed.items()]
+        if allowed:
+            why.append(f"jacobian_contraction: a block's Jacobians take {jacobian_bytes / 2**30:.1f} GiB, over "
+                       f"{JACOBIAN_BUDGET_BYTES / 2**30:.0f} GiB (a smaller tiling.block takes less)")
+        raise ModelError("model", "no method runs on it: " + "; ".join(why))
     reason = "fewest estimated FLOPs per block"
-    if jacobian_bytes > JACOBIAN_BUDGET_BYTES and Method.JACOBIAN_CONTRACTION in allowed:
+    if over and Method.JACOBIAN_CONTRACTION in allowed:
         allowed.remove(Method.JACOBIAN_CONTRACTION)
         reason += (f" (jacobian_contraction ruled out: a block's Jacobians take {jacobian_bytes / 2**30:.1f} GiB,"
                    f" over {JACOBIAN_BUDGET_BYTES / 2**30:.0f} GiB)")
@@ -64,16 +72,26 @@ def choose_method(flops: dict[Method, float], jacobian_bytes: int, timings: dict
 
 def time_methods(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: Mode, methods: list[Method],
                  repeats: int = 2, failed: dict[Method, str] | None = None) -> dict[Method, float]:
-    """Median-free quick timing: the best of ``repeats`` runs of each method after one warm-up; a method
-    that raises is left out, and why goes into ``failed``."""
-    out = {}
+    """Median-free quick timing: the best of ``repeats`` runs of each method after one warm-up, in the
+    order given (``auto_method`` gives the cheapest estimate first). A method that raises is left out, and
+    why goes into ``failed``; so is one whose warm-up took more than PROBE_SPREAD times the fastest time
+    so far, after its warm-up (a method 500x slower than its estimate says is not run twice more)."""
+    out: dict[Method, float] = {}
     for m in methods:
+        t0 = time.perf_counter()
         try:
             compute_block(fm, x1, x2, m, mode)  # warm-up: first-call costs, caches, the layout check
         except Exception as err:  # a model this method cannot take: ruled out, not a crash
             if failed is None:
                 raise
             failed[m] = brief(err)
+            continue
+        warm_up = time.perf_counter() - t0
+        fastest = min(out, key=out.__getitem__, default=None)
+        if fastest is not None and warm_up > PROBE_SPREAD * out[fastest]:
+            if failed is not None:
+                failed[m] = (f"slow on the probe: its warm-up took {warm_up:.3g} s, over {PROBE_SPREAD:g}x "
+                             f"{fastest}'s {out[fastest]:.3g} s")
             continue
         best = float("inf")
         for _ in range(repeats):
@@ -107,11 +125,36 @@ def auto_method(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, 
     timings = None
     failed: dict[Method, str] = {}
     if measure:
-        best = min(flops.values())
-        candidates = [m for m in METHODS if flops[m] <= PROBE_SPREAD * best
-                      and not (m == Method.JACOBIAN_CONTRACTION and jac > JACOBIAN_BUDGET_BYTES)]
-        if len(candidates) > 1:
-            p1 = x1[:PROBE_ROWS]
-            p2 = None if x2 is None else x2[:PROBE_ROWS]
-            timings = time_methods(fm, p1, p2, mode, candidates, failed=failed)
+        p2 = None if x2 is None else x2[:PROBE_ROWS]
+        timings = probe_methods(fm, x1[:PROBE_ROWS], p2, mode, flops, jac, failed)
     return choose_method(flops, jac, timings, failed)
+
+
+def probe_methods(fm: FunctionalModel, x1: torch.Tensor, x2: torch.Tensor | None, mode: Mode,
+                  flops: dict[Method, float], jac: int, failed: dict[Method, str]) -> dict[Method, float]:
+    """Run on the probe the methods ``auto`` may choose, so that the one chosen is known to run: the methods
+    within PROBE_SPREAD of the cheapest estimate left are timed, cheapest first (``time_methods``); a lone
+    one is run once, untimed. A method that raises (or is abandoned as slow) goes into ``failed`` with why,
+    and the methods left are probed again, until one runs or none is left.
+
+    Returns:
+      The timings (method -> seconds; empty where a lone method ran or none did).
+    """
+    while True:
+        left = [m for m in METHODS if m in flops and m not in failed
+                and not (m == Method.JACOBIAN_CONTRACTION and jac > JACOBIAN_BUDGET_BYTES)]
+        if not left:
+            return {}
+        cheapest = min(flops[m] for m in left)
+        candidates = sorted((m for m in left if flops[m] <= PROBE_SPREAD * cheapest),
+                            key=lambda m: (flops[m], METHODS.index(m)))
+        if len(candidates) > 1:
+            timings = time_methods(fm, x1, x2, mode, candidates, failed=failed)
+            if timings:
+                return timings
+            continue
+        try:
+            compute_block(fm, x1, x2, candidates[0], mode)
+            return {}
+        except Exception as err:  # ruled out, as on the timing
+            failed[candidates[0]] = brief(err)

@@ -3,10 +3,11 @@ inputs and output cotangents, Jacobian contraction for the parameters no rule co
 
 Cost: one forward and one o-batched backward per side, then per layer the cheaper of its structured
 and materialized forms (for a Linear: n1 n2 (K + o^2 C) against (n1 + n2) o C K + n1 n2 o^2 C K);
-memory: the inputs and cotangents of every layer for the block, plus the fallback parameters'
-Jacobians. Fastest whenever most parameters sit in layers with a rule; never forms per-sample
-Jacobians of Linear (and Hugging Face Conv1D), Conv, norm, Embedding, attention projection or
-recurrent (LSTM, GRU, RNN) layers, nor of weights computed from other parameters.
+memory: the inputs and cotangents of every layer for the block, the fallback parameters' Jacobians,
+and the largest layer term's own working memory (each rule's ``memory``: a pair-sum's tile, per-layer
+Jacobians; the terms are summed one at a time). Fastest whenever most parameters sit in layers with a
+rule; never forms per-sample Jacobians of Linear (and Hugging Face Conv1D), Conv, norm, Embedding,
+attention projection or recurrent (LSTM, GRU, RNN) layers, nor of weights computed from other parameters.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 from pipeline.config import Mode
 from pipeline.methods.base import Probe
 from pipeline.methods.structured.core import Layout, Side, layout, structured_combine, structured_side, tangents
-from pipeline.methods.structured.rules import site_cost
+from pipeline.methods.structured.rules import site_cost, site_memory
+from pipeline.methods.structured.rules.base import outer
 from pipeline.models import FunctionalModel
 
 
@@ -56,14 +58,17 @@ def flops(probe: Probe, b1: int, b2: int, mode: Mode, diagonal: bool) -> float:
 
 
 def memory(probe: Probe, b1: int, b2: int, mode: Mode) -> int:
-    """Working bytes of a b1 x b2 block: every site's inputs and o cotangents, fallback Jacobians."""
+    """Working bytes of a b1 x b2 block: every site's inputs and o cotangents, fallback Jacobians, and
+    the largest term's working memory (the rule's ``memory``; one term is computed at a time)."""
     fm = probe.fm
     lay = layout(fm, probe.x)
     inputs, gs, o = tangents(fm, lay.sites, probe.x[:1])
     per_sample = sum(_numel(a) + _numel(g) for a, g in zip(inputs, gs, strict=True))
+    terms = [site_memory(site, a, g, b1, b2, mode) for site, a, g in zip(lay.sites, inputs, gs, strict=True)]
     if lay.fallback:
         per_sample += o * sum(fm.params[k].numel() for k in lay.fallback)
-    return int((b1 + b2) * per_sample * fm.itemsize)
+        terms.append(b1 * b2 * outer(mode, o) * fm.itemsize)  # their contraction's term
+    return int((b1 + b2) * per_sample * fm.itemsize) + max(terms, default=0)
 
 
 def summary(fm: FunctionalModel, x: torch.Tensor) -> dict[str, Any]:

@@ -15,6 +15,7 @@ forward, or whose rule does not fit fails that check and falls back, so every mo
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -233,12 +234,12 @@ def structured_combine(fm: FunctionalModel, s1: Side, s2: Side | None, mode: Mod
     """The block between two sides (``s2=None``: K(x1, x1)) from per-layer terms."""
     lay = layout(fm, s1.x)
     s2 = s1 if s2 is None else s2
-    terms = [site_term(site, s1.inputs[k], s1.gs[k], s2.inputs[k], s2.gs[k], mode)
-             for k, site in enumerate(lay.sites)]
-    if lay.fallback:
-        terms.append(contract(s1.jac, s2.jac, mode))
-    if not terms:
+    if not lay.sites and not lay.fallback:
         o = single(fm, fm.params, s1.x[0]).numel()
         shape = {Mode.FULL: (o, o), Mode.TRACE: (), Mode.DIAGONAL: (o,)}[mode]
         return s1.x.new_zeros((s1.x.shape[0], s2.x.shape[0], *shape), dtype=fm.params_dtype)
+    # One term at a time (a generator), each added into the first: one term's working memory, not all of them.
+    terms = itertools.chain((site_term(site, s1.inputs[k], s1.gs[k], s2.inputs[k], s2.gs[k], mode)
+                             for k, site in enumerate(lay.sites)),
+                            (contract(s1.jac, s2.jac, mode) for _ in lay.fallback[:1]))
     return accumulate(t.contiguous() if i == 0 else t for i, t in enumerate(terms))

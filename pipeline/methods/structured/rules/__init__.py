@@ -5,7 +5,7 @@
     rule_for(nn.RNNCell(3, 4))         # None: its parameters fall back to per-sample Jacobians
 
 Adding a layer family: a module here with a ``RULE`` (pipeline.methods.structured.rules.base.Rule:
-``kind``, ``types``, ``eligible``, ``term``, ``cost``) and one line in ``FAMILIES``. Adding a module
+``kind``, ``types``, ``eligible``, ``term``, ``cost``, ``memory``) and one line in ``FAMILIES``. Adding a module
 type to a family touches only that family's file.
 """
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.config import Mode
 from pipeline.methods.structured.rules import affine, attention, conv, embedding, linear, recurrent, reparam
-from pipeline.methods.structured.rules.base import Rule, Site, WeightJacobians
+from pipeline.methods.structured.rules.base import Rule, Site, WeightJacobians, outer
 
 FAMILIES: tuple[Rule, ...] = (linear.RULE, conv.RULE, affine.RULE, embedding.RULE, attention.RULE, recurrent.RULE)
 RULES: dict[type[nn.Module], Rule] = {t: rule for rule in FAMILIES for t in rule.types}
@@ -72,4 +72,15 @@ def site_cost(site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode,
     return total
 
 
-__all__ = ["FAMILIES", "RULES", "Rule", "Site", "rule_for", "site_cost", "site_params", "site_term"]
+def site_memory(site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode) -> int:
+    """Peak bytes of ``site_term`` for a b1 x b2 block beyond the sides' a and g: its rule's term, then a
+    computed weight's per-sample weight Jacobians and their pull-backs to the originals, and that term."""
+    total = site.rule.memory(site, a, g, b1, b2, mode) if _own(site) else 0
+    if site.reparam is not None:
+        o, weight = g.shape[0], getattr(site.module, "weight")  # noqa: B009  (a property when parametrized)
+        p = sum(site.module.get_parameter(name).numel() for name in site.reparam.originals)
+        total += (b1 * b2 * outer(mode, o) + (b1 + b2) * o * (weight.numel() + p)) * g.element_size()
+    return total
+
+
+__all__ = ["FAMILIES", "RULES", "Rule", "Site", "rule_for", "site_cost", "site_memory", "site_params", "site_term"]

@@ -64,5 +64,11 @@ class AffineRule(OutputHook):
         o = g.shape[0]
         return 2.0 * b1 * b2 * outer(mode, o) * site.numel + 2.0 * samples * o * g[0].numel()
 
+    def memory(self, site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode) -> int:
+        """Both sides' per-sample Jacobians, the normalized inputs and g * x_hat they are formed from."""
+        o, itemsize = g.shape[0], g.element_size()
+        per_sample = o * site.numel + g.numel() + int(a.numel())
+        return (b1 * b2 * outer(mode, o) + (b1 + b2) * per_sample) * itemsize
+
 
 RULE = AffineRule()

@@ -20,8 +20,8 @@ from torch import nn
 
 from pipeline.config import Mode
 from pipeline.jacobians import accumulate
-from pipeline.methods.structured.rules.base import Handle, Record, RestoreForward, Site
-from pipeline.methods.structured.rules.linear import linear_cost, linear_term
+from pipeline.methods.structured.rules.base import Handle, Record, RestoreForward, Site, outer
+from pipeline.methods.structured.rules.linear import linear_cost, linear_memory, linear_term, summed_memory
 
 
 class AttentionRule:
@@ -58,6 +58,11 @@ class AttentionRule:
 
     def cost(self, site: Site, a: Any, g: Any, b1: int, b2: int, mode: Mode, samples: int) -> float:
         return sum(linear_cost(A, G, b1, b2, mode) for A, G in self._pairs(a, g))
+
+    def memory(self, site: Site, a: Any, g: Any, b1: int, b2: int, mode: Mode) -> int:
+        pairs = self._pairs(a, g)
+        result = b1 * b2 * outer(mode, pairs[0][1].shape[0]) * pairs[0][1].element_size()
+        return summed_memory([linear_memory(A, G, b1, b2, mode) for A, G in pairs], result)
 
 
 def _decomposed(m: Any, record: Record, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

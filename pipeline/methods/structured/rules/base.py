@@ -65,6 +65,11 @@ class Rule(Protocol):
         """FLOPs of ``term`` for a b1 x b2 block (``samples`` sides' rows), from one sample's a and g."""
         ...
 
+    def memory(self, site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode) -> int:
+        """Peak bytes ``term`` holds for a b1 x b2 block beyond the sides' a and g (from one sample's):
+        its temporaries (per-sample Jacobians, a pair-sum's tile) and the term it returns."""
+        ...
+
 
 @runtime_checkable
 class WeightJacobians(Protocol):

@@ -57,6 +57,11 @@ class BroadcastRule:
     def cost(self, site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode, samples: int) -> float:
         return 2.0 * b1 * b2 * outer(mode, g.shape[0]) * site.numel
 
+    def memory(self, site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode) -> int:
+        """Both sides' per-sample Jacobians (copies of the cotangents, samples first) and the term."""
+        o = g.shape[0]
+        return (b1 * b2 * outer(mode, o) + (b1 + b2) * o * site.numel) * g.element_size()
+
 
 def _jacobian(g: torch.Tensor) -> torch.Tensor:
     """Per-sample Jacobians (n, o, p) from the perturbation's cotangents (o, n, *shape)."""

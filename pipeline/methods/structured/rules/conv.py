@@ -13,8 +13,14 @@ from torch import nn
 
 from pipeline.config import Mode
 from pipeline.jacobians import accumulate
-from pipeline.methods.structured.rules.base import OutputHook, Site
-from pipeline.methods.structured.rules.linear import linear_cost, linear_jacobians, linear_term
+from pipeline.methods.structured.rules.base import OutputHook, Site, outer
+from pipeline.methods.structured.rules.linear import (
+    linear_cost,
+    linear_jacobians,
+    linear_memory,
+    linear_term,
+    summed_memory,
+)
 
 Groups = list[tuple[torch.Tensor, torch.Tensor]]  # per group: patches A (n, S, K), cotangents G (o, n, S, C)
 
@@ -53,6 +59,13 @@ class ConvRule(OutputHook):
 
     def cost(self, site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode, samples: int) -> float:
         return sum(linear_cost(A, G, b1, b2, mode) for A, G in self.groups(site, a, g))
+
+    def memory(self, site: Site, a: Any, g: torch.Tensor, b1: int, b2: int, mode: Mode) -> int:
+        """Both sides' input patches, and the groups' Linear terms summed one at a time."""
+        groups = self.groups(site, a, g)
+        patches = (b1 + b2) * sum(A.numel() for A, _ in groups) * g.element_size()
+        result = b1 * b2 * outer(mode, g.shape[0]) * g.element_size()
+        return patches + summed_memory([linear_memory(A, G, b1, b2, mode) for A, G in groups], result)
 
 
 def _patches(m: Any, a: torch.Tensor) -> torch.Tensor:
