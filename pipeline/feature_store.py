@@ -169,8 +169,9 @@ class Features:
         """
         try:
             values = np.asarray(self.array[i0:i1], dtype=np.float64)
-        except Exception as err:
-            raise StoreError(self.path, f"reading feature rows {i0}:{i1} failed: {brief(err)}") from None
+        except Exception as err:  # name the band whose file fails where a file fails on its own
+            why = self.store.unreadable(i0, i1, 0, 0) or f"reading feature rows {i0}:{i1} failed: {brief(err)}"
+            raise StoreError(self.path, why) from None
         return values.reshape(i1 - i0, self.m, self.k)
 
     def bands(self, band_bytes: int = BAND_BYTES) -> list[Band]:

@@ -257,7 +257,9 @@ class Kernel:
     def unreadable(self, i0: int, i1: int, j0: int, j1: int) -> str | None:
         """Which block's file among rows i0:i1, columns j0:j1 fails to read, and why, in one line; None
         when each reads on its own. A file is a block (a chunk, or a shard of chunks), or for a symmetric
-        kernel the mirrored copy of one."""
+        kernel the mirrored copy of one; for a feature store (columns ignored), a band of rows."""
+        if self.mode == Mode.FEATURES:
+            return self._band_unreadable(i0, i1)
         found = self._failing_file((slice(i0, i1), slice(j0, j1)))
         if found is None:
             return None
@@ -270,6 +272,16 @@ class Kernel:
             return read_failure(err, file)
         copy = "" if (b.row, b.col) == (row, col) else " its mirrored copy:"
         return f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}):{copy} {read_failure(err, file)}"
+
+    def _band_unreadable(self, i0: int, i1: int) -> str | None:
+        found = self._failing_file((slice(i0, i1),))
+        if found is None:
+            return None
+        (r, *_), file, err = found
+        rows = (self.array.shards or self.array.chunks)[0]
+        band = next((b for b in self.plan.blocks if b.i0 <= r * rows < b.i1), None)
+        where = "" if band is None else f"band {band.index} (rows {band.i0}:{band.i1}): "
+        return where + read_failure(err, file)
 
     def block_unreadable(self, block: Block, err: Exception) -> str:
         """Why ``block`` does not read (``err``: what reading it raised), in one line naming its file:

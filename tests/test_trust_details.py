@@ -203,3 +203,17 @@ def test_a_run_on_a_local_ray_instance_prints_no_warnings(tmp_path):
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Token authentication" not in r.stderr and "warning" not in r.stderr.lower(), r.stderr[-3000:]
+
+
+def test_a_corrupt_band_of_a_feature_store_is_named_by_its_band_and_file(tmp_path):
+    """inspect and analyze of a feature store with one corrupt band name the band and its file in one line
+    (they said 'reading feature rows 0:8 failed: checksum mismatch'), as verify does."""
+    store = _run(tmp_path, "f", ntk={"mode": "features", "features": {"k": 16, "seed": 0, "of": "pntk"}},
+                 data={"x1": {"synthetic": {"n": 12, "shape": [4], "seed": 1}}})
+    _flip(store / "features" / "c" / "1" / "0")  # (12, 16) features in bands of 4 rows: the second band
+    says = "band 1 (rows 4:8): checksum mismatch (file features/c/1/0)"
+    runner = CliRunner()
+    for args in (["inspect", str(store)], ["analyze", str(store)]):
+        r = runner.invoke(main, args)
+        assert r.exit_code == 1, r.output
+        assert r.output.splitlines() == [f"Error: {store}: {says}"], r.output
