@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from pipeline.errors import PipelineError
+from pipeline.errors import Interrupted, PipelineError, stop_on_signals
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -21,13 +22,20 @@ def fails_cleanly(fn: F) -> F:
     """Print a PipelineError as one line ``Error: <key>: <what is wrong>`` and exit 1. Python warnings
     (a request the program adjusted itself, as eigenvalues clipped to the matrix's size) are not
     printed as Python prints them, with a source line: a command that succeeds says each once, as a
-    line ``note: <message>`` on stderr after its output; one that fails says only its error."""
+    line ``note: <message>`` on stderr after its output; one that fails says only its error. SIGINT or
+    SIGTERM at any point: ``Error: interrupted by SIGTERM`` and the shell's status for the signal (130,
+    143), not a traceback (``run`` says more: what became of its output)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with warnings.catch_warnings(record=True) as caught:
             try:
-                out = fn(*args, **kwargs)
+                with stop_on_signals():
+                    out = fn(*args, **kwargs)
+            except KeyboardInterrupt as err:
+                stop = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
+                click.echo(f"Error: {stop}", err=True)
+                sys.exit(128 + signal.Signals[stop.signal].value)
             except PipelineError as err:
                 if "zarr" in sys.modules:  # a failed read may leave others in flight: let them end quietly
                     from pipeline.store.layout import settle

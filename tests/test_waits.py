@@ -411,3 +411,27 @@ def test_a_signal_reraised_as_a_plain_keyboard_interrupt_keeps_its_name():
         except Interrupted:
             raise KeyboardInterrupt from None  # what ray.wait does with it
     assert Interrupted.received is None  # nothing left behind for a later run in this process
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_every_command_stopped_by_a_signal_says_so_in_one_line(tmp_path, monkeypatch, sig):
+    """inspect (as predict, plot, analyze, submit: every command) stopped by SIGINT or SIGTERM while it
+    reads: one line and the shell's status for the signal (SIGTERM ended it silently, SIGINT with a
+    traceback)."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "model": {"builtin": "mlp", "kwargs": {"in_features": 4, "hidden": [8], "out_features": 2}},
+        "data": {"x1": {"synthetic": {"n": 4, "shape": [4], "seed": 1}}}, "ntk": {"mode": "trace"},
+        "output": {"path": str(tmp_path / "k.zarr")}}))
+    pipeline.run(tmp_path / "c.yaml", executor="local", progress=False)
+
+    def stopped(self, *args, **kwargs):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler runs before this ends
+        raise AssertionError("the signal did not stop the command")
+
+    monkeypatch.setattr(pipeline.kernel.Kernel, "describe", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "k.zarr")])
+    assert r.exit_code == 128 + sig, r.output
+    assert r.output.splitlines() == [f"Error: interrupted by {sig.name}"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handlers do not outlive it
