@@ -280,6 +280,21 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _jacobian_parameters(p: Prepared) -> tuple[str, ...] | None:
+    """For method structured, the parameters its layout leaves to per-sample Jacobians (None: none)."""
+    if p.method != Method.STRUCTURED or p.config.ntk.mode == Mode.FEATURES:
+        return None
+    import torch
+
+    from pipeline.methods import normalise
+    from pipeline.methods.structured import layout
+    from pipeline.models import batchable_attention
+
+    fm, _ = normalise(p.fm, p.config.ntk.mode)  # as the workers' side() takes it: the same layout
+    with torch.no_grad(), batchable_attention(fm):
+        return tuple(layout(fm, p.rows(0, min(2, p.x1.n))).fallback) or None
+
+
 def _create(p: Prepared, action: str, function: Function | None) -> Provenance:
     """Create the store (replacing an old one for "overwrite") with the provenance of a new run."""
     cfg = p.config
@@ -289,7 +304,7 @@ def _create(p: Prepared, action: str, function: Function | None) -> Provenance:
         n1=p.plan.n1, n2=p.plan.n2, o=p.o, p=p.fm.p, symmetric=p.plan.symmetric, block=p.plan.block,
         chunk=p.plan.chunks, compression=cfg.output.compression, grid=p.plan.grid, blocks_total=len(p.plan.blocks),
         versions=_versions(), fingerprints=p.fingerprints, status="running", started=_now(), blocks_done=0,
-        fallbacks=dict(p.fm.fallbacks) or None, function=function,
+        fallbacks=dict(p.fm.fallbacks) or None, jacobian_parameters=_jacobian_parameters(p), function=function,
         features=None if p.split is None else FeatureRecord(**p.config.ntk.sketch.model_dump(exclude={"split"}),
                                                              split=p.split, split_rule=p.config.ntk.sketch.split),
     )

@@ -646,3 +646,21 @@ def test_attention_variants_the_rule_does_not_cover_fall_back_exactly_and_alone(
     k = pipeline.empirical_ntk(model, x1, x2, method="structured", mode="full")
     ref = torch.einsum("iap,jbp->ijab", loop_jacobian(model, x1, None), loop_jacobian(model, x2, None))
     assert_kernel_close(k, ref, torch.float64)
+
+
+def test_the_store_records_which_parameters_structured_took_by_jacobians(tmp_path, write_config):
+    """A packed-sequence LSTM keeps PyTorch's fused forward, so its parameters fall back to per-sample
+    Jacobians: the output says which (jacobian_parameters); a model the rules cover records none."""
+    data = {"x1": {"synthetic": {"n": 4, "shape": [5, 8], "seed": 1}}}
+    cfg = {"model": {"target": "nets:Recurrent", "kwargs": {"kind": "lstm", "d": 8, "hidden": 6, "batch_first": True,
+                                                            "packed": True}},
+           "data": data, "ntk": {"method": "structured", "mode": "pntk", "dtype": "float64"}, "tiling": {"block": 2},
+           "output": {"path": str(tmp_path / "packed.zarr")}}
+    pipeline.run(write_config(cfg, "packed.yaml"), executor="local", progress=False)
+    meta = zarr.open_group(tmp_path / "packed.zarr", mode="r").attrs["ntk_pipeline"]
+    model = nets.Recurrent(kind="lstm", d=8, hidden=6, batch_first=True, packed=True)
+    assert meta["jacobian_parameters"] == [k for k, _ in model.named_parameters() if k.startswith("rnn.")]
+    cfg["model"] = {"target": "nets:RNNClf", "kwargs": {"kind": "lstm"}}
+    cfg["output"] = {"path": str(tmp_path / "rule.zarr")}
+    pipeline.run(write_config(cfg, "rule.yaml"), executor="local", progress=False)
+    assert "jacobian_parameters" not in zarr.open_group(tmp_path / "rule.zarr", mode="r").attrs["ntk_pipeline"]

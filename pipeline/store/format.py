@@ -159,7 +159,7 @@ class FeatureRecord(BaseModel):
 RUN_STATE = frozenset({
     "last_started", "runs", "strip", "nodes", "block_nodes", "devices", "block_devices", "updated", "finished",
     "seconds", "block_seconds", "write_seconds", "startup_seconds", "error", "fallbacks", "function", "block_sizing",
-    "precision", "features",
+    "precision", "features", "jacobian_parameters",
 })
 
 
@@ -215,6 +215,10 @@ class Provenance(BaseModel):
     # Transforms the model does not support and so the paths the methods took instead (transform ->
     # why; pipeline.methods.capabilities); absent when every method ran as it does by default.
     fallbacks: dict[str, str] | None = None
+    # For method structured: the trainable parameters it takes by per-sample Jacobians (no rule fits their
+    # module, or the rule's check against autograd failed); None where the rules cover every parameter,
+    # for other methods, and in stores written before it was recorded.
+    jacobian_parameters: tuple[str, ...] | None = None
     # The functional fingerprint taken when the store was created; None in stores written before it
     # existed, whose resume checks the config and the fingerprints alone.
     function: Function | None = None
