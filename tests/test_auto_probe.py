@@ -29,18 +29,6 @@ def wide_mlp() -> torch.nn.Module:
     return nets.small_mlp(d_in=32, width=64, o=10)  # on 16 rows, structured's estimate is 10x below the others'
 
 
-def test_a_method_that_raises_on_the_probe_is_ruled_out_with_its_reason(monkeypatch):
-    # (copied from tests/test_real_models.py: every method timed)
-    monkeypatch.setattr(ntk_vector_products, "combine", broken)
-    monkeypatch.setattr(auto, "PROBE_SPREAD", 1e12)  # time every method
-    fm = FunctionalModel(nets.small_mlp().double().eval())
-    x = torch.randn(8, 6, dtype=torch.float64)
-    choice = auto.auto_method(fm, x, None, Mode.TRACE, measure=True)
-    assert choice["ruled_out"] == {"ntk_vector_products": "RuntimeError: no kernel for this operator"}
-    assert set(choice["timings"]) == {"structured", "jacobian_contraction"}
-    assert choice["method"] in choice["timings"]
-
-
 def test_a_lone_candidate_is_run_on_the_probe_and_ruled_out_if_it_raises(monkeypatch):
     fm = FunctionalModel(wide_mlp().double().eval())
     x = torch.randn(16, 32, dtype=torch.float64)
