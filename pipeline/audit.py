@@ -26,12 +26,12 @@ from pipeline.config import Mode, RunConfig
 from pipeline.errors import PipelineError, StoreError, brief
 from pipeline.feature_store import Features, features_of
 from pipeline.features import sketch_function
-from pipeline.fingerprint import function_fingerprint, function_mismatch, source_changes
+from pipeline.fingerprint import recorded_mismatch, source_changes
 from pipeline.kernel import Kernel, bad_blocks, open_kernel, open_store
 from pipeline.methods import check_model, compute_block, cross_check
 from pipeline.models import FunctionalModel, cast_input
 from pipeline.plan import Block
-from pipeline.prepare import Prepared, prepare, resolve, split_mismatch
+from pipeline.prepare import Prepared, prepare_recorded, resolve
 from pipeline.store import CONNECT_TIMEOUT_S, describe_lease, lease_alive, lease_holder, run_status
 from pipeline.store.format import LOCATIONS, VERIFY_SECTIONS
 
@@ -206,14 +206,11 @@ def _prepared(k: Kernel, config: RunConfig | str | os.PathLike[str],
     where = "the given config" if isinstance(config, RunConfig) else f"config {config}"
     try:
         cfg, search_path = resolve(config)
-        split = None if prov.features is None else dict(prov.features.split)  # a feature store's, as recorded
-        p = prepare(cfg, search_path, recorded=(prov.method, prov.auto), block=prov.plan_block, split=split)
+        p = prepare_recorded(cfg, search_path, prov)
         mismatch = prov.mismatch(cfg.model_dump(mode="json"), p.fingerprints, VERIFY_SECTIONS, LOCATIONS)
-        if not mismatch and split is not None:
-            mismatch = split_mismatch(p, split)
-        now = None if mismatch or prov.function is None else function_fingerprint(p)
-        if now is not None and prov.function is not None:
-            mismatch = function_mismatch(prov.function, now, prov.dtype)
+        now = None
+        if not mismatch:
+            mismatch, now = recorded_mismatch(p, prov)
     except PipelineError as err:
         return f"cannot recompute blocks from {where}: {err}"
     if mismatch:

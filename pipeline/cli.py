@@ -8,11 +8,8 @@ A PipelineError prints one line ``Error: <key>: <what is wrong>`` and exits 1; b
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
 import sys
 from typing import Any
 
@@ -38,17 +35,6 @@ def main() -> None:
     """Empirical neural tangent kernels of PyTorch models, tiled over Ray into a Zarr store."""
 
 
-def _quiet_exit_logs() -> None:
-    """After an interrupted run's one line, nothing more on stderr: Ray's core worker, shutting down
-    at exit with tasks still running, may log from C++ straight to file descriptor 2
-    ("task_manager.cc: Failed to push error to driver for task ..."); those lines stay in Ray's session
-    logs. Python's own stderr is flushed first."""
-    sys.stderr.flush()
-    with contextlib.suppress(OSError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-
-
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output store (one ntk-pipeline "
@@ -65,21 +51,15 @@ def _quiet_exit_logs() -> None:
 def run(config: str, overwrite: bool | None, repair: bool, executor: str, progress: bool,
         allow_edited_source: bool) -> None:
     """Compute the NTK that CONFIG describes into its Zarr store."""
-    from pipeline.errors import Interrupted, stop_on_signals
+    from pipeline.errors import stop_on_signals
 
     if repair and overwrite:
         raise click.UsageError("--repair and --overwrite exclude each other: a repair keeps the good blocks")
-    try:
-        with stop_on_signals():  # also while the run's modules load
-            from pipeline.run import run as run_pipeline
+    with stop_on_signals(written=False):  # a run's, also while its modules load (fails_cleanly prints it)
+        from pipeline.run import run as run_pipeline
 
-            s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress, repair=repair,
-                             allow_edited_source=allow_edited_source)
-    except KeyboardInterrupt as err:  # SIGINT or SIGTERM: one line, the shell's exit status for the signal
-        stop = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
-        click.echo(f"Error: {stop}: {stop.outcome}", err=True)
-        _quiet_exit_logs()
-        sys.exit(128 + signal.Signals[stop.signal].value)
+        s = run_pipeline(config, executor=executor, overwrite=overwrite, progress=progress, repair=repair,
+                         allow_edited_source=allow_edited_source)
     for line in s.repaired:
         click.echo(f"repaired: {line}")
     every = f"all {s.skipped} blocks are" if s.skipped != 1 else "its one block is"

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import signal
 import sys
 import warnings
@@ -23,8 +25,8 @@ def fails_cleanly(fn: F) -> F:
     (a request the program adjusted itself, as eigenvalues clipped to the matrix's size) are not
     printed as Python prints them, with a source line: a command that succeeds says each once, as a
     line ``note: <message>`` on stderr after its output; one that fails says only its error. SIGINT or
-    SIGTERM at any point: ``Error: interrupted by SIGTERM`` and the shell's status for the signal (130,
-    143), not a traceback (``run`` says more: what became of its output)."""
+    SIGTERM at any point: ``Error: interrupted by SIGTERM`` (for a run, with what became of its output)
+    and the shell's status for the signal (130, 143), not a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -34,7 +36,8 @@ def fails_cleanly(fn: F) -> F:
                     out = fn(*args, **kwargs)
             except KeyboardInterrupt as err:
                 stop = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
-                click.echo(f"Error: {stop}", err=True)
+                click.echo(f"Error: {stop}" + (f": {stop.outcome}" if stop.outcome else ""), err=True)
+                _quiet_exit_logs()
                 sys.exit(128 + signal.Signals[stop.signal].value)
             except PipelineError as err:
                 if "zarr" in sys.modules:  # a failed read may leave others in flight: let them end quietly
@@ -48,6 +51,16 @@ def fails_cleanly(fn: F) -> F:
         return out
 
     return wrapper  # type: ignore[return-value]
+
+
+def _quiet_exit_logs() -> None:
+    """After an interrupted command's one line, nothing more on stderr: Ray's core worker, shutting down
+    at exit with tasks still running, may log from C++ straight to file descriptor 2
+    ("task_manager.cc: Failed to push error to driver for task ..."); those lines stay in Ray's session
+    logs. Python's own stderr is flushed first."""
+    sys.stderr.flush()
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
 
 def count(n: int, noun: str, plural: str | None = None) -> str:

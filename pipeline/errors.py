@@ -87,13 +87,14 @@ class BlockError(PipelineError):
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped a run (``signal``: the signal's name); a KeyboardInterrupt, so that
-    whatever treats Ctrl-C treats it the same. ``written``: whether the run had begun writing its output
-    (then it records "interrupted" and its finished blocks stay), or stopped before (nothing written)."""
+    whatever treats Ctrl-C treats it the same. ``written``, inside a run: whether it had begun writing its
+    output (then it records "interrupted" and its finished blocks stay) or stopped before (nothing
+    written); None outside a run (another command)."""
 
     # The Interrupted ``stop_on_signals`` last raised in this process (None outside).
     received: Interrupted | None = None
 
-    def __init__(self, signal: str, written: bool = False) -> None:
+    def __init__(self, signal: str, written: bool | None = None) -> None:
         super().__init__(signal)
         self.signal = signal
         self.written = written
@@ -102,8 +103,11 @@ class Interrupted(KeyboardInterrupt):
         return f"interrupted by {self.signal}"
 
     @property
-    def outcome(self) -> str:
-        """What became of the output, for the one line the command prints after ``interrupted by X: ``."""
+    def outcome(self) -> str | None:
+        """What became of a run's output, for the one line the command prints after ``interrupted by X: ``
+        (None outside a run)."""
+        if self.written is None:
+            return None
         if self.written:
             return "the finished blocks are kept; rerun the same command to resume"
         return "nothing was written; rerun the same command to start again"
@@ -118,9 +122,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def stop_on_signals(written: bool = False) -> Iterator[None]:
-    """While inside, SIGINT and SIGTERM raise Interrupted (``written``: whether the output is being
-    written by then) in this thread (the main one: elsewhere this does nothing), so that a command
+def stop_on_signals(written: bool | None = None) -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM raise Interrupted (``written``, in a run: whether the output is
+    being written by then) in this thread (the main one: elsewhere this does nothing), so that a command
     stopped by either at any stage says so in one line, and a run records "interrupted", keeps its
     finished blocks and releases its lease. May be nested; the previous handlers come back after."""
     if threading.current_thread() is not threading.main_thread():

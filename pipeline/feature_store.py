@@ -170,7 +170,7 @@ class Features:
         try:
             values = np.asarray(self.array[i0:i1], dtype=np.float64)
         except Exception as err:  # name the band whose file fails where a file fails on its own
-            why = self.store.unreadable(i0, i1, 0, 0) or f"reading feature rows {i0}:{i1} failed: {brief(err)}"
+            why = self.store.band_unreadable(i0, i1) or f"reading feature rows {i0}:{i1} failed: {brief(err)}"
             raise StoreError(self.path, why) from None
         return values.reshape(i1 - i0, self.m, self.k)
 

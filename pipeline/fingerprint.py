@@ -34,8 +34,8 @@ from pipeline.errors import ModelError, PipelineError, brief
 from pipeline.features import sketch_function
 from pipeline.methods import compute_block
 from pipeline.models import cast_input
-from pipeline.prepare import Prepared
-from pipeline.store.format import Function, SourceFile, Values
+from pipeline.prepare import Prepared, split_mismatch
+from pipeline.store.format import Function, Provenance, SourceFile, Values
 
 ROWS = 2  # rows 0:ROWS of x1 (and of x2)
 SAMPLE = 64  # values kept per tensor, at evenly spaced flat indices; its norm and sum cover all of them
@@ -129,6 +129,25 @@ def function_mismatch(recorded: Function, now: Function, dtype: str, *, edited_s
     return None
 
 
+def recorded_mismatch(p: Prepared, recorded: Provenance, *,
+                      edited_source: bool = True) -> tuple[str | None, Function | None]:
+    """After the config and fingerprints agree: whether ``p`` (``prepare_recorded``) is the run that wrote
+    the store, as the split of k (a feature store) and then the function (``function_mismatch``) say.
+
+    Returns:
+      What differs (one phrase) or None, and the functional fingerprint taken now (None where the split
+      already differs or the store records none: written before the record existed).
+    """
+    if recorded.features is not None:
+        mismatch = split_mismatch(p, dict(recorded.features.split))
+        if mismatch:
+            return mismatch, None
+    if recorded.function is None:
+        return None, None
+    now = function_fingerprint(p)
+    return function_mismatch(recorded.function, now, recorded.dtype, edited_source=edited_source), now
+
+
 def source_changes(recorded: Function, now: Function) -> list[str]:
     """The recorded source files whose sha256 differs now (a file gone or unreadable is not counted)."""
     current = {s.module: s for s in now.sources}
@@ -171,5 +190,5 @@ def _changed(changed: list[str]) -> str:
     return f"; {_files(changed)} changed" if changed else ""
 
 
-__all__ = ["ROWS", "SAMPLE", "TOLERANCE", "function_fingerprint", "function_mismatch", "source_changes", "source_files",
-           "summarize"]
+__all__ = ["ROWS", "SAMPLE", "TOLERANCE", "function_fingerprint", "function_mismatch", "recorded_mismatch",
+           "source_changes", "source_files", "summarize"]

@@ -257,9 +257,7 @@ class Kernel:
     def unreadable(self, i0: int, i1: int, j0: int, j1: int) -> str | None:
         """Which block's file among rows i0:i1, columns j0:j1 fails to read, and why, in one line; None
         when each reads on its own. A file is a block (a chunk, or a shard of chunks), or for a symmetric
-        kernel the mirrored copy of one; for a feature store (columns ignored), a band of rows."""
-        if self.mode == Mode.FEATURES:
-            return self._band_unreadable(i0, i1)
+        kernel the mirrored copy of one (a feature store's bands: ``band_unreadable``)."""
         found = self._failing_file((slice(i0, i1), slice(j0, j1)))
         if found is None:
             return None
@@ -273,7 +271,9 @@ class Kernel:
         copy = "" if (b.row, b.col) == (row, col) else " its mirrored copy:"
         return f"block {b.index} (rows {b.i0}:{b.i1}, cols {b.j0}:{b.j1}):{copy} {read_failure(err, file)}"
 
-    def _band_unreadable(self, i0: int, i1: int) -> str | None:
+    def band_unreadable(self, i0: int, i1: int) -> str | None:
+        """For a feature store: which band's file among rows i0:i1 fails to read, and why, in one line;
+        None when each reads on its own."""
         found = self._failing_file((slice(i0, i1),))
         if found is None:
             return None

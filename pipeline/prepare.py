@@ -28,7 +28,7 @@ from pipeline.methods import check_model, task_memory
 from pipeline.methods.auto import auto_method
 from pipeline.models import FunctionalModel, build_model, cast_input, fingerprint_module, forward_flops
 from pipeline.plan import Plan, bands, feature_shape, tile
-from pipeline.store.format import BlockSizing
+from pipeline.store.format import BlockSizing, Provenance
 
 
 @dataclass(frozen=True)
@@ -311,6 +311,15 @@ def _stored_split(config: RunConfig, fm: FunctionalModel, head: torch.Tensor) ->
     except ValueError as err:
         raise refuse(str(err).removeprefix("split: ")) from None
     return dict(rec.split)
+
+
+def prepare_recorded(cfg: RunConfig, search_path: str | None, recorded: Provenance) -> Prepared:
+    """``cfg`` prepared as the run that wrote a store was, for a resume or ``verify --config``: its
+    method and auto decision, its block, and a feature store's recorded split, taken as it is (a trace
+    split computed again could round differently; ``split_mismatch`` checks it fits the model)."""
+    split = None if recorded.features is None else dict(recorded.features.split)
+    return prepare(cfg, search_path, recorded=(recorded.method, recorded.auto), block=recorded.plan_block,
+                   split=split)
 
 
 def split_mismatch(p: Prepared, split: dict[str, int]) -> str | None:

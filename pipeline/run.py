@@ -30,11 +30,11 @@ from pipeline.errors import ConfigError, PipelineError, StoreError, handlers_kep
 from pipeline.execute import EXECUTORS, BlockResult, BlockTask, Executor, WorkerMemory, strips
 from pipeline.execute.device import resolve_device
 from pipeline.features import probe_error
-from pipeline.fingerprint import function_fingerprint, function_mismatch
+from pipeline.fingerprint import function_fingerprint, recorded_mismatch
 from pipeline.kernel import bad_blocks, open_store
 from pipeline.methods import estimate_flops
 from pipeline.plan import Block, feature_shape, kernel_entries
-from pipeline.prepare import Prepared, check_not_an_input, prepare, resolve, split_mismatch
+from pipeline.prepare import Prepared, check_not_an_input, prepare, prepare_recorded, resolve
 from pipeline.store import (
     BlockWriter,
     FeatureProbe,
@@ -96,7 +96,7 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-@stop_on_signals()  # from the start of a run: a signal before anything is written says so too
+@stop_on_signals(written=False)  # from the start of a run: a signal before anything is written says so too
 def run(config: RunConfig | str | os.PathLike[str], *, executor: str = "ray", overwrite: bool | None = None,
         progress: bool = True, repair: bool = False, allow_edited_source: bool = False) -> RunSummary:
     """Compute the kernel a config describes into its Zarr store, resuming a store that holds some
@@ -238,17 +238,10 @@ def _start(cfg: RunConfig, search_path: str | None, repair: bool = False,
         return Start(action, p, None, list(p.plan.blocks), function_fingerprint(p))
     stored = open_store(path, opts, timeout)  # the one reader: a malformed or newer-format record is refused
     recorded = stored.provenance
-    # The recorded choice: the same bits as before.
-    # A feature store's recorded split: the workers take it as it is (a trace split computed again could
-    # round differently), once it is known to be a split of this model's parts.
-    split = None if recorded.features is None else dict(recorded.features.split)
-    p = prepare(cfg, search_path, recorded=(recorded.method, recorded.auto), block=recorded.plan_block, split=split)
+    p = prepare_recorded(cfg, search_path, recorded)  # the recorded choices: the same bits as before
     mismatch = recorded.resume_mismatch(cfg.model_dump(mode="json"), p.fingerprints)
-    if not mismatch and split is not None:
-        mismatch = split_mismatch(p, split)
-    if not mismatch and recorded.function is not None:  # a store older than the record resumes without it
-        mismatch = function_mismatch(recorded.function, function_fingerprint(p), cfg.ntk.dtype,
-                                     edited_source=edited_source)
+    if not mismatch:  # a store older than the functional fingerprint resumes without it
+        mismatch, _ = recorded_mismatch(p, recorded, edited_source=edited_source)
     if mismatch:
         raise StoreError("output.path", f"cannot resume {path}: {mismatch}; use --overwrite to start afresh")
     bad = tuple(bad_blocks(stored)) if repair else ()

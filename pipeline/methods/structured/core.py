@@ -28,6 +28,7 @@ from pipeline.config import Mode
 from pipeline.jacobians import accumulate, contract, jacobians, single
 from pipeline.methods.structured.rules import Site, broadcast, rule_for, site_params, site_term
 from pipeline.models import FunctionalModel, probe_key
+from pipeline.plan import trailing_shape
 
 
 def find_sites(fm: FunctionalModel) -> list[Site]:
@@ -236,8 +237,7 @@ def structured_combine(fm: FunctionalModel, s1: Side, s2: Side | None, mode: Mod
     s2 = s1 if s2 is None else s2
     if not lay.sites and not lay.fallback:
         o = single(fm, fm.params, s1.x[0]).numel()
-        shape = {Mode.FULL: (o, o), Mode.TRACE: (), Mode.DIAGONAL: (o,)}[mode]
-        return s1.x.new_zeros((s1.x.shape[0], s2.x.shape[0], *shape), dtype=fm.params_dtype)
+        return s1.x.new_zeros((s1.x.shape[0], s2.x.shape[0], *trailing_shape(mode, o)), dtype=fm.params_dtype)
     # One term at a time (a generator), each added into the first: one term's working memory, not all of them.
     terms = itertools.chain((site_term(site, s1.inputs[k], s1.gs[k], s2.inputs[k], s2.gs[k], mode)
                              for k, site in enumerate(lay.sites)),

@@ -24,6 +24,7 @@ from torch import nn
 from pipeline.config import Mode
 from pipeline.jacobians import contract
 from pipeline.methods.structured.rules.base import OutputHook, Site, outer
+from pipeline.plan import trailing_shape
 
 # Bytes one tile of the pair-sum may hold (its factor, torch's einsum intermediate and their copies): big
 # enough that the tiles' matrix products stay large, small next to any device. A block that fits runs as
@@ -78,8 +79,7 @@ def pair_sum(factor: Callable[[slice, slice], torch.Tensor], G1: torch.Tensor, G
     everything = slice(None)
     if (r1, r2) == (n1, n2):
         return torch.einsum(spec, factor(everything, everything), G1, G2)
-    tail = {Mode.FULL: (o, o), Mode.TRACE: (), Mode.DIAGONAL: (o,)}[mode]
-    out = G1.new_empty((n1, n2, *tail))
+    out = G1.new_empty((n1, n2, *trailing_shape(mode, o)))
     for i0 in range(0, n1, r1):
         rows = slice(i0, i0 + r1)
         for j0 in range(0, n2, r2):
